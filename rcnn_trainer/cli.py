@@ -1,0 +1,113 @@
+"""Command line: rcnn-train and rcnn-eval (also `python -m rcnn_trainer.cli train|eval ...`).
+
+Exit codes: 0 success; 2 bad config, data or arguments (one paragraph, no traceback);
+1 anything else (training stopped on purpose prints its reason; bugs print a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rcnn_trainer.errors import TrainingStopped, UserError
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 already; keep its message on one line
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="rcnn-train", description="Train a two-stage detector from a YAML config.")
+    p.add_argument("--config", required=True, help="YAML config (see config.yaml and configs/).")
+    p.add_argument("--output-dir", help="Run folder (overrides output_dir).")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in the run folder.")
+    p.add_argument("--preflight", action="store_true", help="Only load and check the data, then exit.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars (log lines only).")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides, e.g. solver.max_iters=200.")
+    return p
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="rcnn-eval", description="COCO-evaluate a checkpoint on the val split.")
+    p.add_argument("--config", required=True, help="YAML config the checkpoint was trained with.")
+    p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
+    p.add_argument("--output-dir", help="Where results go (default: <output_dir>/eval).")
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="Draw N images with GT and predictions.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides.")
+    return p
+
+
+def _load(args):
+    from rcnn_trainer.config_loader import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None) and args.__dict__.get("_train"):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _run_train(argv) -> int:
+    args = _train_parser().parse_args(argv)
+    args._train = True
+    cfg = _load(args)
+    if args.preflight:
+        from rcnn_trainer.data.loader import build_dataset
+        from rcnn_trainer.data.summary import format_summary, summarize_dataset
+
+        for split in ("train", "val"):
+            dataset = build_dataset(cfg, split)
+            print(format_summary(summarize_dataset(dataset, split), dataset))
+        return 0
+    from rcnn_trainer.engine.trainer import train
+
+    train(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _run_eval(argv) -> int:
+    args = _eval_parser().parse_args(argv)
+    cfg = _load(args)
+    from rcnn_trainer.engine.run_eval import run_evaluation
+
+    out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / "eval"
+    run_evaluation(cfg, Path(args.checkpoint), out, visualize=args.visualize, progress=not args.no_progress)
+    return 0
+
+
+def _guard(run, argv) -> int:
+    try:
+        return run(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the newest checkpoint is intact (continue with --resume).", file=sys.stderr)
+        return 130
+
+
+def train_main(argv=None) -> int:
+    return _guard(_run_train, sys.argv[1:] if argv is None else argv)
+
+
+def eval_main(argv=None) -> int:
+    return _guard(_run_eval, sys.argv[1:] if argv is None else argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train_main, "eval": eval_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m rcnn_trainer.cli {train,eval} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The config schema: Pydantic models for every section of config.yaml.
+
+Unknown keys are rejected (`extra="forbid"`). Defaults follow torchvision's / detectron2's
+Faster R-CNN defaults. Only `build_*(cfg)` functions read these objects; modules take plain
+keyword arguments. Loading YAML, `_base_` inheritance and overrides live in config_loader.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class CocoSplit(Strict):
+    ann_file: Path = Field(description="COCO-format annotation json (relative to the working directory).")
+    img_dir: Path = Field(description="Folder the `file_name` of each image is relative to.")
+
+    @field_validator("ann_file")
+    @classmethod
+    def _ann_file_exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"annotation file '{path}' does not exist (resolved: {path.resolve()})")
+        return path
+
+    @field_validator("img_dir")
+    @classmethod
+    def _img_dir_exists(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"image folder '{path}' does not exist (resolved: {path.resolve()})")
+        return path
+
+
+class SyntheticData(Strict):
+    num_train: int = Field(200, ge=1, description="Training images to generate.")
+    num_val: int = Field(50, ge=1, description="Validation images to generate.")
+    image_size: int = Field(128, ge=32, le=2048, description="Side of the square images, in pixels.")
+    seed: int = Field(0, description="Generator seed: same seed, same images, byte for byte.")
+    cache_dir: Optional[Path] = Field(
+        None, description="Where the generated COCO json + PNGs are written once and reused. "
+        "Default: $RCNN_TRAINER_CACHE or ~/.cache/rcnn_trainer.")
+
+
+class BadRecordPolicy(Strict):
+    """What to do with each kind of bad annotation record. Dropped records are counted and
+    summarised at start; nothing is dropped silently."""
+
+    missing_image: Literal["error", "drop"] = Field(
+        "error", description="An image whose file is missing or unreadable.")
+    unknown_category: Literal["error", "drop"] = Field(
+        "error", description="An annotation whose category_id is not in `categories`.")
+    degenerate_box: Literal["error", "drop"] = Field(
+        "drop", description="A box with zero or negative width/height (COCO has a few).")
+    box_outside_image: Literal["error", "drop", "clip"] = Field(
+        "clip", description="A box that extends past the image border: clip it to the image "
+        "(dropped if nothing is left), drop it, or stop with an error.")
+
+
+class DataConfig(Strict):
+    train: Optional[CocoSplit] = Field(None, description="Training split (COCO format).")
+    val: Optional[CocoSplit] = Field(None, description="Validation split (COCO format).")
+    synthetic: Optional[SyntheticData] = Field(
+        None, description="Use the built-in synthetic dataset instead of train/val.")
+    batch_size: int = Field(2, ge=1, description="Images per batch per process.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0 = main process).")
+    min_size: int = Field(800, ge=8, description="Resize so the short side is this long ...")
+    max_size: int = Field(1333, ge=8, description="... unless the long side would exceed this.")
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (train).")
+    aspect_ratio_grouping: bool = Field(
+        True, description="Batch landscape and portrait images separately (less padding).")
+    bad_records: BadRecordPolicy = Field(default_factory=BadRecordPolicy)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        has_coco = self.train is not None or self.val is not None
+        if self.synthetic is not None and has_coco:
+            raise ValueError("set either data.synthetic or data.train/data.val, not both")
+        if self.synthetic is None and (self.train is None or self.val is None):
+            raise ValueError("data needs both data.train and data.val (ann_file, img_dir), "
+                             "or data.synthetic for the built-in dataset")
+        if self.max_size < self.min_size:
+            raise ValueError(f"data.max_size ({self.max_size}) must be >= data.min_size ({self.min_size})")
+        return self
+
+
+# --------------------------------------------------------------------------- model
+class BackboneConfig(Strict):
+    name: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"] = Field(
+        "resnet50", description="torchvision backbone, always with a FeaturePyramidNetwork.")
+    weights: Optional[str] = Field(
+        None, description="null = random init; 'imagenet' = torchvision's ImageNet weights "
+        "(downloaded by torchvision); or the path of a local state dict of the classifier.")
+    trainable_layers: int = Field(
+        3, ge=0, le=6, description="Backbone stages left trainable, counted from the top "
+        "(resnet: 0-5, mobilenet: 0-6). Ignored (all trainable) with weights: null.")
+    norm: Literal["frozen_bn", "bn", "gn", "syncbn"] = Field(
+        "frozen_bn", description="Backbone normalization. frozen_bn suits pretrained weights; "
+        "with weights: null it is an identity, so from-scratch runs need bn or gn.")
+    fpn_channels: int = Field(256, ge=8, description="FPN output channels (256 in the literature).")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value != "imagenet" and not Path(value).is_file():
+            raise ValueError(f"weights file '{value}' does not exist; use null, 'imagenet' or a file path")
+        return value
+
+
+class AnchorConfig(Strict):
+    sizes: list[list[float]] = Field(
+        default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]],
+        description="Anchor sizes (pixels, after resize), one list per FPN level (P2..P6).")
+    aspect_ratios: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0], description="Height/width ratios at every level.")
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[list[float]]) -> list[list[float]]:
+        if not sizes or any(not level or min(level) <= 0 for level in sizes):
+            raise ValueError("every FPN level needs at least one anchor size > 0")
+        return sizes
+
+
+class ClsLossConfig(Strict):
+    type: str = Field(description="rpn: bce | focal; roi: ce | focal.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal loss alpha (rpn focal only).")
+    gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma (0 = plain cross-entropy).")
+    avg_factor: Literal["sampled", "positives"] = Field(
+        "sampled", description="Divide the summed loss by the number of sampled anchors/RoIs "
+        "(torchvision/detectron2) or by the number of positives (usual with focal loss).")
+
+
+class BoxLossConfig(Strict):
+    type: Literal["smooth_l1", "l1", "giou", "diou", "ciou"] = Field(
+        "smooth_l1", description="smooth_l1 / l1 on encoded deltas, or an IoU loss on decoded boxes.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    beta: float = Field(1.0 / 9.0, ge=0.0, description="Smooth L1 transition point (1/9 in torchvision).")
+    avg_factor: Literal["sampled", "positives"] = Field(
+        "sampled", description="Divide by the number of sampled anchors/RoIs (torchvision) or of positives.")
+
+
+class RPNConfig(Strict):
+    fg_iou_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Anchor IoU >= this: foreground.")
+    bg_iou_thresh: float = Field(0.3, ge=0.0, le=1.0, description="Anchor IoU < this: background.")
+    batch_size_per_image: int = Field(256, ge=1, description="Anchors sampled per image for the loss.")
+    positive_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Target share of positives in the sample.")
+    pre_nms_top_n_train: int = Field(2000, ge=1, description="Top proposals per level before NMS (train).")
+    post_nms_top_n_train: int = Field(2000, ge=1, description="Proposals kept per image after NMS (train).")
+    pre_nms_top_n_test: int = Field(1000, ge=1, description="Top proposals per level before NMS (test).")
+    post_nms_top_n_test: int = Field(1000, ge=1, description="Proposals kept per image after NMS (test).")
+    nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Proposal NMS IoU threshold.")
+    score_thresh: float = Field(0.0, ge=0.0, le=1.0, description="Drop proposals below this objectness.")
+    cls_pos_weight: float = Field(1.0, gt=0.0, description="BCE pos_weight of foreground anchors (1-10).")
+    cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="bce"))
+    box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
+
+    @field_validator("cls_loss")
+    @classmethod
+    def _rpn_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
+        if loss.type not in ("bce", "focal"):
+            raise ValueError(f"rpn.cls_loss.type must be 'bce' or 'focal', got '{loss.type}'")
+        return loss
+
+    @model_validator(mode="after")
+    def _iou_order(self) -> "RPNConfig":
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(f"rpn.bg_iou_thresh ({self.bg_iou_thresh}) must be <= rpn.fg_iou_thresh ({self.fg_iou_thresh})")
+        return self
+
+
+class ROIConfig(Strict):
+    fg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU >= this: foreground.")
+    bg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU < this: background.")
+    batch_size_per_image: int = Field(512, ge=1, description="RoIs sampled per image for the loss.")
+    positive_fraction: float = Field(0.25, gt=0.0, le=1.0, description="Target share of positive RoIs.")
+    cls_pos_weight: float = Field(1.0, gt=0.0, description="CE weight of every foreground class vs background (1.0).")
+    cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="ce"))
+    box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
+    bbox_reg_weights: list[float] = Field(
+        default_factory=lambda: [10.0, 10.0, 5.0, 5.0], description="Box coder weights (wx, wy, ww, wh).")
+    representation_size: int = Field(1024, ge=8, description="Width of the two-FC box head.")
+    pool_size: int = Field(7, ge=1, description="RoIAlign output size.")
+    sampling_ratio: int = Field(2, ge=0, description="RoIAlign sampling points per bin (0 = adaptive).")
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="Drop detections below this score.")
+    nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")
+    detections_per_img: int = Field(100, ge=1, description="Detections kept per image.")
+
+    @field_validator("cls_loss")
+    @classmethod
+    def _roi_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
+        if loss.type not in ("ce", "focal"):
+            raise ValueError(f"roi.cls_loss.type must be 'ce' or 'focal', got '{loss.type}'")
+        return loss
+
+    @field_validator("bbox_reg_weights")
+    @classmethod
+    def _four_weights(cls, weights: list[float]) -> list[float]:
+        if len(weights) != 4 or min(weights) <= 0:
+            raise ValueError("roi.bbox_reg_weights needs 4 positive numbers (wx, wy, ww, wh)")
+        return weights
+
+    @model_validator(mode="after")
+    def _iou_order(self) -> "ROIConfig":
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(f"roi.bg_iou_thresh ({self.bg_iou_thresh}) must be <= roi.fg_iou_thresh ({self.fg_iou_thresh})")
+        return self
+
+
+class ModelConfig(Strict):
+    num_classes: int = Field(ge=1, description="Foreground classes (background is added by the model).")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = Field(default_factory=AnchorConfig)
+    rpn: RPNConfig = Field(default_factory=RPNConfig)
+    roi: ROIConfig = Field(default_factory=ROIConfig)
+
+    @model_validator(mode="after")
+    def _anchor_levels(self) -> "ModelConfig":
+        # The FPN gives 4 backbone levels + a max-pool level for resnets, 3 for mobilenet.
+        levels = 3 if self.backbone.name.startswith("mobilenet") else 5
+        if len(self.anchors.sizes) != levels:
+            raise ValueError(f"model.anchors.sizes has {len(self.anchors.sizes)} levels but the "
+                             f"{self.backbone.name} FPN has {levels}; give one list per level")
+        return self
+
+
+# --------------------------------------------------------------------------- solver
+class SolverConfig(Strict):
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum) or AdamW.")
+    lr: float = Field(0.02, gt=0.0, description="Base learning rate (0.02 for 16 images with SGD).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 / decoupled weight decay.")
+    weight_decay_norm_and_bias: bool = Field(False, description="Also decay norm weights and biases.")
+    warmup_iters: int = Field(1000, ge=0, description="Linear warmup iterations.")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="lr multiplier at iteration 0.")
+    schedule: Literal["multistep", "cosine", "constant"] = Field("multistep", description="lr after warmup.")
+    steps: list[int] = Field(default_factory=list, description="Iterations at which multistep divides lr by 1/gamma.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="Multistep decay factor.")
+    max_iters: int = Field(90000, ge=1, description="Training iterations.")
+    clip_grad_norm: Optional[float] = Field(None, gt=0.0, description="Max total grad norm (null = off).")
+    amp: bool = Field(False, description="Mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> "SolverConfig":
+        if sorted(self.steps) != self.steps:
+            raise ValueError(f"solver.steps must be increasing, got {self.steps}")
+        if self.steps and self.steps[-1] >= self.max_iters:
+            raise ValueError(f"solver.steps {self.steps} must be < solver.max_iters ({self.max_iters})")
+        return self
+
+
+class TrainConfig(Strict):
+    log_period: int = Field(20, ge=1, description="Iterations between log lines.")
+    eval_period: int = Field(0, ge=0, description="Iterations between evaluations (0 = only at the end).")
+    checkpoint_period: int = Field(1000, ge=1, description="Iterations between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest periodic checkpoints kept on disk.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+
+
+class CollapseConfig(Strict):
+    patience: int = Field(3, ge=1, description="Checks in a row below min_ratio before the alarm.")
+    min_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Detections/GT per image below this = collapsed.")
+    action: Literal["warn", "stop"] = Field("warn", description="warn, or stop training.")
+
+
+class MonitorConfig(Strict):
+    score_thresholds: list[float] = Field(
+        default_factory=lambda: [0.05, 0.3, 0.5, 0.7], description="Score thresholds of the count table.")
+    period: int = Field(100, ge=1, description="Iterations between dashboard blocks.")
+    probe_images: int = Field(8, ge=1, description="Training images the dashboard runs inference on.")
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+
+    @field_validator("score_thresholds")
+    @classmethod
+    def _sorted_thresholds(cls, values: list[float]) -> list[float]:
+        if not values:
+            raise ValueError("monitor.score_thresholds needs at least one threshold")
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"monitor.score_thresholds must lie in [0, 1], got {values}")
+        if sorted(values) != values:
+            raise ValueError(f"monitor.score_thresholds must be sorted ascending, got {values}")
+        return values
+
+
+class Config(Strict):
+    seed: int = Field(42, description="Seed for python, numpy, torch and the data order.")
+    output_dir: Path = Field(Path("output"), description="Run folder: config, metrics.jsonl, checkpoints.")
+    data: DataConfig
+    model: ModelConfig
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+

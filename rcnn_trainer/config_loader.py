@@ -1,0 +1,172 @@
+"""Reading a config: YAML files, `_base_` inheritance, KEY=VALUE overrides, validation.
+
+Every failure becomes a UserError whose message names the file and the key, with a
+suggestion for a misspelt key. The resolved config is written back with `save_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.errors import UserError
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read `path` (with its `_base_` chain), apply dotted overrides, validate."""
+    raw = _read_with_bases(Path(path), chain=())
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_explain_validation_error(err, source)) from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- YAML + _base_
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{where}: YAML syntax error: {problem}. Check indentation and "
+                        f"'key: value' spacing on that line.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (data:, model:, ...), "
+                        f"found a {type(data).__name__}.")
+    return data
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise UserError(f"_base_ cycle: {cycle}. Remove one of the _base_ links.")
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for entry in bases:
+        base_path = (path.parent / str(entry))
+        if not base_path.is_file():
+            raise UserError(f"{path}: _base_ file '{entry}' does not exist "
+                            f"(looked for {base_path.resolve()}; _base_ is relative to the config file).")
+        merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Mappings merge key by key; any other value (lists too) in `update` replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- overrides
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise UserError(f"override '{override}' is not KEY=VALUE (e.g. solver.max_iters=200).")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    _check_key_path(keys, override)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as Optional[CocoSplit], else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        model = _model_of(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _check_key_path(keys: list[str], override: str) -> None:
+    model: type[BaseModel] | None = Config
+    for depth, key in enumerate(keys):
+        if model is None:
+            parent = ".".join(keys[:depth])
+            raise UserError(f"override '{override}': '{parent}' is a value, not a section; "
+                            f"it has no key '{key}'.")
+        fields = model.model_fields
+        if key not in fields:
+            section = ".".join(keys[:depth]) or "the top level"
+            raise UserError(f"override '{override}': no key '{key}' in {section}."
+                            f"{_suggest(key, fields)}")
+        model = _model_of(fields[key].annotation)
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(candidates))}."
+
+
+# --------------------------------------------------------------------------- messages
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        model = _model_of(model.model_fields[part].annotation)
+    return model
+
+
+def _explain_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem(s)):"]
+    for item in err.errors():
+        loc = tuple(p for p in item["loc"] if isinstance(p, (str, int)))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = _suggest(str(loc[-1]), parent.model_fields) if parent else ""
+            lines.append(f"  - {key}: unknown key.{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"  - {key}: required key is missing.")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {message}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""COCO-format detection dataset with record checks.
+
+Targets follow torchvision: {"boxes": float32 xyxy [N, 4], "labels": int64 [N]} with labels
+in 1..C (0 is background), plus "image_id" (the COCO id) and "orig_size" (h, w).
+Category ids are mapped to contiguous labels; `label_to_cat_id` maps predictions back.
+Crowd annotations are left out of training targets (COCO evaluation ignores detections that
+fall on them, using the original annotation file). Images without objects stay as negatives.
+
+Each kind of bad record has a policy (config `data.bad_records`): stop with an error that
+names the file and record, or drop it and count it in `report` (never silently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from rcnn_trainer.errors import UserError
+
+BORDER_TOLERANCE_PX = 1.0  # boxes this close past the border are clipped without counting
+
+
+@dataclass
+class DropReport:
+    """Counts of what was dropped or fixed while loading, with a few examples of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, example: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < 3:
+            self.examples[kind].append(example)
+
+    def lines(self) -> list[str]:
+        return [f"{kind}: {n} ({'; '.join(self.examples[kind])})" for kind, n in sorted(self.counts.items())]
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N, 4] xyxy, valid
+    labels: np.ndarray  # int64 [N], 1..C
+    num_crowd: int = 0
+
+
+def read_coco_json(ann_file: Path) -> dict:
+    """Load and check the top-level structure of a COCO annotation file."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise UserError(f"annotation file '{ann_file}' does not exist.")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"annotation file '{ann_file}' is not valid JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"annotation file '{ann_file}' is not COCO format: the top level is a "
+                        f"{type(data).__name__}, expected an object with images, annotations, categories.")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"annotation file '{ann_file}' is not COCO format: the key '{key}' "
+                            f"is missing or not a list (found keys: {sorted(data)}).")
+    if not data["categories"]:
+        raise UserError(f"annotation file '{ann_file}': 'categories' is empty; a detector needs at least one class.")
+    return data
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO split. Items are (image float tensor [3, H, W] in [0, 1], target dict).
+
+    Indexing takes an int, or an (index, epoch) pair from the training sampler so that random
+    augmentations are a function of (seed, epoch, index): identical after a resume.
+    """
+
+    def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
+                 unknown_category: str = "error", degenerate_box: str = "drop",
+                 box_outside_image: str = "clip",
+                 transforms: Optional[Callable] = None, seed: int = 0):
+        self.ann_file = Path(ann_file)
+        self.img_dir = Path(img_dir)
+        self.transforms = transforms
+        self.seed = seed
+        self.report = DropReport()
+        self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
+                            degenerate_box=degenerate_box, box_outside_image=box_outside_image)
+        self.raw = read_coco_json(self.ann_file)
+        self.categories = sorted(self.raw["categories"], key=lambda c: c["id"])
+        self.label_to_cat_id = {i + 1: int(c["id"]) for i, c in enumerate(self.categories)}
+        self.cat_id_to_label = {cat: label for label, cat in self.label_to_cat_id.items()}
+        self.class_names = [str(c.get("name", c["id"])) for c in self.categories]
+        self.records = self._build_records()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def coco_api(self):
+        """pycocotools COCO object of the raw annotation file (for evaluation)."""
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.raw
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        return coco
+
+    # ------------------------------------------------------------------ loading
+    def _handle(self, kind: str, where: str, problem: str) -> None:
+        """Apply the policy for a bad record: raise, or count the drop."""
+        if self._policy[kind] == "error":
+            raise UserError(f"{self.ann_file}: {where}: {problem}. To drop such records instead, set "
+                            f"data.bad_records.{kind}: drop.")
+        self.report.add(kind, where)
+
+    def _build_records(self) -> list[ImageRecord]:
+        images: dict[int, dict] = {}
+        for index, image in enumerate(self.raw["images"]):
+            where = f"images[{index}]"
+            if not isinstance(image, dict) or not {"id", "file_name", "width", "height"} <= image.keys():
+                raise UserError(f"{self.ann_file}: {where} needs id, file_name, width and height; got {image!r:.200}.")
+            if image["id"] in images:
+                raise UserError(f"{self.ann_file}: {where}: duplicate image id {image['id']}.")
+            images[image["id"]] = image
+
+        anns_by_image: dict[int, list[dict]] = defaultdict(list)
+        for index, ann in enumerate(self.raw["annotations"]):
+            where = f"annotations[{index}] (id {ann.get('id') if isinstance(ann, dict) else '?'})"
+            if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= ann.keys():
+                raise UserError(f"{self.ann_file}: {where} needs image_id, category_id and bbox.")
+            bbox = ann["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                raise UserError(f"{self.ann_file}: {where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}.")
+            if ann["image_id"] not in images:
+                self.report.add("unknown_image_id", where)
+                continue
+            if ann["category_id"] not in self.cat_id_to_label:
+                self._handle("unknown_category", where,
+                             f"category_id {ann['category_id']} is not in 'categories' "
+                             f"(known ids: {sorted(self.cat_id_to_label)[:20]})")
+                continue
+            anns_by_image[ann["image_id"]].append((index, ann))
+
+        records = []
+        for image_id, image in images.items():
+            path = self.img_dir / image["file_name"]
+            problem = _image_problem(path)
+            if problem:
+                self._handle("missing_image", f"image id {image_id} '{path}'", problem)
+                continue
+            records.append(self._record(image, path, anns_by_image.get(image_id, [])))
+        return records
+
+    def _record(self, image: dict, path: Path, anns: list) -> ImageRecord:
+        width, height = float(image["width"]), float(image["height"])
+        boxes, labels, num_crowd = [], [], 0
+        for index, ann in anns:
+            where = f"annotations[{index}] (id {ann.get('id')}, image '{image['file_name']}')"
+            if ann.get("iscrowd", 0):
+                num_crowd += 1
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if w <= 0 or h <= 0:
+                self._handle("degenerate_box", where, f"box [x, y, w, h] = {ann['bbox']} has zero or negative size")
+                continue
+            box = [x, y, x + w, y + h]
+            clipped = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+                       min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+            overshoot = max(abs(a - b) for a, b in zip(box, clipped))
+            if overshoot > BORDER_TOLERANCE_PX:
+                policy = self._policy["box_outside_image"]
+                outside = (f"box [x, y, w, h] = {ann['bbox']} extends {overshoot:.1f} px outside the "
+                           f"{int(width)}x{int(height)} image")
+                if policy == "clip":
+                    self.report.add("box_outside_image (clipped)", where)
+                else:
+                    self._handle("box_outside_image", where, outside)
+                    continue
+            if clipped[2] - clipped[0] < 1e-3 or clipped[3] - clipped[1] < 1e-3:
+                self.report.add("box_outside_image (nothing left after clipping)", where)
+                continue
+            boxes.append(clipped)
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+        return ImageRecord(
+            image_id=int(image["id"]), path=path, width=int(width), height=int(height),
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(labels, dtype=np.int64), num_crowd=num_crowd)
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        record = self.records[index]
+        try:
+            with Image.open(record.path) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise UserError(f"image '{record.path}' (id {record.image_id}) could not be read: {err}.") from None
+        if image.size != (record.width, record.height):
+            raise UserError(f"{self.ann_file}: image id {record.image_id} '{record.path}' is "
+                            f"{image.size[0]}x{image.size[1]} but the annotation says "
+                            f"{record.width}x{record.height}; fix width/height in the file.")
+        target = {
+            "boxes": torch.from_numpy(record.boxes.copy()),
+            "labels": torch.from_numpy(record.labels.copy()),
+            "image_id": record.image_id,
+            "orig_size": (record.height, record.width),
+        }
+        rng = np.random.default_rng((self.seed, epoch, index))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, rng)
+        return image, target
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why the image cannot be used, or None. Reads the header only (cheap)."""
+    if not path.is_file():
+        return "the image file does not exist"
+    try:
+        with Image.open(path) as img:
+            img.size
+    except (OSError, UnidentifiedImageError) as err:
+        return f"the image file is not a readable image ({err})"
+    return None

@@ -1,0 +1,95 @@
+"""Datasets and DataLoaders from the config.
+
+Training reads an endless stream of batches (iteration-based, like detectron2): each epoch is
+a permutation seeded by (seed, epoch), optionally grouped by aspect ratio. Under DDP every
+rank takes its slice of the same global batch, so N ranks see exactly what one process with
+an N-times larger batch would see. The stream starts at any iteration, which makes resume exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
+from rcnn_trainer.data.transforms import build_transforms
+
+
+def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class TrainBatchSampler:
+    """Yields lists of (index, epoch) for one rank, forever, starting at `start_iter`."""
+
+    def __init__(self, aspect_ratios: list[float], batch_size: int, seed: int, group_by_aspect: bool,
+                 start_iter: int = 0, rank: int = 0, world_size: int = 1):
+        if not aspect_ratios:
+            raise ValueError("cannot sample batches from an empty dataset")
+        self.groups = [0 if ar >= 1.0 else 1 for ar in aspect_ratios] if group_by_aspect else [0] * len(aspect_ratios)
+        self.batch_size, self.seed = batch_size, seed
+        self.start_iter, self.rank, self.world_size = start_iter, rank, world_size
+
+    def global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        global_size = self.batch_size * self.world_size
+        epoch = 0
+        while True:
+            order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            buckets: dict[int, list] = {}
+            for index in order.tolist():
+                bucket = buckets.setdefault(self.groups[index], [])
+                bucket.append((index, epoch))
+                if len(bucket) == global_size:
+                    yield list(bucket)
+                    bucket.clear()
+            epoch += 1  # leftovers of an epoch are dropped; the next epoch reshuffles
+
+    def __iter__(self):
+        for step, batch in enumerate(self.global_batches()):
+            if step >= self.start_iter:
+                yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+
+def resolve_splits(cfg: Config) -> dict[str, tuple[Path, Path]]:
+    """(ann_file, img_dir) of train and val; generates the synthetic dataset when configured."""
+    data = cfg.data
+    if data.synthetic is not None:
+        syn = data.synthetic
+        folder = ensure_synthetic_dataset(syn.num_train, syn.num_val, syn.image_size, syn.seed, syn.cache_dir)
+        return {"train": (folder / "train.json", folder / "images"), "val": (folder / "val.json", folder / "images")}
+    return {"train": (data.train.ann_file, data.train.img_dir), "val": (data.val.ann_file, data.val.img_dir)}
+
+
+def build_dataset(cfg: Config, split: str) -> CocoDetection:
+    ann_file, img_dir = resolve_splits(cfg)[split]
+    policy = cfg.data.bad_records
+    return CocoDetection(
+        ann_file, img_dir,
+        missing_image=policy.missing_image, unknown_category=policy.unknown_category,
+        degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
+        transforms=build_transforms(cfg.data.min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
+        seed=cfg.seed)
+
+
+def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
+                       rank: int = 0, world_size: int = 1) -> DataLoader:
+    sampler = TrainBatchSampler(
+        [r.width / r.height for r in dataset.records], cfg.data.batch_size, cfg.seed,
+        cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size)
+    # An own generator: creating the loader must not draw from the global torch RNG, or a
+    # resumed run would sample differently from an uninterrupted one.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def build_eval_loader(cfg: Config, dataset: CocoDetection, indices: list[int] | None = None) -> DataLoader:
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
+    return DataLoader(subset, batch_size=cfg.data.batch_size, shuffle=False,
+                      num_workers=cfg.data.num_workers, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(cfg.seed))

@@ -1,0 +1,80 @@
+"""Image + box transforms. Each takes (PIL image or tensor, target, rng) and returns both.
+
+Boxes are xyxy in pixels of the current image. The rng is a numpy Generator seeded from
+(seed, epoch, index), so augmentation is reproducible and survives a resume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """Scale that makes the short side `min_size` unless the long side would pass `max_size`
+    (the torchvision / detectron2 rule)."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    """Scale xyxy boxes [N, 4] by separate x and y factors."""
+    factors = torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=boxes.dtype)
+    return boxes * factors
+
+
+def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Mirror xyxy boxes [N, 4] in an image of the given width."""
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return flipped
+
+
+class Resize:
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator):
+        width, height = image.size
+        scale = resize_scale(height, width, self.min_size, self.max_size)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+            target = dict(target, boxes=scale_boxes(target["boxes"], new_w / width, new_h / height))
+        return image, target
+
+
+class RandomHorizontalFlip:
+    def __init__(self, prob: float):
+        self.prob = prob
+
+    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator):
+        if self.prob > 0 and rng.random() < self.prob:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            target = dict(target, boxes=hflip_boxes(target["boxes"], image.size[0]))
+        return image, target
+
+
+class ToTensor:
+    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator):
+        return TF.pil_to_tensor(image).float().div_(255.0), target
+
+
+class Compose:
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, image, target, rng):
+        for transform in self.transforms:
+            image, target = transform(image, target, rng)
+        return image, target
+
+
+def build_transforms(min_size: int, max_size: int, hflip_prob: float, train: bool) -> Compose:
+    steps = [Resize(min_size, max_size)]
+    if train and hflip_prob > 0:
+        steps.append(RandomHorizontalFlip(hflip_prob))
+    steps.append(ToTensor())
+    return Compose(steps)

@@ -1,0 +1,64 @@
+"""Optimizer and lr schedule from the solver config.
+
+The schedule is a LambdaLR stepped once per iteration: linear warmup from
+`warmup_factor * lr` to `lr`, then multistep, cosine (to 0 at max_iters) or constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rcnn_trainer.config import SolverConfig
+
+REFERENCE_LR_PER_IMAGE = 0.02 / 16  # detectron2 / torchvision: lr 0.02 for 16 images with SGD
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_norm_or_bias = isinstance(module, NORM_TYPES) or name == "bias"
+            (no_decay if is_norm_or_bias and not solver.weight_decay_norm_and_bias else decay).append(param)
+    groups = [{"params": decay, "weight_decay": solver.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum, nesterov=solver.nesterov)
+    return torch.optim.AdamW(groups, lr=solver.lr)
+
+
+def lr_multiplier(iteration: int, solver: SolverConfig) -> float:
+    """lr / base lr at `iteration` (0-based)."""
+    if solver.schedule == "cosine":
+        progress = min(iteration / max(solver.max_iters, 1), 1.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif solver.schedule == "multistep":
+        factor = solver.gamma ** sum(1 for step in solver.steps if iteration >= step)
+    else:
+        factor = 1.0
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        factor *= solver.warmup_factor * (1.0 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, solver: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(it, solver))
+
+
+def lr_ratio_warning(solver: SolverConfig, total_batch_size: int) -> str | None:
+    """A warning when lr per image is far above the reference ratio (a common cause of divergence)."""
+    if solver.optimizer != "sgd":
+        return None
+    ratio = solver.lr / total_batch_size / REFERENCE_LR_PER_IMAGE
+    if ratio <= 4.0:
+        return None
+    suggested = REFERENCE_LR_PER_IMAGE * total_batch_size
+    return (f"solver.lr = {solver.lr} for {total_batch_size} images per step is {ratio:.1f}x the reference "
+            f"ratio (0.02 for 16 images); Faster R-CNN often diverges there. Try solver.lr={suggested:.4g} "
+            f"or a longer solver.warmup_iters, and consider solver.clip_grad_norm.")

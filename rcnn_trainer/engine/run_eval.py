@@ -1,0 +1,83 @@
+"""rcnn-eval: load a checkpoint, evaluate on val, write results, optionally draw images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.config_loader import config_to_dict
+from rcnn_trainer.data.loader import build_dataset, build_eval_loader
+from rcnn_trainer.engine.checkpoint import load_checkpoint
+from rcnn_trainer.engine.distributed import DistInfo, pick_device
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
+from rcnn_trainer.engine.trainer import autocast_for, check_dataset_fits_model, flatten
+from rcnn_trainer.errors import UserError
+from rcnn_trainer.model.build import build_model
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Path) -> None:
+    """Load, turning a config mismatch into a message instead of a shape-mismatch traceback."""
+    saved = flatten(ckpt.get("config", {}).get("model", {}))
+    current = flatten(config_to_dict(cfg)["model"])
+    differ = [k for k in saved if saved.get(k) != current.get(k) and not k.startswith(("rpn.", "roi.score", "roi.nms", "roi.detections"))]
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        hint = ("; ".join(f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}" for k in differ[:6])
+                or str(err).splitlines()[0][:300])
+        raise UserError(f"checkpoint '{path}' was trained with a different model than --config describes ({hint}). "
+                        f"Evaluate with the config the checkpoint was trained with (its run folder has config.yaml).") from None
+
+
+def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True) -> dict:
+    device = pick_device(cfg.train.device, DistInfo())
+    val_set = build_dataset(cfg, "val")
+    check_dataset_fits_model(cfg, val_set)
+    model = build_model(cfg.model).to(device)
+    load_model_weights(model, load_checkpoint(checkpoint), cfg, checkpoint)
+    loader = build_eval_loader(cfg, val_set)
+    metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
+                                progress=progress, autocast=autocast_for(device, cfg.solver.amp))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coco_results.json").write_text(json.dumps(results))
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=1))
+    print(f"[eval] {checkpoint} on {len(val_set)} images of {val_set.ann_file}")
+    print(format_metrics(metrics))
+    print(format_threshold_table(metrics["threshold_counts"]))
+    if visualize:
+        written = draw_predictions(val_set, results, out / "vis", visualize)
+        print(f"[eval] drew {written} images in {out / 'vis'} (green: ground truth, red: predictions >= 0.5)")
+    print(f"[eval] results: {out / 'coco_results.json'}, metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
+                     min_score: float = 0.5) -> int:
+    from PIL import Image
+    from torchvision.io import read_image
+    from torchvision.utils import draw_bounding_boxes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    names = {cat: dataset.class_names[label - 1] for label, cat in dataset.label_to_cat_id.items()}
+    written = 0
+    for record in tqdm(dataset.records[:count], desc="draw", leave=False):
+        image = read_image(str(record.path))[:3]
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        gt = torch.as_tensor(record.boxes).reshape(-1, 4)
+        image = draw_bounding_boxes(image, gt, colors="lime", width=1)
+        preds = [r for r in by_image.get(record.image_id, []) if r["score"] >= min_score]
+        if preds:
+            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in preds)])
+            labels = [f"{names[r['category_id']]} {r['score']:.2f}" for r in preds]
+            image = draw_bounding_boxes(image, boxes, labels=labels, colors="red", width=1)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{record.image_id}.png")
+        written += 1
+    return written

@@ -1,0 +1,318 @@
+"""The training loop, in one fixed order per iteration:
+
+  data -> forward (autocast) -> weighted sum -> non-finite check -> backward -> unscale
+  -> clip (pre-clip norm logged) -> step -> lr step -> log -> monitor / eval / checkpoint
+
+Extension points are plain callables passed to `train` (e.g. `after_forward` lets a test
+inject a NaN). Checkpoints, metrics and console output happen on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.config_loader import config_to_dict, save_config
+from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+from rcnn_trainer.data.summary import format_summary, summarize_dataset
+from rcnn_trainer.engine import checkpoint as ckpt_io
+from rcnn_trainer.engine.distributed import DistInfo, device_kind, init_distributed, pick_device
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.engine.optim import build_optimizer, build_scheduler, lr_ratio_warning
+from rcnn_trainer.errors import TrainingStopped, UserError
+from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
+from rcnn_trainer.model.build import build_model
+from rcnn_trainer.monitor.alarms import check_collapse
+from rcnn_trainer.monitor.dashboard import format_dashboard, probe_counts
+
+# Config keys a resume must not change (they change what the weights mean or what data they see).
+RESUME_FIXED_PREFIXES = ("model.", "data.")
+RESUME_FREE_KEYS = {"data.num_workers"}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    best_ap: float = -1.0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    first_nonfinite_term: Optional[str] = None
+    collapse_history: list = field(default_factory=list)
+    alarms: list = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA (with a GradScaler), bf16 on CPU (no scaler needed)."""
+    if not enabled:
+        return contextlib.nullcontext
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def compare_resume_config(saved: dict, current: dict) -> list[str]:
+    """Refuse changes that matter; return the other differences to log."""
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    fatal = [k for k in changed if k.startswith(RESUME_FIXED_PREFIXES) and k not in RESUME_FREE_KEYS]
+    if fatal:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fatal[:6])
+        raise UserError(f"--resume refused: the config changed in a way that matters ({shown}). Resume with the "
+                        f"original values, or start a new run with a different --output-dir.")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def check_dataset_fits_model(cfg: Config, dataset) -> None:
+    if dataset.num_classes != cfg.model.num_classes:
+        raise UserError(f"model.num_classes is {cfg.model.num_classes} but '{dataset.ann_file}' has "
+                        f"{dataset.num_classes} categories ({', '.join(dataset.class_names[:10])}); "
+                        f"set model.num_classes={dataset.num_classes}.")
+
+
+def to_device(images, targets, device):
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets]
+    return images, targets
+
+
+def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
+          after_forward: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
+    """Train as configured; returns the final evaluation metrics."""
+    started = time.time()
+    info = init_distributed(device_kind(cfg.train.device))
+    device = pick_device(cfg.train.device, info)
+    say = log if info.is_main else (lambda _msg: None)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed + info.rank)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
+    if not resume and ckpt_io.periodic_checkpoints(ckpt_dir):
+        raise UserError(f"output dir '{out}' already holds checkpoints from an earlier run. Pass --resume to "
+                        f"continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
+
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    check_dataset_fits_model(cfg, train_set)
+    check_dataset_fits_model(cfg, val_set)
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        say(format_summary(summarize_dataset(dataset, name), dataset))
+    if not any(len(r.labels) for r in train_set.records):
+        raise UserError(f"'{train_set.ann_file}': every training image has 0 objects after loading; nothing to "
+                        f"learn. Check the category ids, the bbox format and data.bad_records in the summary above.")
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    warning = lr_ratio_warning(cfg.solver, cfg.data.batch_size * info.world_size)
+    if warning:
+        say(f"WARNING {warning}")
+    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
+        say("WARNING model.backbone.weights is null and model.backbone.norm is frozen_bn: frozen BatchNorm "
+            "at random init is an identity. From scratch, set model.backbone.norm to bn or gn.")
+
+    model = build_model(cfg.model).to(device)
+    if cfg.model.backbone.norm == "syncbn" and info.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = build_scheduler(optimizer, cfg.solver)
+    amp = cfg.solver.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    autocast = autocast_for(device, amp)
+    if amp and device.type == "cpu":
+        say("AMP on CPU: bfloat16 autocast (no loss scaling needed); fp16 + GradScaler is used on CUDA.")
+    state = TrainState()
+
+    if resume:
+        found = ckpt_io.load_latest(ckpt_dir, log=say)
+        if found is None:
+            say(f"[resume] no loadable checkpoint in '{ckpt_dir}': starting from iteration 0.")
+        else:
+            ckpt, path = found
+            for line in compare_resume_config(ckpt["config"], config_to_dict(cfg)):
+                say(f"[resume] config differs from the checkpoint: {line}")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            state = TrainState(**ckpt["train_state"])
+            ckpt_io.restore_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+            metrics.truncate_after(state.iteration)
+            say(f"[resume] continuing from '{path}' at iteration {state.iteration}.")
+
+    ddp_model = model
+    if info.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    weights = loss_weights(cfg.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.solver.clip_grad_norm
+
+    probe_set = copy.copy(train_set)
+    probe_set.transforms = val_set.transforms  # no flips: the same images every check
+    probe = [probe_set[i] for i in range(min(cfg.monitor.probe_images, len(probe_set)))]
+    probe_images = [img.to(device) for img, _ in probe]
+    probe_gt = float(np.mean([len(t["boxes"]) for _, t in probe]))
+    val_loader = build_eval_loader(cfg, val_set)
+
+    def save_checkpoint(path: Path) -> None:
+        if info.is_main:
+            ckpt_io.atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "iteration": state.iteration, "train_state": state.__dict__.copy(),
+                "rng": ckpt_io.rng_state(), "config": config_to_dict(cfg),
+                "class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
+            }, path)
+
+    def run_eval() -> dict:
+        result, _ = evaluate(model, val_set, val_loader, device, cfg.monitor.score_thresholds,
+                             progress=progress and info.is_main, autocast=autocast)
+        metrics.write({"type": "eval", "iter": state.iteration, **{k: v for k, v in result.items()
+                       if k not in ("per_class_AP", "threshold_counts")},
+                       **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
+                       **result["threshold_counts"]})
+        say(f"[eval @ iter {state.iteration}]\n{format_metrics(result)}\n"
+            f"{format_threshold_table(result['threshold_counts'])}")
+        return result
+
+    max_iters = cfg.solver.max_iters
+    loader = build_train_loader(cfg, train_set, start_iter=state.iteration, rank=info.rank,
+                                world_size=info.world_size)
+    window: list[dict] = []
+    bar = tqdm(total=max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
+               disable=not (progress and info.is_main))
+    data_iter = iter(loader)
+    last_eval: dict = {}
+    model.train()
+    while state.iteration < max_iters:
+        it = state.iteration
+        t0 = time.perf_counter()
+        images, targets = to_device(*next(data_iter), device)
+        t_data = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+
+        with autocast():
+            losses, stats = ddp_model(images, targets)
+        if after_forward is not None:
+            after_forward(it, losses)
+        total, weighted = weighted_total(losses, weights)
+
+        record = {"iter": it + 1, "lr": lr, "data_time": t_data}
+        finite = bool(torch.isfinite(total))  # a sync point on GPU, needed to skip the step
+        if finite:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+            finite = bool(torch.isfinite(grad_norm))
+            record.update(grad_norm=float(grad_norm), clipped=bool(max_norm and grad_norm > max_norm))
+            if finite:
+                scaler.step(optimizer)
+        if finite:
+            scaler.update()
+            state.nonfinite_in_row = 0
+        else:
+            bad = [n for n in LOSS_NAMES if n in losses and not torch.isfinite(losses[n])] or ["gradients"]
+            state.nonfinite_total += 1
+            state.nonfinite_in_row += 1
+            if state.nonfinite_in_row == 1:
+                state.first_nonfinite_term = bad[0]
+            say(f"WARNING iteration {it + 1}: non-finite {', '.join(bad)}; step skipped "
+                f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
+            metrics.write({"type": "nonfinite", "iter": it + 1, "terms": bad})
+            if scaler.is_enabled():
+                scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.iteration = it + 1
+
+        if state.nonfinite_in_row >= cfg.solver.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"training stopped at iteration {state.iteration}: {state.nonfinite_in_row} non-finite steps in a "
+                f"row (limit solver.max_nonfinite_steps={cfg.solver.max_nonfinite_steps}); the first term to go "
+                f"non-finite was {state.first_nonfinite_term}. Lower solver.lr, set solver.clip_grad_norm (e.g. 10), "
+                f"or check that term's weight. The last good checkpoint in '{ckpt_dir}' is intact.")
+
+        record.update({"loss": float(total.detach()) if finite else float("nan"),
+                       **{n: float(v.detach()) for n, v in losses.items()},
+                       **{f"{n}_weighted": float(v.detach()) for n, v in weighted.items()},
+                       **{k: float(v) for k, v in stats.items()}, "time": time.perf_counter() - t0})
+        window.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        if state.iteration % cfg.train.log_period == 0 or state.iteration == max_iters:
+            metrics.write({"type": "train", **record})
+            say(f"iter {state.iteration}/{max_iters}  loss {record['loss']:.3f}  "
+                + "  ".join(f"{n[5:]} {record.get(n, 0.0):.3f}" for n in LOSS_NAMES)
+                + f"  lr {lr:.2e}  gnorm {record.get('grad_norm', float('nan')):.2f}"
+                + f"  {record['time']:.2f}s/it (data {t_data:.2f}s)")
+        if state.iteration % cfg.monitor.period == 0 or state.iteration == max_iters:
+            mean = {k: float(np.nanmean([r[k] for r in window if k in r])) for k in window[-1]
+                    if isinstance(window[-1][k], (int, float))}
+            counts = probe_counts(model, probe_images, probe_gt, cfg.monitor.score_thresholds)
+            say(format_dashboard(state.iteration, max_iters, mean, counts))
+            metrics.write({"type": "monitor", "iter": state.iteration, **counts,
+                           **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
+            window = []
+            if state.iteration > cfg.solver.warmup_iters:
+                lowest = f"dets@{cfg.monitor.score_thresholds[0]:g}"
+                state.collapse_history.append(counts[lowest])
+                c = cfg.monitor.collapse
+                alarm = check_collapse(state.collapse_history, probe_gt, min_ratio=c.min_ratio, patience=c.patience)
+                if alarm is not None:
+                    say(alarm.format())
+                    metrics.write({"type": "alarm", "iter": state.iteration, **alarm.to_record()})
+                    state.alarms.append(alarm.name)
+                    if c.action == "stop":
+                        save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
+                        raise TrainingStopped(f"training stopped by the collapse alarm (monitor.collapse.action: stop) "
+                                              f"at iteration {state.iteration}; checkpoint saved.")
+        if cfg.train.eval_period and state.iteration % cfg.train.eval_period == 0 and state.iteration < max_iters:
+            last_eval = run_eval()
+            if last_eval["AP"] > state.best_ap:
+                state.best_ap = last_eval["AP"]
+                save_checkpoint(out / "model_best.pth")
+        if state.iteration % cfg.train.checkpoint_period == 0 or state.iteration == max_iters:
+            save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
+            if info.is_main:
+                ckpt_io.prune(ckpt_dir, cfg.train.keep_checkpoints)
+    bar.close()
+
+    last_eval = run_eval()
+    if last_eval["AP"] > state.best_ap:
+        state.best_ap = last_eval["AP"]
+        save_checkpoint(out / "model_best.pth")
+    save_checkpoint(out / "model_final.pth")
+    wall = time.time() - started
+    say(f"[done] {max_iters} iterations in {wall / 60:.1f} min; AP {last_eval['AP']:.3f} AP50 {last_eval['AP50']:.3f}; "
+        f"{state.nonfinite_total} non-finite steps skipped; alarms: {', '.join(sorted(set(state.alarms))) or 'none'}. "
+        f"Outputs in '{out}' (model_final.pth, model_best.pth, metrics.jsonl, config.yaml).")
+    metrics.write({"type": "summary", "iter": max_iters, "wall_time_s": wall, "AP": last_eval["AP"],
+                   "AP50": last_eval["AP50"], "nonfinite_steps": state.nonfinite_total,
+                   "alarms": sorted(set(state.alarms))})
+    return last_eval

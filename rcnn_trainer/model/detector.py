@@ -1,0 +1,51 @@
+"""TwoStageDetector: normalize + pad -> backbone/FPN -> RPN -> RoI heads.
+
+Images arrive already resized by the data pipeline (data/transforms.py), as float [3, H, W]
+in [0, 1]. Training returns (losses, stats) with unweighted loss terms; weights are applied
+by the trainer (losses/weighting.py). Inference returns one dict per image with "boxes"
+(xyxy), "labels" (1..C) and "scores", mapped to `original_sizes` when those are given.
+Submodule names match torchvision's FasterRCNN (backbone, rpn, roi_heads), so its state dict loads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class TwoStageDetector(nn.Module):
+    def __init__(self, *, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module,
+                 image_mean: list[float] = IMAGENET_MEAN, image_std: list[float] = IMAGENET_STD,
+                 size_divisible: int = 32):
+        super().__init__()
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        # Used only for its normalize() and batch_images() (padding to a multiple of 32);
+        # resizing happened in the data pipeline. It holds no parameters.
+        self.transform = GeneralizedRCNNTransform(min_size=1, max_size=1, image_mean=image_mean,
+                                                  image_std=image_std, size_divisible=size_divisible)
+
+    def preprocess(self, images: list[torch.Tensor]) -> ImageList:
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batched = self.transform.batch_images([self.transform.normalize(img) for img in images],
+                                              size_divisible=self.transform.size_divisible)
+        return ImageList(batched, sizes)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
+                original_sizes: list[tuple[int, int]] | None = None):
+        image_list = self.preprocess(images)
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses, rpn_stats = self.rpn(image_list, features, targets)
+        detections, roi_losses, roi_stats = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        if self.training:
+            stats = {**rpn_stats, **roi_stats,
+                     "gt_per_image": sum(len(t["boxes"]) for t in targets) / len(targets)}
+            return {**rpn_losses, **roi_losses}, stats
+        if original_sizes is not None:
+            for det, size, orig in zip(detections, image_list.image_sizes, original_sizes):
+                det["boxes"] = resize_boxes(det["boxes"], size, orig)
+        return detections

@@ -1,0 +1,90 @@
+"""RoI box head: torchvision's RoIHeads with our losses and statistics.
+
+Shapes: N images, R sampled RoIs in the batch, P positive RoIs, C foreground classes.
+Names: `class_logits` [R, C+1] (column 0 = background), `box_deltas` [R, (C+1) * 4]
+class-specific, `gt_labels` [R] in 0..C, `matched_gt_boxes` [R, 4].
+
+Subclassed from torchvision's RoIHeads for the same reason as the RPN (matching, sampling,
+post-processing and state-dict keys stay torchvision's). The training path spells out
+sampling so that the ground-truth boxes appended to the proposals can be told apart: the
+mean IoU of positive proposals is measured on real RPN proposals only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import box_iou
+
+from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
+
+
+class BoxHeads(RoIHeads):
+    def __init__(self, *, box_roi_pool, box_head, box_predictor, fg_iou_thresh: float, bg_iou_thresh: float,
+                 batch_size_per_image: int, positive_fraction: float, bbox_reg_weights: tuple,
+                 score_thresh: float, nms_thresh: float, detections_per_img: int,
+                 cls_loss_type: str = "ce", cls_pos_weight: float = 1.0, focal_gamma: float = 2.0,
+                 cls_avg_factor: str = "sampled", box_loss_type: str = "smooth_l1",
+                 box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled"):
+        super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
+                         batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
+                         nms_thresh, detections_per_img)
+        self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, gamma=focal_gamma,
+                             avg_factor_mode=cls_avg_factor)
+        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor)
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]], targets: list[dict] | None = None):
+        """Returns (detections: list of {boxes, labels, scores}, losses, stats)."""
+        if not self.training:
+            class_logits, box_deltas = self._predict(features, proposals, image_shapes)
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_deltas, proposals, image_shapes)
+            return [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)], {}, {}
+        if targets is None:
+            raise ValueError("the RoI heads need targets in training mode")
+        rois, gt_labels, matched_gt_boxes, from_rpn = self._sample(proposals, targets)
+        class_logits, box_deltas = self._predict(features, rois, image_shapes)
+        losses, stats = self._losses(class_logits, box_deltas, torch.cat(rois), torch.cat(gt_labels),
+                                     torch.cat(matched_gt_boxes), torch.cat(from_rpn), len(rois))
+        return [], losses, stats
+
+    def _predict(self, features, rois, image_shapes):
+        pooled = self.box_roi_pool(features, rois, image_shapes)
+        return self.box_predictor(self.box_head(pooled))
+
+    def _sample(self, proposals, targets):
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_classes = [t["labels"] for t in targets]
+        num_rpn = [p.shape[0] for p in proposals]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_classes)
+        sampled_inds = self.subsample(labels)
+        rois, gt_labels, matched, from_rpn = [], [], [], []
+        for i, keep in enumerate(sampled_inds):
+            boxes_i = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=keep.device)
+            rois.append(proposals[i][keep])
+            gt_labels.append(labels[i][keep])
+            matched.append(boxes_i[matched_idxs[i][keep]])
+            from_rpn.append(keep < num_rpn[i])
+        return rois, gt_labels, matched, from_rpn
+
+    def _losses(self, class_logits, box_deltas, rois, gt_labels, matched_gt_boxes, from_rpn, num_images):
+        pos = torch.where(gt_labels > 0)[0]
+        deltas_of_gt_class = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, gt_labels[pos]]
+        cls, cls_factor = loss_roi_cls(class_logits, gt_labels, **self.cls_loss)
+        box, box_factor = loss_roi_box(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos], gt_labels.numel(),
+                                       self.box_coder, **self.box_loss)
+        real = pos[from_rpn[pos]]
+        with torch.no_grad():
+            ious = box_iou(rois[real], matched_gt_boxes[real]).diagonal() if real.numel() else rois.new_zeros(0)
+            fg_argmax = (class_logits.argmax(dim=1) > 0).float().mean()
+        stats = {
+            "avg_factor/roi_cls": cls_factor.detach(),
+            "avg_factor/roi_box": box_factor.detach(),
+            "roi/pos_per_image": pos.numel() / num_images,
+            "roi/neg_per_image": (gt_labels.numel() - pos.numel()) / num_images,
+            "roi/pos_proposal_iou": ious.mean() if ious.numel() else float("nan"),
+            "roi/fg_argmax_fraction": fg_argmax,
+        }
+        return {"loss_roi_cls": cls, "loss_roi_box": box}, stats

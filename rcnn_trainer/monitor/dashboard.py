@@ -1,0 +1,42 @@
+"""The compact dashboard block: losses and their shares, lr, grad norm, positives, IoU,
+and the threshold-count table from inference on a fixed probe set of training images."""
+
+from __future__ import annotations
+
+import torch
+
+from rcnn_trainer.engine.evaluate import format_threshold_table
+from rcnn_trainer.losses.weighting import LOSS_NAMES
+
+
+@torch.no_grad()
+def probe_counts(model: torch.nn.Module, images: list[torch.Tensor], gt_per_image: float,
+                 thresholds: list[float]) -> dict:
+    """Mean detections per image at each score threshold on the probe images (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        detections = model(images)
+    finally:
+        model.train(was_training)
+    counts = {f"dets@{t:g}": sum(int((d["scores"] >= t).sum()) for d in detections) / len(images)
+              for t in thresholds}
+    return {**counts, "gt_per_image": gt_per_image}
+
+
+def format_dashboard(iteration: int, max_iters: int, window: dict, counts: dict) -> str:
+    """window: means over the last period of the logged training numbers."""
+    total = window.get("loss", 0.0) or 1e-12
+    terms = "  ".join(f"{name[5:]} {window.get(name + '_weighted', 0.0):.3f} ({100 * window.get(name + '_weighted', 0.0) / total:.0f}%)"
+                      for name in LOSS_NAMES)
+    lines = [
+        f"---- monitor @ iter {iteration}/{max_iters} " + "-" * 40,
+        f"  loss {window.get('loss', 0.0):.3f} = {terms}",
+        f"  lr {window.get('lr', 0.0):.2e}  grad norm {window.get('grad_norm', 0.0):.2f} "
+        f"(clipped {100 * window.get('clipped', 0.0):.0f}% of steps)",
+        f"  positives/img: rpn {window.get('rpn/pos_per_image', 0.0):.1f}  roi {window.get('roi/pos_per_image', 0.0):.1f}"
+        f"  mean IoU of positive proposals {window.get('roi/pos_proposal_iou', float('nan')):.3f}"
+        f"  roi fg argmax {100 * window.get('roi/fg_argmax_fraction', 0.0):.1f}%",
+        format_threshold_table(counts),
+    ]
+    return "\n".join(lines)
