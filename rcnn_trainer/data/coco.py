@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rcnn_trainer.data.transforms import ToTensor
 from rcnn_trainer.errors import UserError
 
 BORDER_TOLERANCE_PX = 1.0  # boxes this close past the border are clipped without counting
@@ -90,7 +91,7 @@ class CocoDetection(torch.utils.data.Dataset):
                  transforms: Optional[Callable] = None, seed: int = 0):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
-        self.transforms = transforms
+        self.transforms = transforms if transforms is not None else ToTensor()
         self.seed = seed
         self.report = DropReport()
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
@@ -220,8 +221,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": (record.height, record.width),
         }
         rng = np.random.default_rng((self.seed, epoch, index))
-        if self.transforms is not None:
-            image, target = self.transforms(image, target, rng)
+        image, target = self.transforms(image, target, rng)
         return image, target
 
 

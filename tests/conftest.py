@@ -1,0 +1,77 @@
+"""Shared test helpers: tiny configs on the synthetic data and hand-written COCO files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from rcnn_trainer.config_loader import deep_merge, validate_config
+
+TINY = {
+    "seed": 1,
+    "data": {
+        "synthetic": {"num_train": 12, "num_val": 6, "image_size": 64, "seed": 3},
+        "batch_size": 2, "num_workers": 0, "min_size": 64, "max_size": 64,
+    },
+    "model": {
+        "num_classes": 4,
+        "backbone": {"name": "resnet18", "weights": None, "norm": "bn", "fpn_channels": 16},
+        "anchors": {"sizes": [[8], [16], [32], [64], [96]]},
+        "rpn": {"batch_size_per_image": 64, "pre_nms_top_n_train": 100, "post_nms_top_n_train": 50,
+                "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
+        "roi": {"batch_size_per_image": 32, "representation_size": 32},
+    },
+    "solver": {"lr": 0.01, "warmup_iters": 2, "max_iters": 4, "schedule": "cosine"},
+    "train": {"log_period": 1, "checkpoint_period": 2, "threads": 2},
+    "monitor": {"period": 2, "probe_images": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    # One synthetic cache per test session; never the user's ~/.cache.
+    monkeypatch.setenv("RCNN_TRAINER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.manual_seed(0)
+
+
+def tiny_dict(tmp_path: Path, **updates) -> dict:
+    raw = deep_merge(copy.deepcopy(TINY), {"output_dir": str(tmp_path / "run")})
+    return deep_merge(raw, updates)
+
+
+def tiny_config(tmp_path: Path, **updates):
+    return validate_config(tiny_dict(tmp_path, **updates), source="test")
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_coco(folder: Path, images: list[dict], annotations: list[dict], categories=None,
+               make_files: bool = True, name: str = "ann.json") -> Path:
+    """Write a COCO file; images get real (flat grey) PNGs of their declared size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    categories = categories if categories is not None else [{"id": 7, "name": "a"}, {"id": 3, "name": "b"}]
+    if make_files:
+        for image in images:
+            Image.fromarray(np.full((image["height"], image["width"], 3), 128, np.uint8)).save(folder / image["file_name"])
+    path = folder / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def image(i: int, w: int = 40, h: int = 30) -> dict:
+    return {"id": i, "file_name": f"im{i}.png", "width": w, "height": h}
+
+
+def ann(i: int, image_id: int, cat: int, bbox, crowd: int = 0) -> dict:
+    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "iscrowd": crowd,
+            "area": bbox[2] * bbox[3]}

@@ -1,0 +1,119 @@
+"""Data: COCO parsing, bad-record policies, id mapping, transforms, synthetic determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ann, image, tiny_dict, write_coco, write_yaml
+from rcnn_trainer.cli import train_main
+from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
+from rcnn_trainer.data.transforms import hflip_boxes, resize_scale, build_transforms
+from rcnn_trainer.engine.evaluate import to_coco_results
+from rcnn_trainer.errors import UserError
+
+
+def test_parse_xywh_to_xyxy_and_contiguous_ids(tmp_path):
+    path = write_coco(tmp_path, [image(1), image(2)],
+                      [ann(1, 1, 7, [2, 3, 10, 5]), ann(2, 1, 3, [0, 0, 4, 4]), ann(3, 1, 7, [5, 5, 5, 5], crowd=1)])
+    ds = CocoDetection(path, tmp_path)
+    assert ds.label_to_cat_id == {1: 3, 2: 7}  # sorted category ids -> 1..C
+    img, target = ds[0]
+    assert img.shape == (3, 30, 40) and float(img.max()) <= 1.0
+    assert target["boxes"].tolist() == [[2, 3, 12, 8], [0, 0, 4, 4]]
+    assert target["labels"].tolist() == [2, 1]
+    assert ds.records[0].num_crowd == 1  # crowd kept out of training targets
+    assert len(ds[1][1]["boxes"]) == 0  # image without objects stays as a negative
+
+
+def test_id_mapping_round_trip(tmp_path):
+    path = write_coco(tmp_path, [image(5)], [ann(1, 5, 7, [1, 1, 8, 8])])
+    ds = CocoDetection(path, tmp_path)
+    _, target = ds[0]
+    det = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(1)}
+    (result,) = to_coco_results([(target["image_id"], det)], ds.label_to_cat_id)
+    assert result["category_id"] == 7 and result["image_id"] == 5 and result["bbox"] == [1, 1, 8, 8]
+
+
+def test_not_coco_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        CocoDetection(tmp_path / "none.json", tmp_path)
+    (tmp_path / "x.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="not COCO format: the key 'annotations'"):
+        CocoDetection(tmp_path / "x.json", tmp_path)
+    (tmp_path / "y.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        CocoDetection(tmp_path / "y.json", tmp_path)
+
+
+def test_missing_and_unreadable_images(tmp_path):
+    path = write_coco(tmp_path, [image(1), image(2)], [ann(1, 1, 7, [1, 1, 5, 5])])
+    (tmp_path / "im2.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"image id 2 .*im2.png.*not a readable image.*bad_records.missing_image"):
+        CocoDetection(path, tmp_path)
+    (tmp_path / "im2.png").unlink()
+    ds = CocoDetection(path, tmp_path, missing_image="drop")
+    assert len(ds) == 1 and ds.report.counts["missing_image"] == 1
+
+
+def test_unknown_category(tmp_path):
+    path = write_coco(tmp_path, [image(1)], [ann(1, 1, 99, [1, 1, 5, 5]), ann(2, 1, 7, [1, 1, 5, 5])])
+    with pytest.raises(UserError, match=r"annotations\[0\] \(id 1\): category_id 99 is not in 'categories'"):
+        CocoDetection(path, tmp_path)
+    ds = CocoDetection(path, tmp_path, unknown_category="drop")
+    assert ds.report.counts["unknown_category"] == 1 and len(ds.records[0].labels) == 1
+
+
+def test_degenerate_and_outside_boxes(tmp_path):
+    anns = [ann(1, 1, 7, [1, 1, 0, 5]), ann(2, 1, 7, [1, 1, -3, 5]), ann(3, 1, 7, [30, 20, 20, 20]),
+            ann(4, 1, 7, [50, 50, 5, 5]), ann(5, 1, 7, [2, 2, 5, 5])]
+    path = write_coco(tmp_path, [image(1)], anns)
+    ds = CocoDetection(path, tmp_path)  # defaults: drop degenerate, clip outside
+    assert ds.report.counts["degenerate_box"] == 2
+    assert ds.report.counts["box_outside_image (clipped)"] == 2
+    assert ds.report.counts["box_outside_image (nothing left after clipping)"] == 1
+    assert ds.records[0].boxes.tolist() == [[30, 20, 40, 30], [2, 2, 7, 7]]
+    with pytest.raises(UserError, match=r"annotations\[0\].*zero or negative size"):
+        CocoDetection(path, tmp_path, degenerate_box="error")
+    with pytest.raises(UserError, match=r"annotations\[2\].*outside the 40x30 image"):
+        CocoDetection(path, tmp_path, box_outside_image="error")
+
+
+def test_bad_records_through_cli_exit_2(tmp_path, capsys):
+    folder = tmp_path / "d"
+    path = write_coco(folder, [image(1)], [ann(1, 1, 99, [1, 1, 5, 5])])
+    raw = tiny_dict(tmp_path)
+    raw["data"] = {"train": {"ann_file": str(path), "img_dir": str(folder)},
+                   "val": {"ann_file": str(path), "img_dir": str(folder)}, "num_workers": 0}
+    code = train_main(["--config", str(write_yaml(tmp_path / "c.yaml", raw)), "--preflight"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ann.json" in err and "category_id 99" in err and "Traceback" not in err
+
+
+def test_resize_and_flip_boxes_hand_computed():
+    assert resize_scale(30, 40, 60, 100) == 2.0
+    assert resize_scale(30, 90, 60, 100) == pytest.approx(100 / 90)  # long side capped
+    boxes = torch.tensor([[2.0, 3.0, 12.0, 8.0]])
+    assert hflip_boxes(boxes, 40).tolist() == [[28.0, 3.0, 38.0, 8.0]]
+    transform = build_transforms(60, 100, hflip_prob=1.0, train=True)
+    img = Image.new("RGB", (40, 30))
+    out, target = transform(img, {"boxes": boxes}, np.random.default_rng(0))
+    assert out.shape == (3, 60, 80)
+    assert target["boxes"].tolist() == [[80 - 24.0, 6.0, 80 - 4.0, 16.0]]
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = ensure_synthetic_dataset(5, 2, 48, seed=11, cache_dir=tmp_path / "a")
+    b = ensure_synthetic_dataset(5, 2, 48, seed=11, cache_dir=tmp_path / "b")
+    c = ensure_synthetic_dataset(5, 2, 48, seed=12, cache_dir=tmp_path / "c")
+    digest = lambda folder: hashlib.sha1(b"".join(p.read_bytes() for p in sorted(folder.rglob("*.png")))
+                                         + (folder / "train.json").read_bytes()).hexdigest()
+    assert digest(a) == digest(b) != digest(c)
+    data = json.loads((a / "train.json").read_text())
+    assert len(data["images"]) == 5 and {c["name"] for c in data["categories"]} == {"square", "circle", "triangle", "cross"}

@@ -1,0 +1,174 @@
+"""Engine end to end on tiny synthetic data: CLI train + eval, resume, kill, non-finite, AMP, clipping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_dict, write_yaml
+from rcnn_trainer.cli import eval_main, train_main
+from rcnn_trainer.engine import checkpoint as ckpt_io
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.errors import TrainingStopped, UserError
+
+quiet = lambda _msg: None
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path))
+    assert train_main(["--config", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "model_final.pth").is_file()
+    lines = MetricsLog(run / "metrics.jsonl").read()
+    train_lines = [l for l in lines if l["type"] == "train"]
+    assert [l["iter"] for l in train_lines] == [1, 2, 3, 4]
+    for key in ("loss", "loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box", "lr",
+                "loss_roi_cls_weighted", "avg_factor/rpn_cls", "avg_factor/roi_box", "grad_norm"):
+        assert key in train_lines[0], key
+    evals = [l for l in lines if l["type"] == "eval"]
+    assert evals and all(k in evals[-1] for k in ("AP", "AP50", "AP75"))
+    assert any(l["type"] == "monitor" and "dets@0.05" in l for l in lines)
+    out = capsys.readouterr()
+    assert "monitor @ iter 2/4" in out.out + out.err
+
+    code = eval_main(["--config", str(config), "--checkpoint", str(run / "model_final.pth"), "--visualize", "2",
+                      "--no-progress"])
+    assert code == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "AR100", "per_class_AP", "threshold_counts"} <= metrics.keys()
+    assert len(list((run / "eval" / "vis").glob("*.png"))) == 2
+    results = json.loads((run / "eval" / "coco_results.json").read_text())
+    assert all(r["category_id"] in (1, 2, 3, 4) for r in results)
+
+
+def test_rerun_into_used_output_dir_refused(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"max_iters": 2})
+    train(cfg, log=quiet, progress=False)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(cfg, log=quiet, progress=False)
+
+
+def test_eval_with_other_config_is_clear(tmp_path, capsys):
+    cfg_path = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path, solver={"max_iters": 2}))
+    assert train_main(["--config", str(cfg_path), "--no-progress"]) == 0
+    other = write_yaml(tmp_path / "o.yaml", tiny_dict(tmp_path, model={"backbone": {"fpn_channels": 8}}))
+    code = eval_main(["--config", str(other), "--checkpoint", str(tmp_path / "run" / "model_final.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and "different model" in err and "fpn_channels" in err and "Traceback" not in err
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_is_exact(tmp_path):
+    """Interrupted at iteration 5 (last checkpoint at 3) and resumed == never interrupted."""
+    settings = dict(solver={"max_iters": 6}, train={"checkpoint_period": 3})
+    train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
+
+    def crash(it, losses):
+        if it == 4:
+            raise _Crash()
+    with pytest.raises(_Crash):
+        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False, after_forward=crash)
+    train(tiny_config(tmp_path / "b", **settings), resume=True, log=quiet, progress=False)
+
+    a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "model_final.pth", weights_only=False)["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    strip = lambda lines: [{k: v for k, v in l.items() if k not in ("time", "data_time", "wall_time_s")}
+                           for l in lines]
+    log_a = strip(MetricsLog(tmp_path / "a" / "run" / "metrics.jsonl").read())
+    log_b = strip(MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read())
+    assert len(log_a) > 6 and log_a == log_b
+
+
+def test_resume_refuses_model_change(tmp_path):
+    train(tiny_config(tmp_path, solver={"max_iters": 2}), log=quiet, progress=False)
+    changed = tiny_config(tmp_path, solver={"max_iters": 4}, model={"roi": {"representation_size": 16}})
+    with pytest.raises(UserError, match="resume refused.*representation_size"):
+        train(changed, resume=True, log=quiet, progress=False)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"max_iters": 4}, train={"checkpoint_period": 2})
+    train(cfg, log=quiet, progress=False)
+    ckpts = ckpt_io.periodic_checkpoints(tmp_path / "run" / "checkpoints")
+    newest = ckpts[0]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        ckpt_io.load_checkpoint(newest)
+    messages = []
+    more = tiny_config(tmp_path, solver={"max_iters": 6}, train={"checkpoint_period": 2})
+    train(more, resume=True, log=messages.append, progress=False)
+    assert any("Falling back" in m for m in messages)
+    assert any("continuing from" in m and "ckpt_0000002" in m for m in messages)
+
+
+def test_sigkill_during_checkpoint_write_leaves_loadable_newest(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path, solver={"max_iters": 6}, train={"checkpoint_period": 2}))
+    env = dict(os.environ, **{ckpt_io.KILL_DURING_WRITE_ENV: "ckpt_0000004.pth"})
+    proc = subprocess.run([sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(config), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    folder = tmp_path / "run" / "checkpoints"
+    newest = ckpt_io.periodic_checkpoints(folder)[0]
+    assert newest.name == "ckpt_0000002.pth"
+    assert ckpt_io.load_checkpoint(newest)["iteration"] == 2
+    assert list(folder.glob(".ckpt_0000004.pth.tmp-*"))  # the half-written file never took the name
+    env.pop(ckpt_io.KILL_DURING_WRITE_ENV)
+    proc = subprocess.run([sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(config), "--resume",
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 6
+
+
+def test_nonfinite_loss_skips_counts_and_stops(tmp_path):
+    def inject(it, losses):
+        if it >= 2:
+            losses["loss_roi_box"] = losses["loss_roi_box"] * float("nan")
+    cfg = tiny_config(tmp_path, solver={"max_iters": 10, "max_nonfinite_steps": 3}, train={"checkpoint_period": 2})
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row.*first term to go non-finite was loss_roi_box"):
+        train(cfg, log=quiet, progress=False, after_forward=inject)
+    lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
+    assert [l["iter"] for l in lines if l["type"] == "nonfinite"] == [3, 4, 5]
+    newest = ckpt_io.periodic_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    assert ckpt_io.load_checkpoint(newest)["iteration"] == 2  # the last good one, intact
+
+
+def test_single_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
+    def inject(it, losses):
+        if it == 1:
+            losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * float("inf")
+    cfg = tiny_config(tmp_path, solver={"max_iters": 3})
+    train(cfg, log=quiet, progress=False, after_forward=inject)
+    lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
+    assert [l["terms"] for l in lines if l["type"] == "nonfinite"] == [["loss_rpn_cls"]]
+    assert lines[-1]["type"] == "summary" and lines[-1]["nonfinite_steps"] == 1
+
+
+def test_amp_on_cpu_runs(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"max_iters": 2, "amp": True})
+    messages = []
+    metrics = train(cfg, log=messages.append, progress=False)
+    assert "AP" in metrics and any("bfloat16" in m for m in messages)
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert all(isinstance(l["loss"], float) for l in lines)
+
+
+def test_clipping_engages_above_the_bound(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"max_iters": 3, "clip_grad_norm": 1e-3})
+    train(cfg, log=quiet, progress=False)
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert all(l["clipped"] and l["grad_norm"] > 1e-3 for l in lines)
+    loose = tiny_config(tmp_path / "loose", solver={"max_iters": 3, "clip_grad_norm": 1e6})
+    train(loose, log=quiet, progress=False)
+    lines = [l for l in MetricsLog(tmp_path / "loose" / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert not any(l["clipped"] for l in lines)

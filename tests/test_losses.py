@@ -1,0 +1,119 @@
+"""Losses: values against torchvision.ops and hand computations, one contract for all."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss, sigmoid_focal_loss
+
+from rcnn_trainer.losses.box import box_loss_per_box
+from rcnn_trainer.losses.classification import class_loss_per_roi, objectness_loss_per_anchor
+from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls, loss_rpn_box, loss_rpn_cls
+from rcnn_trainer.losses.reduce import avg_factor_from_count
+
+CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+
+def random_boxes(n, generator):
+    xy = torch.rand(n, 2, generator=generator) * 50
+    wh = torch.rand(n, 2, generator=generator) * 30 + 2
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_bce_with_pos_weight_hand_computed():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    got = objectness_loss_per_anchor(logits, labels, loss_type="bce", pos_weight=3.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = [3 * -math.log(0.5), -math.log(1 - sig(2.0)), 3 * -math.log(sig(-1.0))]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_ce_with_class_weights_hand_computed():
+    logits = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    got = class_loss_per_roi(logits, labels, loss_type="ce", pos_weight=2.0)
+    p = math.exp(2.0) / (math.exp(1.0) + math.exp(2.0) + 1.0)
+    assert got.tolist() == pytest.approx([math.log(3.0), 2.0 * -math.log(p)], rel=1e-6)
+
+
+def test_focal_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(100, generator=g), (torch.rand(100, generator=g) > 0.7).float()
+    got = objectness_loss_per_anchor(logits, labels, loss_type="focal", pos_weight=1.0, alpha=0.25, gamma=2.0)
+    assert torch.allclose(got, sigmoid_focal_loss(logits, labels, alpha=0.25, gamma=2.0, reduction="none"))
+
+
+def test_softmax_focal_reduces_to_ce_at_gamma_0_and_downweights_easy():
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(20, 5, generator=g), torch.randint(0, 5, (20,), generator=g)
+    ce = class_loss_per_roi(logits, labels, loss_type="ce", pos_weight=1.0)
+    assert torch.allclose(class_loss_per_roi(logits, labels, loss_type="focal", pos_weight=1.0, gamma=0.0), ce)
+    assert (class_loss_per_roi(logits, labels, loss_type="focal", pos_weight=1.0, gamma=2.0) <= ce + 1e-7).all()
+
+
+@pytest.mark.parametrize("kind,reference", [("giou", generalized_box_iou_loss), ("diou", distance_box_iou_loss),
+                                            ("ciou", complete_box_iou_loss)])
+def test_iou_losses_match_torchvision(kind, reference):
+    g = torch.Generator().manual_seed(2)
+    anchors, gt = random_boxes(30, g), random_boxes(30, g)
+    deltas = torch.randn(30, 4, generator=g) * 0.3
+    got = box_loss_per_box(deltas, anchors, gt, CODER, loss_type=kind)
+    want = reference(CODER.decode_single(deltas, anchors), gt, reduction="none")
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_smooth_l1_hand_computed():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    gt = torch.tensor([[1.0, 0.0, 11.0, 10.0]])  # dx = 0.1 * 10 (weight) = 1.0
+    got = box_loss_per_box(torch.zeros(1, 4), anchors, gt, CODER, loss_type="smooth_l1", beta=1 / 9)
+    assert got.item() == pytest.approx(1.0 - 0.5 / 9)
+    assert box_loss_per_box(torch.zeros(1, 4), anchors, gt, CODER, loss_type="l1").item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["diou", "ciou"])
+def test_diou_ciou_gradient_for_disjoint_boxes(kind):
+    anchors = torch.tensor([[0.0, 0.0, 5.0, 5.0]])
+    gt = torch.tensor([[40.0, 40.0, 45.0, 45.0]])
+    deltas = torch.zeros(1, 4, requires_grad=True)
+    box_loss_per_box(deltas, anchors, gt, CODER, loss_type=kind).sum().backward()
+    assert deltas.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l1", "giou", "diou", "ciou"])
+@pytest.mark.parametrize("n", [10, 0])
+def test_box_loss_contract(kind, n):
+    """Every box loss: shape [P] (P may be 0), finite, gradient flows, avg_factor divides."""
+    g = torch.Generator().manual_seed(3)
+    anchors, gt = random_boxes(n, g), random_boxes(n, g)
+    deltas = (torch.randn(n, 4, generator=g) * 0.2).requires_grad_()
+    loss, factor = loss_rpn_box(deltas, anchors, gt, num_sampled=40, box_coder=CODER, loss_type=kind, beta=1 / 9,
+                                avg_factor_mode="sampled")
+    per_box = box_loss_per_box(deltas, anchors, gt, CODER, loss_type=kind)
+    assert per_box.shape == (n,) and torch.isfinite(loss) and factor.item() == 40
+    assert loss.item() == pytest.approx(per_box.sum().item() / 40, rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert deltas.grad is not None and deltas.grad.shape == (n, 4)
+    loss_p, factor_p = loss_roi_box(deltas.detach(), anchors, gt, num_sampled=40, box_coder=CODER, loss_type=kind,
+                                    beta=1 / 9, avg_factor_mode="positives")
+    assert factor_p.item() == max(n, 1)
+
+
+@pytest.mark.parametrize("mode,expected", [("sampled", 8.0), ("positives", 3.0)])
+def test_cls_avg_factor_modes(mode, expected):
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
+    _, factor = loss_rpn_cls(torch.zeros(8), labels.float(), loss_type="bce", pos_weight=1.0, alpha=0.25, gamma=2.0,
+                             avg_factor_mode=mode)
+    _, factor_roi = loss_roi_cls(torch.zeros(8, 3), labels, loss_type="ce", pos_weight=1.0, gamma=2.0,
+                                 avg_factor_mode=mode)
+    assert factor.item() == factor_roi.item() == expected
+
+
+def test_avg_factor_clamped_and_empty_sum_is_zero():
+    assert avg_factor_from_count(0, torch.device("cpu")).item() == 1.0
+    loss, factor = loss_rpn_cls(torch.zeros(0), torch.zeros(0), loss_type="bce", pos_weight=1.0, alpha=0.25,
+                                gamma=2.0, avg_factor_mode="positives")
+    assert loss.item() == 0.0 and factor.item() == 1.0
