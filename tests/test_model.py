@@ -108,7 +108,7 @@ def test_learns_a_handful_of_images(tmp_path):
     for step in range(120):
         losses, _ = model(images, targets)
         total = sum(losses.values())
-        first = first if first is not None else float(total)
+        first = first if first is not None else float(total.detach())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

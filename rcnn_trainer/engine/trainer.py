@@ -51,6 +51,16 @@ class TrainState:
     first_nonfinite_term: Optional[str] = None
     collapse_history: list = field(default_factory=list)
     alarms: list = field(default_factory=list)
+    window: list = field(default_factory=list)  # per-iteration records since the last monitor block
+
+
+def window_means(records: list[dict]) -> dict:
+    """Mean of every number over the records, ignoring NaN (e.g. IoU with no positives)."""
+    out = {}
+    for key in records[-1]:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        out[key] = sum(values) / len(values) if values else float("nan")
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -204,7 +214,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     max_iters = cfg.solver.max_iters
     loader = build_train_loader(cfg, train_set, start_iter=state.iteration, rank=info.rank,
                                 world_size=info.world_size)
-    window: list[dict] = []
     bar = tqdm(total=max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
                disable=not (progress and info.is_main))
     data_iter = iter(loader)
@@ -262,7 +271,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                        **{n: float(v.detach()) for n, v in losses.items()},
                        **{f"{n}_weighted": float(v.detach()) for n, v in weighted.items()},
                        **{k: float(v) for k, v in stats.items()}, "time": time.perf_counter() - t0})
-        window.append(record)
+        state.window.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
         if state.iteration % cfg.train.log_period == 0 or state.iteration == max_iters:
@@ -272,13 +281,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 + f"  lr {lr:.2e}  gnorm {record.get('grad_norm', float('nan')):.2f}"
                 + f"  {record['time']:.2f}s/it (data {t_data:.2f}s)")
         if state.iteration % cfg.monitor.period == 0 or state.iteration == max_iters:
-            mean = {k: float(np.nanmean([r[k] for r in window if k in r])) for k in window[-1]
-                    if isinstance(window[-1][k], (int, float))}
+            mean = window_means(state.window)
             counts = probe_counts(model, probe_images, probe_gt, cfg.monitor.score_thresholds)
             say(format_dashboard(state.iteration, max_iters, mean, counts))
             metrics.write({"type": "monitor", "iter": state.iteration, **counts,
                            **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
-            window = []
+            state.window = []
             if state.iteration > cfg.solver.warmup_iters:
                 lowest = f"dets@{cfg.monitor.score_thresholds[0]:g}"
                 state.collapse_history.append(counts[lowest])
@@ -297,7 +305,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             if last_eval["AP"] > state.best_ap:
                 state.best_ap = last_eval["AP"]
                 save_checkpoint(out / "model_best.pth")
-        if state.iteration % cfg.train.checkpoint_period == 0 or state.iteration == max_iters:
+        periodic = state.iteration % cfg.train.checkpoint_period == 0 or state.iteration == max_iters
+        if periodic and state.nonfinite_in_row == 0:  # no checkpoint in the middle of a non-finite streak
             save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
             if info.is_main:
                 ckpt_io.prune(ckpt_dir, cfg.train.keep_checkpoints)
