@@ -57,10 +57,17 @@ def _run_train(argv) -> int:
     if args.preflight:
         from rcnn_trainer.data.loader import build_dataset
         from rcnn_trainer.data.summary import format_summary, summarize_dataset
+        from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 
+        reports = []
         for split in ("train", "val"):
             dataset = build_dataset(cfg, split)
             print(format_summary(summarize_dataset(dataset, split), dataset))
+            reports.append(preflight_from_config(cfg, dataset, split))
+            print(reports[-1].format())
+        for report in reports:
+            raise_on_errors(report)
+        print("[preflight] no errors.")
         return 0
     from rcnn_trainer.engine.trainer import train
 

@@ -277,6 +277,10 @@ class MonitorConfig(Strict):
     period: int = Field(100, ge=1, description="Iterations between dashboard blocks.")
     probe_images: int = Field(8, ge=1, description="Training images the dashboard runs inference on.")
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    dominant_share: float = Field(0.7, gt=0.0, le=1.0, description="Alarm when one weighted term is above this share of the total ...")
+    sustain: int = Field(3, ge=1, description="... for this many monitor periods in a row (also foreground starvation, stuck IoU loss).")
+    flat_window: int = Field(5, ge=3, description="Monitor periods over which a loss term's trend is judged flat.")
+    repeat_every: int = Field(5, ge=1, description="A repeated alarm is summarised in one line until this many checks have passed.")
 
     @field_validator("score_thresholds")
     @classmethod

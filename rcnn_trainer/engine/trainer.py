@@ -34,8 +34,10 @@ from rcnn_trainer.engine.optim import build_optimizer, build_scheduler, lr_ratio
 from rcnn_trainer.errors import TrainingStopped, UserError
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
-from rcnn_trainer.monitor.alarms import check_collapse
-from rcnn_trainer.monitor.dashboard import format_dashboard, probe_counts
+from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.dashboard import format_dashboard, probe
+from rcnn_trainer.monitor.health import build_health_monitor
+from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 
 # Config keys a resume must not change (they change what the weights mean or what data they see).
 RESUME_FIXED_PREFIXES = ("model.", "data.")
@@ -49,8 +51,6 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     first_nonfinite_term: Optional[str] = None
-    collapse_history: list = field(default_factory=list)
-    alarms: list = field(default_factory=list)
     window: list = field(default_factory=list)  # per-iteration records since the last monitor block
 
 
@@ -134,9 +134,11 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     check_dataset_fits_model(cfg, val_set)
     for name, dataset in (("train", train_set), ("val", val_set)):
         say(format_summary(summarize_dataset(dataset, name), dataset))
-    if not any(len(r.labels) for r in train_set.records):
-        raise UserError(f"'{train_set.ann_file}': every training image has 0 objects after loading; nothing to "
-                        f"learn. Check the category ids, the bbox format and data.bad_records in the summary above.")
+    report = preflight_from_config(cfg, train_set, "train")
+    say(report.format())
+    for finding in report.findings:
+        metrics.write({"type": "preflight", "iter": 0, "severity": finding.severity, **finding.alarm.to_record()})
+    raise_on_errors(report)
     if info.is_main:
         save_config(cfg, out / "config.yaml")
     warning = lr_ratio_warning(cfg.solver, cfg.data.batch_size * info.world_size)
@@ -157,6 +159,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     if amp and device.type == "cpu":
         say("AMP on CPU: bfloat16 autocast (no loss scaling needed); fp16 + GradScaler is used on CUDA.")
     state = TrainState()
+    health = build_health_monitor(cfg, info.world_size)
 
     if resume:
         found = ckpt_io.load_latest(ckpt_dir, log=say)
@@ -171,6 +174,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
             state = TrainState(**ckpt["train_state"])
+            health.load_state_dict(ckpt["health"])
             ckpt_io.restore_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
             metrics.truncate_after(state.iteration)
             say(f"[resume] continuing from '{path}' at iteration {state.iteration}.")
@@ -185,9 +189,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
 
     probe_set = copy.copy(train_set)
     probe_set.transforms = val_set.transforms  # no flips: the same images every check
-    probe = [probe_set[i] for i in range(min(cfg.monitor.probe_images, len(probe_set)))]
-    probe_images = [img.to(device) for img, _ in probe]
-    probe_gt = float(np.mean([len(t["boxes"]) for _, t in probe]))
+    probe_items = [probe_set[i] for i in range(min(cfg.monitor.probe_images, len(probe_set)))]
+    probe_images = [img.to(device) for img, _ in probe_items]
+    probe_gt_boxes = [t["boxes"] for _, t in probe_items]
     val_loader = build_eval_loader(cfg, val_set)
 
     def save_checkpoint(path: Path) -> None:
@@ -196,6 +200,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "iteration": state.iteration, "train_state": state.__dict__.copy(),
+                "health": health.state_dict(),
                 "rng": ckpt_io.rng_state(), "config": config_to_dict(cfg),
                 "class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
             }, path)
@@ -210,6 +215,14 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         say(f"[eval @ iter {state.iteration}]\n{format_metrics(result)}\n"
             f"{format_threshold_table(result['threshold_counts'])}")
         return result
+
+    def report_alarm(alarm: Alarm) -> None:
+        metrics.write({"type": "alarm", "iter": state.iteration, **alarm.to_record()})
+        if health.should_print_in_full(alarm):
+            say(alarm.format())
+        else:
+            say(f"ALARM [{alarm.name}] again at iter {state.iteration} ({health.summary()[alarm.name]} times so far; "
+                f"details above and in metrics.jsonl)")
 
     max_iters = cfg.solver.max_iters
     loader = build_train_loader(cfg, train_set, start_iter=state.iteration, rank=info.rank,
@@ -254,6 +267,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             say(f"WARNING iteration {it + 1}: non-finite {', '.join(bad)}; step skipped "
                 f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
             metrics.write({"type": "nonfinite", "iter": it + 1, "terms": bad})
+            record["nonfinite"] = True
             if scaler.is_enabled():
                 scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -280,26 +294,24 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 + "  ".join(f"{n[5:]} {record.get(n, 0.0):.3f}" for n in LOSS_NAMES)
                 + f"  lr {lr:.2e}  gnorm {record.get('grad_norm', float('nan')):.2f}"
                 + f"  {record['time']:.2f}s/it (data {t_data:.2f}s)")
+        if state.iteration == 1 and finite:
+            for alarm in health.first_step(record):
+                report_alarm(alarm)
         if state.iteration % cfg.monitor.period == 0 or state.iteration == max_iters:
             mean = window_means(state.window)
-            counts = probe_counts(model, probe_images, probe_gt, cfg.monitor.score_thresholds)
-            say(format_dashboard(state.iteration, max_iters, mean, counts))
-            metrics.write({"type": "monitor", "iter": state.iteration, **counts,
+            seen = probe(model, probe_images, probe_gt_boxes, cfg.monitor.score_thresholds)
+            say(format_dashboard(state.iteration, max_iters, mean, seen["counts"]))
+            metrics.write({"type": "monitor", "iter": state.iteration, **seen["counts"],
                            **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
+            alarms = health.period(state.iteration, state.window, mean, seen,
+                                   scaler.get_scale() if scaler.is_enabled() else None)
             state.window = []
-            if state.iteration > cfg.solver.warmup_iters:
-                lowest = f"dets@{cfg.monitor.score_thresholds[0]:g}"
-                state.collapse_history.append(counts[lowest])
-                c = cfg.monitor.collapse
-                alarm = check_collapse(state.collapse_history, probe_gt, min_ratio=c.min_ratio, patience=c.patience)
-                if alarm is not None:
-                    say(alarm.format())
-                    metrics.write({"type": "alarm", "iter": state.iteration, **alarm.to_record()})
-                    state.alarms.append(alarm.name)
-                    if c.action == "stop":
-                        save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
-                        raise TrainingStopped(f"training stopped by the collapse alarm (monitor.collapse.action: stop) "
-                                              f"at iteration {state.iteration}; checkpoint saved.")
+            for alarm in alarms:
+                report_alarm(alarm)
+            if cfg.monitor.collapse.action == "stop" and any(a.name == "collapse" for a in alarms):
+                save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
+                raise TrainingStopped(f"training stopped by the collapse alarm (monitor.collapse.action: stop) at "
+                                      f"iteration {state.iteration}; a checkpoint was saved in '{ckpt_dir}'.")
         if cfg.train.eval_period and state.iteration % cfg.train.eval_period == 0 and state.iteration < max_iters:
             last_eval = run_eval()
             if last_eval["AP"] > state.best_ap:
@@ -318,10 +330,11 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         save_checkpoint(out / "model_best.pth")
     save_checkpoint(out / "model_final.pth")
     wall = time.time() - started
+    alarm_summary = ", ".join(f"{name} x{n}" for name, n in sorted(health.summary().items()))
     say(f"[done] {max_iters} iterations in {wall / 60:.1f} min; AP {last_eval['AP']:.3f} AP50 {last_eval['AP50']:.3f}; "
-        f"{state.nonfinite_total} non-finite steps skipped; alarms: {', '.join(sorted(set(state.alarms))) or 'none'}. "
+        f"{state.nonfinite_total} non-finite steps skipped; alarms: {alarm_summary or 'none'}. "
         f"Outputs in '{out}' (model_final.pth, model_best.pth, metrics.jsonl, config.yaml).")
     metrics.write({"type": "summary", "iter": max_iters, "wall_time_s": wall, "AP": last_eval["AP"],
                    "AP50": last_eval["AP50"], "nonfinite_steps": state.nonfinite_total,
-                   "alarms": sorted(set(state.alarms))})
+                   "alarms": health.summary()})
     return last_eval

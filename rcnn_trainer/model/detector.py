@@ -43,7 +43,7 @@ class TwoStageDetector(nn.Module):
         detections, roi_losses, roi_stats = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         if self.training:
             stats = {**rpn_stats, **roi_stats,
-                     "gt_per_image": sum(len(t["boxes"]) for t in targets) / len(targets)}
+                     "gt_per_image": sum(len(t["boxes"]) for t in targets) / len(targets), "images": len(targets)}
             return {**rpn_losses, **roi_losses}, stats
         if original_sizes is not None:
             for det, size, orig in zip(detections, image_list.image_sizes, original_sizes):

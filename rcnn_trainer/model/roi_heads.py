@@ -86,5 +86,6 @@ class BoxHeads(RoIHeads):
             "roi/neg_per_image": (gt_labels.numel() - pos.numel()) / num_images,
             "roi/pos_proposal_iou": ious.mean() if ious.numel() else float("nan"),
             "roi/fg_argmax_fraction": fg_argmax,
+            "roi/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
         }
         return {"loss_roi_cls": cls, "loss_roi_box": box}, stats

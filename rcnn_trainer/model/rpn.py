@@ -73,5 +73,6 @@ class RPN(RegionProposalNetwork):
             "avg_factor/rpn_box": box_factor.detach(),
             "rpn/pos_per_image": pos.numel() / num_images,
             "rpn/neg_per_image": neg.numel() / num_images,
+            "rpn/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
         }
         return {"loss_rpn_cls": cls, "loss_rpn_box": box}, stats

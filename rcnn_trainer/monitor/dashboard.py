@@ -9,10 +9,20 @@ from rcnn_trainer.engine.evaluate import format_threshold_table
 from rcnn_trainer.losses.weighting import LOSS_NAMES
 
 
+def box_spread(boxes: torch.Tensor) -> dict:
+    """Std of box centres and sizes [N, 4] xyxy -> {cx, cy, w, h}."""
+    if len(boxes) < 2:
+        return {"cx": 0.0, "cy": 0.0, "w": 0.0, "h": 0.0}
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return {k: float(v.std()) for k, v in (("cx", cx), ("cy", cy), ("w", w), ("h", h))}
+
+
 @torch.no_grad()
-def probe_counts(model: torch.nn.Module, images: list[torch.Tensor], gt_per_image: float,
-                 thresholds: list[float]) -> dict:
-    """Mean detections per image at each score threshold on the probe images (eval mode)."""
+def probe(model: torch.nn.Module, images: list[torch.Tensor], gt_boxes: list[torch.Tensor],
+          thresholds: list[float]) -> dict:
+    """Inference on the probe images (eval mode): detections per image at each score
+    threshold, GT per image, and the spread of predicted vs GT boxes (lowest threshold)."""
     was_training = model.training
     model.eval()
     try:
@@ -21,14 +31,17 @@ def probe_counts(model: torch.nn.Module, images: list[torch.Tensor], gt_per_imag
         model.train(was_training)
     counts = {f"dets@{t:g}": sum(int((d["scores"] >= t).sum()) for d in detections) / len(images)
               for t in thresholds}
-    return {**counts, "gt_per_image": gt_per_image}
+    kept = torch.cat([d["boxes"][d["scores"] >= thresholds[0]].float().cpu() for d in detections])
+    return {"counts": {**counts, "gt_per_image": sum(len(b) for b in gt_boxes) / len(images)},
+            "pred_spread": box_spread(kept), "gt_spread": box_spread(torch.cat(gt_boxes)),
+            "num_predictions": len(kept)}
 
 
 def format_dashboard(iteration: int, max_iters: int, window: dict, counts: dict) -> str:
     """window: means over the last period of the logged training numbers."""
     total = window.get("loss", 0.0) or 1e-12
-    terms = "  ".join(f"{name[5:]} {window.get(name + '_weighted', 0.0):.3f} ({100 * window.get(name + '_weighted', 0.0) / total:.0f}%)"
-                      for name in LOSS_NAMES)
+    terms = "  ".join(f"{name[5:]} {window.get(name + '_weighted', 0.0):.3f} "
+                      f"({100 * window.get(name + '_weighted', 0.0) / total:.0f}%)" for name in LOSS_NAMES)
     lines = [
         f"---- monitor @ iter {iteration}/{max_iters} " + "-" * 40,
         f"  loss {window.get('loss', 0.0):.3f} = {terms}",

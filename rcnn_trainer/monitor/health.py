@@ -1,0 +1,119 @@
+"""HealthMonitor: keeps the history the checks need and runs them at the right moments.
+
+- `first_step(record)`: after the first iteration (loss scale at init, lr per image).
+- `period(...)`: every `monitor.period` iterations (all the other checks).
+Alarms are rate-limited: one already shown in the last `repeat_every` checks is summarised in
+one line instead of reprinted; every occurrence still goes to metrics.jsonl. The state is a
+plain dict saved in checkpoints, so a resumed run raises the same alarms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.monitor import checks
+from rcnn_trainer.monitor.alarms import Alarm, check_collapse
+
+MAX_NORMS_KEPT = 500
+
+
+@dataclass
+class HealthSettings:
+    num_classes: int
+    rpn_cls: dict
+    roi_cls: dict
+    box_types: dict
+    base_lr: float
+    optimizer: str
+    batch_size: int
+    warmup_iters: int
+    dominant_share: float = 0.7
+    sustain: int = 3
+    flat_window: int = 5
+    collapse_min_ratio: float = 0.1
+    collapse_patience: int = 3
+    repeat_every: int = 5
+
+
+def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
+    m, rpn, roi = cfg.monitor, cfg.model.rpn, cfg.model.roi
+    return HealthMonitor(HealthSettings(
+        num_classes=cfg.model.num_classes,
+        rpn_cls=dict(loss_type=rpn.cls_loss.type, pos_weight=rpn.cls_pos_weight, alpha=rpn.cls_loss.alpha,
+                     gamma=rpn.cls_loss.gamma),
+        roi_cls=dict(loss_type=roi.cls_loss.type, pos_weight=roi.cls_pos_weight, alpha=roi.cls_loss.alpha,
+                     gamma=roi.cls_loss.gamma),
+        box_types={"rpn": rpn.box_loss.type, "roi": roi.box_loss.type},
+        base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
+        warmup_iters=cfg.solver.warmup_iters, dominant_share=m.dominant_share, sustain=m.sustain,
+        flat_window=m.flat_window, collapse_min_ratio=m.collapse.min_ratio, collapse_patience=m.collapse.patience,
+        repeat_every=m.repeat_every))
+
+
+class HealthMonitor:
+    def __init__(self, settings: HealthSettings):
+        self.settings = settings
+        self.state = {"history": [], "grad_norms": [], "scales": [], "collapse": [], "checks": 0,
+                      "initial_loss": None, "last_shown": {}, "counts": {}}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+    def first_step(self, record: dict) -> list[Alarm]:
+        s = self.settings
+        expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
+                                                  roi_cls=s.roi_cls)
+        found = [checks.check_initial_loss_scale(record, expected),
+                 checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer)]
+        return [a for a in found if a is not None]
+
+    def period(self, iteration: int, records: list[dict], mean: dict, probe: dict,
+               loss_scale: float | None) -> list[Alarm]:
+        s, st = self.settings, self.state
+        st["checks"] += 1
+        st["history"].append(mean)
+        if st["initial_loss"] is None:
+            st["initial_loss"] = mean.get("loss")
+        norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+        past = list(st["grad_norms"])
+        st["grad_norms"] = (past + norms)[-MAX_NORMS_KEPT:]
+        if loss_scale is not None:
+            st["scales"].append(loss_scale)
+        history = st["history"]
+        past_warmup = iteration > s.warmup_iters
+        found = [
+            checks.check_dominant_term(history, max_share=s.dominant_share, sustain=s.sustain),
+            checks.check_flat_term(history, window=s.flat_window),
+            checks.check_stuck_iou_loss(history, s.box_types, sustain=s.sustain),
+            checks.check_foreground_starvation(history, sustain=s.sustain),
+            checks.check_proposal_iou_not_rising(history),
+            checks.check_regressor_collapse(probe["pred_spread"], probe["gt_spread"], probe["num_predictions"])
+            if past_warmup else None,
+            checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
+                                       st["initial_loss"] or 0.0, past_warmup=past_warmup),
+            checks.check_gradients(norms, past, mean.get("clipped", 0.0),
+                                   sum(1 for r in records if r.get("nonfinite"))),
+            checks.check_loss_scale(st["scales"]),
+        ]
+        if past_warmup:
+            st["collapse"].append(probe["counts"][next(iter(probe["counts"]))])
+            found.append(check_collapse(st["collapse"], probe["counts"]["gt_per_image"],
+                                        min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
+        return [a for a in found if a is not None]
+
+    def should_print_in_full(self, alarm: Alarm) -> bool:
+        """Count the alarm; False when the same alarm was shown in the last repeat_every checks."""
+        st = self.state
+        st["counts"][alarm.name] = st["counts"].get(alarm.name, 0) + 1
+        last = st["last_shown"].get(alarm.name)
+        if last is not None and st["checks"] - last < self.settings.repeat_every:
+            return False
+        st["last_shown"][alarm.name] = st["checks"]
+        return True
+
+    def summary(self) -> dict:
+        return dict(self.state["counts"])

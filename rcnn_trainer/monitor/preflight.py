@@ -1,0 +1,251 @@
+"""Dataset preflight: catch the data bugs that make training silently useless, before it starts.
+
+Runs at the start of training and alone with `rcnn-train --preflight`. Findings are Alarms
+with a severity: an "error" stops the run (exit code 2), a "warning" is printed.
+Checks: objects per image and empty images (0 objects loaded), images dropped, classes lost
+while loading, class imbalance, normalized boxes, xyxy written where COCO wants xywh, boxes
+outside the image, boxes smaller than the anchor stride, anchor coverage by size bucket, and
+the same box checks on a sample of images after augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
+
+from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.transforms import resize_scale
+from rcnn_trainer.monitor.alarms import Alarm
+
+SIZE_BUCKETS = [("small", 0, 32), ("medium", 32, 96), ("large", 96, float("inf"))]
+IMBALANCE_LIMIT = 50.0
+
+
+def fpn_strides(backbone_name: str) -> list[int]:
+    """Strides of the FPN levels the anchors live on (see model/backbone.py)."""
+    return [16, 32, 64] if backbone_name.startswith("mobilenet") else [4, 8, 16, 32, 64]
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" | "warning"
+    alarm: Alarm
+
+
+@dataclass
+class PreflightReport:
+    numbers: dict = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, severity: str, alarm: Alarm) -> None:
+        self.findings.append(Finding(severity, alarm))
+
+    @property
+    def errors(self) -> list[Alarm]:
+        return [f.alarm for f in self.findings if f.severity == "error"]
+
+    def format(self) -> str:
+        n = self.numbers
+        lines = [f"[preflight] {n['split']}: {n['objects_per_image']:.2f} objects/image, "
+                 f"{100 * n['empty_share']:.0f}% images without objects, {n['images_kept']}/{n['images_in_file']} "
+                 f"images kept; class imbalance {n['imbalance']:.1f}:1"]
+        if "anchor_coverage" in n:
+            cov = "  ".join(f"{b}: {c['boxes']} boxes, {100 * c['below_fg']:.0f}% < fg_iou, {100 * c['below_0.5']:.0f}% < 0.5"
+                            for b, c in n["anchor_coverage"].items() if c["boxes"])
+            lines.append(f"[preflight]   anchor coverage (best anchor IoU per GT box): {cov}")
+        for f in self.findings:
+            lines.append(("ERROR " if f.severity == "error" else "WARNING ") + f.alarm.format())
+        return "\n".join(lines)
+
+
+def run_preflight(dataset: CocoDetection, split: str, *, anchor_sizes: list[list[float]], aspect_ratios: list[float],
+                  strides: list[int], min_size: int, max_size: int, fg_iou_thresh: float,
+                  max_images: int = 500, augmented_samples: int = 16, seed: int = 0) -> PreflightReport:
+    report = PreflightReport()
+    records = dataset.records
+    per_image = np.array([len(r.labels) for r in records])
+    raw_boxes = np.array([a["bbox"] for a in dataset.raw["annotations"] if not a.get("iscrowd", 0)],
+                         dtype=np.float64).reshape(-1, 4)
+    counts_loaded = {name: int(sum((r.labels == i + 1).sum() for r in records))
+                     for i, name in enumerate(dataset.class_names)}
+    counts_raw = {name: 0 for name in dataset.class_names}
+    for a in dataset.raw["annotations"]:
+        label = dataset.cat_id_to_label.get(a.get("category_id"))
+        if label is not None and not a.get("iscrowd", 0):
+            counts_raw[dataset.class_names[label - 1]] += 1
+    present = [c for c in counts_loaded.values() if c > 0]
+    report.numbers = {
+        "split": split, "images_in_file": len(dataset.raw["images"]), "images_kept": len(records),
+        "objects_per_image": float(per_image.mean()) if len(per_image) else 0.0,
+        "empty_share": float((per_image == 0).mean()) if len(per_image) else 1.0,
+        "class_counts": counts_loaded, "class_counts_in_file": counts_raw,
+        "imbalance": max(present) / min(present) if present else 0.0,
+    }
+    _check_counts(report, dataset, per_image, counts_raw, counts_loaded)
+    _check_box_format(report, dataset, raw_boxes)
+    if per_image.sum() > 0:
+        _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strides, min_size, max_size,
+                                 fg_iou_thresh, max_images, seed)
+        _check_augmented(report, dataset, augmented_samples)
+    return report
+
+
+def _check_counts(report, dataset, per_image, counts_raw, counts_loaded) -> None:
+    n = report.numbers
+    if len(per_image) == 0 or per_image.sum() == 0:
+        report.add("error", Alarm(
+            "no_objects", f"{n['images_kept']} images loaded from '{dataset.ann_file}', 0 objects "
+            f"({len(dataset.raw['annotations'])} annotations in the file; dropped: {dict(dataset.report.counts) or 'none'})",
+            "a detector trained on images without objects learns to predict nothing",
+            ["data.train.ann_file: check it is the right file, that category ids match 'categories' and boxes are "
+             "[x, y, w, h] in pixels", "data.bad_records: see which policy dropped them"]))
+        return
+    if n["images_kept"] < 0.5 * n["images_in_file"]:
+        report.add("error", Alarm(
+            "images_dropped", f"only {n['images_kept']} of {n['images_in_file']} images survived loading "
+            f"({dict(dataset.report.counts)})", "most of the data is missing: the image folder is probably wrong",
+            ["data.train.img_dir / data.val.img_dir: the folder `file_name` is relative to"]))
+    lost = [c for c in counts_raw if counts_raw[c] > 0 and counts_loaded[c] == 0]
+    if lost:
+        report.add("error", Alarm(
+            "class_lost", f"classes {lost} have {[counts_raw[c] for c in lost]} annotations in the file but none "
+            f"after loading (dropped: {dict(dataset.report.counts)})",
+            "the model will never see these classes and score 0 AP on them",
+            ["data.bad_records: the policy that dropped their boxes (see the summary above)"]))
+    present = {c: v for c, v in counts_loaded.items() if v > 0}
+    if present and n["imbalance"] > IMBALANCE_LIMIT:
+        top = max(present.values())
+        rare = [c for c, v in present.items() if v * IMBALANCE_LIMIT < top]
+        report.add("warning", Alarm(
+            "class_imbalance", f"class imbalance {n['imbalance']:.0f}:1; rare classes: "
+            + ", ".join(f"{c} ({present[c]})" for c in rare),
+            "rare classes get few positive RoIs and are swamped by frequent ones and background",
+            ["model.roi.cls_loss.type: focal", "model.roi.cls_pos_weight: raise it (2-5)"]))
+
+
+def _check_box_format(report, dataset, raw_boxes) -> None:
+    if not len(raw_boxes):
+        return
+    sizes = np.array([(im["width"], im["height"]) for im in dataset.raw["images"]], dtype=np.float64)
+    if raw_boxes.min() >= 0 and raw_boxes.max() <= 1.0 and sizes.min() > 32:
+        report.add("error", Alarm(
+            "normalized_boxes", f"all {len(raw_boxes)} box coordinates lie in [0, 1] on images of at least "
+            f"{int(sizes.min())} px", "COCO boxes are in pixels; normalized boxes become sub-pixel objects",
+            ["the annotation file: multiply x and w by the image width, y and h by its height"]))
+        return
+    size_of = {im["id"]: (im["width"], im["height"]) for im in dataset.raw["images"]}
+    wh = np.array([size_of.get(a["image_id"], (np.inf, np.inf)) for a in dataset.raw["annotations"]
+                   if not a.get("iscrowd", 0)], dtype=np.float64).reshape(-1, 2)
+    x, y, w, h = raw_boxes.T
+    outside_as_xywh = (x + w > wh[:, 0] + 1) | (y + h > wh[:, 1] + 1)
+    fits_as_xyxy = (w > x) & (h > y) & (w <= wh[:, 0] + 1) & (h <= wh[:, 1] + 1)
+    share = float((outside_as_xywh & fits_as_xyxy).mean())
+    report.numbers["xyxy_suspect_share"] = share
+    if share > 0.3:
+        report.add("error", Alarm(
+            "xyxy_boxes", f"{100 * share:.0f}% of boxes extend past the image when read as COCO [x, y, w, h] "
+            "but fit it when read as [x1, y1, x2, y2]",
+            "the file holds corner coordinates where COCO wants width and height: every box would be too large",
+            ["the annotation file: write bbox as [x1, y1, x2 - x1, y2 - y1]"]))
+    outside = sum(v for k, v in dataset.report.counts.items() if k.startswith("box_outside_image"))
+    if outside > 0.01 * len(raw_boxes) and share <= 0.3:
+        report.add("warning", Alarm(
+            "boxes_outside_image", f"{outside} of {len(raw_boxes)} boxes extend past the image border",
+            "clipped or dropped boxes change what the model learns",
+            ["data.bad_records.box_outside_image: error to find them, clip or drop"]))
+
+
+def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strides, min_size, max_size,
+                             fg_iou_thresh, max_images, seed) -> None:
+    rng = np.random.default_rng(seed)
+    records = [r for r in dataset.records if len(r.labels)]
+    if len(records) > max_images:
+        records = [records[i] for i in rng.choice(len(records), max_images, replace=False)]
+    generator = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    anchors_by_shape: dict = {}
+    best, sides = [], []
+    for r in records:
+        scale = resize_scale(r.height, r.width, min_size, max_size)
+        h, w = round(r.height * scale), round(r.width * scale)
+        if (h, w) not in anchors_by_shape:
+            padded = (int(np.ceil(h / 32) * 32), int(np.ceil(w / 32) * 32))
+            feats = [torch.empty(1, 1, int(np.ceil(padded[0] / s)), int(np.ceil(padded[1] / s))) for s in strides]
+            anchors_by_shape[(h, w)] = generator(ImageList(torch.empty(1, 3, *padded), [(h, w)]), feats)[0]
+        boxes = torch.from_numpy(r.boxes) * scale
+        best.append(box_iou(boxes, anchors_by_shape[(h, w)]).max(dim=1).values)
+        sides.append(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt())
+        short = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        sides[-1] = torch.stack([sides[-1], short], dim=1)
+    best_iou = torch.cat(best)
+    side, short_side = torch.cat(sides).unbind(1)
+    coverage = {}
+    for bucket, lo, hi in SIZE_BUCKETS:
+        mask = (side >= lo) & (side < hi)
+        count = int(mask.sum())
+        coverage[bucket] = {"boxes": count,
+                            "below_fg": float((best_iou[mask] < fg_iou_thresh).float().mean()) if count else 0.0,
+                            "below_0.5": float((best_iou[mask] < 0.5).float().mean()) if count else 0.0}
+    report.numbers["anchor_coverage"] = coverage
+    poor = {b: c for b, c in coverage.items() if c["boxes"] >= 10 and c["below_0.5"] > 0.3}
+    if poor:
+        levels = len(anchor_sizes)
+        quantiles = np.quantile(side.numpy(), [(i + 0.5) / levels for i in range(levels)])
+        suggested = [[int(max(2, round(q)))] for q in quantiles]
+        report.add("warning", Alarm(
+            "anchor_coverage", "share of GT boxes whose best anchor IoU is below 0.5: "
+            + ", ".join(f"{b} {100 * c['below_0.5']:.0f}% of {c['boxes']}" for b, c in poor.items())
+            + f" (anchors {anchor_sizes}, boxes after resize: median side {float(side.median()):.0f} px)",
+            "objects that no anchor overlaps well get few or no positive anchors: the RPN never proposes them",
+            [f"model.anchors.sizes: {suggested} (quantiles of the box sizes)",
+             "model.rpn.fg_iou_thresh: lower it (e.g. 0.5) for odd shapes"]))
+    tiny = float((short_side < strides[0]).float().mean())
+    report.numbers["smaller_than_stride_share"] = tiny
+    if tiny > 0.05:
+        report.add("warning", Alarm(
+            "tiny_boxes", f"{100 * tiny:.0f}% of boxes are thinner than the smallest anchor stride ({strides[0]} px) "
+            "after resize", "features that coarse barely see them; RoIAlign samples less than a cell",
+            ["data.min_size / data.max_size: resize larger", "model.anchors.sizes: smaller first level"]))
+
+
+def _check_augmented(report, dataset, samples) -> None:
+    """The boxes after the training transforms still lie inside the image and are not degenerate."""
+    bad, checked, lost = 0, 0, 0
+    for index in range(min(samples, len(dataset))):
+        image, target = dataset[(index, 0)]
+        boxes = target["boxes"]
+        h, w = image.shape[-2:]
+        checked += len(boxes)
+        lost += len(dataset.records[index].labels) - len(boxes)
+        if len(boxes):
+            outside = (boxes[:, 0] < -1) | (boxes[:, 1] < -1) | (boxes[:, 2] > w + 1) | (boxes[:, 3] > h + 1)
+            degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            bad += int((outside | degenerate).sum())
+    report.numbers["augmented_boxes_checked"] = checked
+    if bad or lost:
+        report.add("error", Alarm(
+            "augmentation_boxes", f"after the training transforms, {bad} of {checked} boxes on {samples} sampled images "
+            f"are outside the image or degenerate, and {lost} boxes went missing",
+            "the transforms move images and boxes differently: the model learns from wrong targets",
+            ["data.hflip_prob: 0 to isolate the transform", "data.min_size / data.max_size"]))
+
+
+def preflight_from_config(cfg, dataset: CocoDetection, split: str) -> PreflightReport:
+    """run_preflight with the model's anchors and the data's resize (the only config reader here)."""
+    return run_preflight(dataset, split, anchor_sizes=cfg.model.anchors.sizes,
+                         aspect_ratios=cfg.model.anchors.aspect_ratios, strides=fpn_strides(cfg.model.backbone.name),
+                         min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+                         fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed)
+
+
+def raise_on_errors(report: PreflightReport) -> None:
+    from rcnn_trainer.errors import UserError
+
+    if report.errors:
+        details = "\n".join(a.format() for a in report.errors)
+        raise UserError(f"dataset preflight found {len(report.errors)} problem(s) in the "
+                        f"{report.numbers['split']} split that make training useless:\n{details}")
