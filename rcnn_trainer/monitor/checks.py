@@ -72,6 +72,22 @@ def check_initial_loss_scale(record: dict, expected: dict, *, box_limit: float =
 
 
 # ------------------------------------------------------------------ 2. one term dominates
+def check_weight_ratio(weights: dict[str, float], *, limit: float = 10.0) -> Alarm | None:
+    """At start: one loss weight `limit` times or more the smallest non-zero one."""
+    active = {n: w for n, w in weights.items() if w > 0}
+    if len(active) < 2:
+        return None
+    top, low = max(active, key=active.get), min(active, key=active.get)
+    if active[top] < limit * active[low]:
+        return None
+    return Alarm(
+        name="loss_weight_ratio",
+        seen=f"{WEIGHT_KEYS[top]} = {active[top]:g} is {active[top] / active[low]:.0f}x {WEIGHT_KEYS[low]} = {active[low]:g}",
+        why="a term weighted that much more than another usually ends up dominating the gradient and oscillating "
+            "(the box weight 7.5 vs classification 0.5 case)",
+        change=[f"{WEIGHT_KEYS[top]}: lower it toward 1.0", f"{WEIGHT_KEYS[low]}: raise it toward 1.0"])
+
+
 def check_dominant_term(history: list[dict], *, max_share: float, sustain: int) -> Alarm | None:
     """A weighted term above `max_share` of the total for the last `sustain` periods."""
     if len(history) < sustain:

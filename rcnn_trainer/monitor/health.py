@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rcnn_trainer.config import Config
+from rcnn_trainer.losses.weighting import loss_weights
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm, check_collapse
 
@@ -28,6 +29,7 @@ class HealthSettings:
     optimizer: str
     batch_size: int
     warmup_iters: int
+    loss_weights: dict
     dominant_share: float = 0.7
     sustain: int = 3
     flat_window: int = 5
@@ -46,7 +48,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
                      gamma=roi.cls_loss.gamma),
         box_types={"rpn": rpn.box_loss.type, "roi": roi.box_loss.type},
         base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
-        warmup_iters=cfg.solver.warmup_iters, dominant_share=m.dominant_share, sustain=m.sustain,
+        warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), dominant_share=m.dominant_share, sustain=m.sustain,
         flat_window=m.flat_window, collapse_min_ratio=m.collapse.min_ratio, collapse_patience=m.collapse.patience,
         repeat_every=m.repeat_every))
 
@@ -68,7 +70,8 @@ class HealthMonitor:
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
         found = [checks.check_initial_loss_scale(record, expected),
-                 checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer)]
+                 checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer),
+                 checks.check_weight_ratio(s.loss_weights)]
         return [a for a in found if a is not None]
 
     def period(self, iteration: int, records: list[dict], mean: dict, probe: dict,

@@ -1,0 +1,120 @@
+"""Each health check alone, on hand-made numbers: it fires on the pathology and not on a healthy series."""
+
+from __future__ import annotations
+
+import math
+
+from rcnn_trainer.monitor import checks
+from rcnn_trainer.monitor.alarms import check_collapse
+
+
+def period(**values):
+    base = {"loss": 1.0, "loss_rpn_cls": 0.25, "loss_rpn_box": 0.25, "loss_roi_cls": 0.25, "loss_roi_box": 0.25,
+            "loss_rpn_cls_weighted": 0.25, "loss_rpn_box_weighted": 0.25, "loss_roi_cls_weighted": 0.25,
+            "loss_roi_box_weighted": 0.25, "rpn/pos_per_image": 20.0, "rpn/neg_per_image": 100.0,
+            "roi/pos_per_image": 16.0, "roi/neg_per_image": 48.0, "gt_per_image": 3.0, "roi/pos_proposal_iou": 0.6}
+    return {**base, **values}
+
+
+def test_expected_initial_losses_match_theory():
+    record = {"images": 2, "rpn/pos_per_image": 10, "rpn/neg_per_image": 118, "avg_factor/rpn_cls": 256,
+              "roi/pos_per_image": 16, "roi/neg_per_image": 48, "avg_factor/roi_cls": 128}
+    bce = dict(loss_type="bce", pos_weight=1.0, alpha=0.25, gamma=2.0)
+    ce = dict(loss_type="ce", pos_weight=1.0, alpha=0.25, gamma=2.0)
+    got = checks.expected_initial_losses(record, num_classes=4, rpn_cls=bce, roi_cls=ce)
+    assert math.isclose(got["loss_rpn_cls"], math.log(2)) and math.isclose(got["loss_roi_cls"], math.log(5))
+    weighted = checks.expected_initial_losses(record, num_classes=4, rpn_cls=dict(bce, pos_weight=3.0), roi_cls=ce)
+    assert math.isclose(weighted["loss_rpn_cls"], math.log(2) * (3 * 20 + 236) / 256)
+
+
+def test_initial_loss_scale():
+    record = {"loss_rpn_cls": 0.7, "loss_roi_cls": 1.6, "loss_rpn_box": 0.02, "loss_roi_box": 0.03}
+    expected = {"loss_rpn_cls": math.log(2), "loss_roi_cls": math.log(5)}
+    assert checks.check_initial_loss_scale(record, expected) is None
+    alarm = checks.check_initial_loss_scale(dict(record, loss_rpn_cls=0.7 * 256), expected)
+    assert alarm and "loss_rpn_cls = 179.2" in alarm.seen and "model.rpn.cls_loss.weight" in alarm.change[0]
+
+
+def test_dominant_term():
+    healthy = [period()] * 3
+    assert checks.check_dominant_term(healthy, max_share=0.7, sustain=3) is None
+    heavy = [period(loss=4.0, loss_roi_box_weighted=3.25)] * 3
+    alarm = checks.check_dominant_term(heavy, max_share=0.7, sustain=3)
+    assert alarm and "loss_roi_box is 81%" in alarm.seen and alarm.change[0].startswith("model.roi.box_loss.weight")
+    assert checks.check_dominant_term(heavy[:2] + healthy[:1], max_share=0.7, sustain=3) is None  # not sustained
+
+
+def test_flat_term_while_others_fall():
+    falling = [period(loss=1.0 - 0.15 * i, loss_rpn_cls=0.25 - 0.05 * i, loss_rpn_cls_weighted=0.25 - 0.05 * i,
+                      loss_roi_cls=0.25 - 0.1 * i + 0.0, loss_roi_cls_weighted=0.25 - 0.1 * i) for i in range(5)]
+    alarm = checks.check_flat_term(falling, window=5)
+    assert alarm and "loss_rpn_box stays" in alarm.seen and "model.rpn.box_loss.weight" in alarm.change[0]
+    all_falling = [period(**{k: v * (1 - 0.1 * i) for k, v in period().items() if k.startswith("loss")})
+                   for i in range(5)]
+    assert checks.check_flat_term(all_falling, window=5) is None
+
+
+def test_stuck_iou_loss():
+    stuck = [period(**{"roi/box_loss_per_pos": 0.99})] * 3
+    alarm = checks.check_stuck_iou_loss(stuck, {"rpn": "smooth_l1", "roi": "giou"}, sustain=3)
+    assert alarm and "roi giou" in alarm.seen and alarm.change[0].startswith("model.roi.box_loss.type")
+    assert checks.check_stuck_iou_loss(stuck, {"rpn": "smooth_l1", "roi": "smooth_l1"}, sustain=3) is None
+    assert checks.check_stuck_iou_loss([period(**{"roi/box_loss_per_pos": 0.4})] * 3, {"roi": "giou"}, sustain=3) is None
+
+
+def test_foreground_starvation():
+    assert checks.check_foreground_starvation([period()] * 3, sustain=3) is None
+    starved = [period(**{"roi/pos_per_image": 0.2, "roi/neg_per_image": 511.8})] * 3
+    alarm = checks.check_foreground_starvation(starved, sustain=3)
+    assert alarm and "roi positives per image 0.20" in alarm.seen and alarm.change[0].startswith("model.roi.fg_iou_thresh")
+
+
+def test_proposal_iou_not_rising():
+    flat = [period(**{"roi/pos_proposal_iou": 0.55})] * 6
+    assert checks.check_proposal_iou_not_rising(flat).name == "proposal_iou_flat"
+    rising = [period(**{"roi/pos_proposal_iou": 0.55 + 0.02 * i}) for i in range(6)]
+    assert checks.check_proposal_iou_not_rising(rising) is None
+
+
+def test_regressor_collapse():
+    gt = {"cx": 20.0, "cy": 18.0, "w": 10.0, "h": 9.0}
+    assert checks.check_regressor_collapse({"cx": 15.0, "cy": 16.0, "w": 8.0, "h": 7.0}, gt, 20) is None
+    alarm = checks.check_regressor_collapse({"cx": 0.1, "cy": 0.1, "w": 0.01, "h": 0.01}, gt, 20)
+    assert alarm and "cx 0.005" in alarm.seen and alarm.change[0].startswith("solver.lr")
+
+
+def test_learning_rate_checks():
+    assert checks.check_learning_rate(1e-9, 1e-9, 2.0, 2.1, past_warmup=True).name == "vanishing_lr"
+    assert checks.check_learning_rate(1e-5, 1e-2, 2.0, 2.1, past_warmup=True) is not None
+    assert checks.check_learning_rate(1e-5, 1e-2, 0.2, 2.1, past_warmup=True) is None  # decayed after learning
+    assert checks.check_lr_per_image(0.2, 2, "sgd").change[0] == "solver.lr: about 0.0025"
+    assert checks.check_lr_per_image(0.02, 16, "sgd") is None
+
+
+def test_gradient_checks():
+    past = [1.0] * 50
+    assert checks.check_gradients([1.1, 0.9], past, 0.0, 0) is None
+    assert "spike 25" in checks.check_gradients([25.0], past, 0.0, 0).seen
+    assert "90% of steps clipped" in checks.check_gradients([1.0], past, 0.9, 0).seen
+    assert "2 non-finite" in checks.check_gradients([1.0], past, 0.0, 2).seen
+
+
+def test_amp_loss_scale_falling():
+    assert checks.check_loss_scale([65536.0, 32768.0, 16384.0, 8192.0]).name == "amp_loss_scale"
+    assert checks.check_loss_scale([65536.0, 65536.0, 32768.0, 65536.0]) is None
+
+
+def test_collapse_rules():
+    assert check_collapse([3.0, 2.5, 2.8], 3.0, min_ratio=0.1, patience=3) is None
+    below = check_collapse([3.0, 0.1, 0.0, 0.0], 3.0, min_ratio=0.1, patience=3)
+    assert below and "below 0.1 x GT for 3 checks" in below.seen
+    drop = check_collapse([5.0, 4.0, 0.4], 3.0, min_ratio=0.1, patience=3)
+    assert drop and "down more than 90%" in drop.seen
+    assert any(c.startswith("model.roi.cls_pos_weight") for c in drop.change)
+    assert check_collapse([0.0, 0.0, 0.0], 0.0, min_ratio=0.1, patience=3) is None  # no GT, no alarm
+
+
+def test_weight_ratio():
+    assert checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 1, "loss_roi_box": 2}) is None
+    alarm = checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 0.5, "loss_roi_box": 7.5})
+    assert alarm and "model.roi.box_loss.weight = 7.5 is 15x model.roi.cls_loss.weight = 0.5" in alarm.seen

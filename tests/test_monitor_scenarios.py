@@ -1,0 +1,100 @@
+"""Training scenarios: each pathology, provoked through the config or an injection on tiny
+synthetic data, raises its alarm with its numbers and the key to change."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_config
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.errors import TrainingStopped
+from rcnn_trainer.model.roi_heads import BoxHeads
+
+import pytest
+
+SHORT = {"solver": {"max_iters": 12, "warmup_iters": 2}, "monitor": {"period": 2, "sustain": 3},
+         "train": {"log_period": 1, "checkpoint_period": 100}}
+
+
+def run(tmp_path, after_forward=None, **updates):
+    messages = []
+    cfg = tiny_config(tmp_path, **{k: {**SHORT.get(k, {}), **updates.get(k, {})} for k in SHORT.keys() | updates.keys()})
+    train(cfg, log=messages.append, progress=False, after_forward=after_forward)
+    alarms = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "alarm"]
+    return alarms, "\n".join(messages)
+
+
+def named(alarms, name):
+    found = [a for a in alarms if a["name"] == name]
+    assert found, f"no {name} alarm among {[a['name'] for a in alarms]}"
+    return found[0]
+
+
+def test_injected_normalization_bug(tmp_path):
+    def sum_instead_of_mean(it, losses):
+        losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * 128  # what dividing by 1 instead of 128 anchors does
+    alarms, out = run(tmp_path, after_forward=sum_instead_of_mean, solver={"max_iters": 2})
+    alarm = named(alarms, "initial_loss_scale")
+    assert "loss_rpn_cls = " in alarm["seen"] and "expected about 0.69" in alarm["seen"]
+    assert any(c.startswith("model.rpn.cls_loss.weight") for c in alarm["change"])
+    assert "ALARM [initial_loss_scale]" in out
+
+
+def test_box_loss_weight_50x_dominates(tmp_path):
+    alarms, _ = run(tmp_path, model={"roi": {"box_loss": {"weight": 50.0}}}, solver={"max_iters": 24},
+                    monitor={"period": 2, "sustain": 2})
+    ratio = named(alarms, "loss_weight_ratio")
+    assert ratio["iter"] == 1 and "model.roi.box_loss.weight = 50 is 50x" in ratio["seen"]
+    alarm = named(alarms, "dominant_loss")
+    assert "loss_roi_box is" in alarm["seen"] and alarm["change"][0].startswith("model.roi.box_loss.weight: lower it")
+
+
+def test_vanishing_lr(tmp_path):
+    alarms, out = run(tmp_path, solver={"lr": 1e-9})
+    alarm = named(alarms, "vanishing_lr")
+    assert "(base 1.00e-09)" in alarm["seen"] and alarm["change"][0].startswith("solver.lr: raise it")
+    assert "ALARM [vanishing_lr] again" in out  # rate-limited: summarised, not reprinted
+
+
+def test_constant_regressor(tmp_path, monkeypatch):
+    original = BoxHeads.postprocess_detections
+
+    def constant_boxes(self, *args):
+        boxes, scores, labels = original(self, *args)
+        return [torch.tensor([10.0, 10.0, 30.0, 30.0]).expand(len(b), 4) for b in boxes], \
+               [torch.full_like(s, 0.9) for s in scores], labels
+    monkeypatch.setattr(BoxHeads, "postprocess_detections", constant_boxes)
+    alarms, _ = run(tmp_path, solver={"max_iters": 6})
+    alarm = named(alarms, "regressor_collapse")
+    assert "cx 0.000" in alarm["seen"] and alarm["change"][0].startswith("solver.lr")
+
+
+def test_collapse_through_config_stops(tmp_path):
+    background_swamps = {"rpn": {"cls_pos_weight": 0.01, "positive_fraction": 0.02},
+                         "roi": {"cls_pos_weight": 0.01, "positive_fraction": 0.02}}
+    with pytest.raises(TrainingStopped, match="collapse alarm"):
+        run(tmp_path, model=background_swamps, solver={"max_iters": 40, "lr": 0.02},
+            monitor={"period": 4, "collapse": {"patience": 2, "action": "stop"}})
+    alarms = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "alarm"]
+    alarm = named(alarms, "collapse")
+    assert "detections/image at the lowest threshold" in alarm["seen"]
+    assert any(c.startswith("model.roi.cls_pos_weight") for c in alarm["change"])
+
+
+def test_clipping_every_step_is_reported(tmp_path):
+    alarms, _ = run(tmp_path, solver={"clip_grad_norm": 1e-4, "max_iters": 4})
+    assert "100% of steps clipped" in named(alarms, "gradients")["seen"]
+
+
+def test_healthy_default_config_raises_no_alarm(tmp_path):
+    """The shipped config.yaml, unchanged but for the output dir: no alarm, no preflight finding."""
+    from rcnn_trainer.config_loader import load_config
+
+    cfg = load_config("config.yaml", [f"output_dir={tmp_path / 'run'}"])
+    messages = []
+    train(cfg, log=messages.append, progress=False)
+    lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
+    assert [l for l in lines if l["type"] in ("alarm", "preflight")] == []
+    assert lines[-1]["type"] == "summary" and lines[-1]["alarms"] == {}
+    assert not any("ALARM" in m or "WARNING" in m for m in messages)
