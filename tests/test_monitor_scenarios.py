@@ -91,7 +91,8 @@ def test_healthy_default_config_raises_no_alarm(tmp_path):
     """The shipped config.yaml, unchanged but for the output dir: no alarm, no preflight finding."""
     from rcnn_trainer.config_loader import load_config
 
-    cfg = load_config("config.yaml", [f"output_dir={tmp_path / 'run'}"])
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "config.yaml", [f"output_dir={tmp_path / 'run'}"])
     messages = []
     train(cfg, log=messages.append, progress=False)
     lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()

@@ -1,0 +1,99 @@
+"""Plot a run's metrics.jsonl: loss terms, lr, grad norm and the threshold counts, with alarms marked.
+
+  python tools/plot_metrics.py OUTPUT_DIR [--out FILE.png]
+
+Needs matplotlib (pip install "rcnn_trainer[plot]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' does not exist: pass a run folder written by rcnn-train")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    lines = read_metrics(run_dir)
+    train = [l for l in lines if l.get("type") == "train"]
+    monitor = [l for l in lines if l.get("type") == "monitor"]
+    alarms = [l for l in lines if l.get("type") == "alarm"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
+    it = [l["iter"] for l in train]
+
+    ax = axes[0][0]
+    ax.plot(it, [l["loss"] for l in train], color="black", label="total (weighted)")
+    for name in LOSS_NAMES:
+        ax.plot(it, [l.get(f"{name}_weighted", float("nan")) for l in train], label=name[5:])
+    ax.set_yscale("log")
+    ax.set_title("losses")
+    ax.legend(fontsize=7)
+
+    axes[0][1].plot(it, [l["lr"] for l in train])
+    axes[0][1].set_title("learning rate")
+
+    ax = axes[1][0]
+    ax.plot(it, [l.get("grad_norm", float("nan")) for l in train])
+    clipped = [l["iter"] for l in train if l.get("clipped")]
+    if clipped:
+        ax.plot(clipped, [l["grad_norm"] for l in train if l.get("clipped")], "r.", label="clipped")
+        ax.legend(fontsize=7)
+    ax.set_title("grad norm (before clipping)")
+    ax.set_xlabel("iteration")
+
+    ax = axes[1][1]
+    keys = [k for k in (monitor[0] if monitor else {}) if k.startswith("dets@")]
+    for key in keys:
+        ax.plot([l["iter"] for l in monitor], [l[key] for l in monitor], marker="o", ms=3, label=f"score >= {key[5:]}")
+    if monitor:
+        ax.plot([l["iter"] for l in monitor], [l["gt_per_image"] for l in monitor], "k--", label="GT objects")
+    ax.set_title("detections per probe image")
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+
+    for alarm in alarms:
+        for row in axes:
+            for a in row:
+                a.axvline(alarm["iter"], color="red", alpha=0.4, lw=1)
+        axes[0][0].annotate(alarm["name"], (alarm["iter"], 1), xycoords=("data", "axes fraction"),
+                            rotation=90, va="top", fontsize=7, color="red")
+    fig.suptitle(f"{run_dir}  ({len(alarms)} alarms)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    try:
+        out = plot(args.run_dir, args.out or args.run_dir / "metrics.png")
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print('error: matplotlib is needed: pip install "rcnn_trainer[plot]"', file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
