@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.engine.distributed import all_gather_objects, broadcast_from_main, is_main_process
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -102,8 +103,12 @@ def evaluate(model, dataset: CocoDetection, loader, device, thresholds: list[flo
              progress: bool = True, autocast=contextlib.nullcontext) -> tuple[dict, list[dict]]:
     """Run the model on a split; returns (metrics, COCO results)."""
     predictions = predict(model, loader, device, progress=progress, autocast=autocast)
-    results = to_coco_results(predictions, dataset.label_to_cat_id)
-    metrics = coco_metrics(dataset, results)
-    gt_per_image = float(np.mean([len(r.labels) for r in dataset.records])) if dataset.records else 0.0
-    metrics["threshold_counts"] = threshold_counts(predictions, thresholds, gt_per_image)
-    return metrics, results
+    # Under DDP each rank predicted its shard of the images: gather them, score once on rank 0.
+    predictions = [p for shard in all_gather_objects(predictions) for p in shard]
+    metrics, results = None, []
+    if is_main_process():
+        results = to_coco_results(predictions, dataset.label_to_cat_id)
+        metrics = coco_metrics(dataset, results)
+        gt_per_image = float(np.mean([len(r.labels) for r in dataset.records])) if dataset.records else 0.0
+        metrics["threshold_counts"] = threshold_counts(predictions, thresholds, gt_per_image)
+    return broadcast_from_main(metrics), results

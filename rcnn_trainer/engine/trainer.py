@@ -27,7 +27,8 @@ from rcnn_trainer.config_loader import config_to_dict, save_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.distributed import DistInfo, device_kind, init_distributed, pick_device
+from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, device_kind,
+                                             init_distributed, pick_device)
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler, lr_ratio_warning
@@ -175,7 +176,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             scaler.load_state_dict(ckpt["scaler"])
             state = TrainState(**ckpt["train_state"])
             health.load_state_dict(ckpt["health"])
-            ckpt_io.restore_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+            rng_states = ckpt["rng"]
+            ckpt_io.restore_rng_state(rng_states[info.rank] if info.rank < len(rng_states) else rng_states[0])
             metrics.truncate_after(state.iteration)
             say(f"[resume] continuing from '{path}' at iteration {state.iteration}.")
 
@@ -192,16 +194,17 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     probe_items = [probe_set[i] for i in range(min(cfg.monitor.probe_images, len(probe_set)))]
     probe_images = [img.to(device) for img, _ in probe_items]
     probe_gt_boxes = [t["boxes"] for _, t in probe_items]
-    val_loader = build_eval_loader(cfg, val_set)
+    val_loader = build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size)))
 
     def save_checkpoint(path: Path) -> None:
+        rng_states = all_gather_objects(ckpt_io.rng_state())  # collective: every rank calls this
         if info.is_main:
             ckpt_io.atomic_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "iteration": state.iteration, "train_state": state.__dict__.copy(),
                 "health": health.state_dict(),
-                "rng": ckpt_io.rng_state(), "config": config_to_dict(cfg),
+                "rng": rng_states, "config": config_to_dict(cfg),
                 "class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
             }, path)
 
@@ -246,7 +249,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         total, weighted = weighted_total(losses, weights)
 
         record = {"iter": it + 1, "lr": lr, "data_time": t_data}
-        finite = bool(torch.isfinite(total))  # a sync point on GPU, needed to skip the step
+        finite = all_ranks_true(bool(torch.isfinite(total)), device)  # a sync point, needed to skip the step
         if finite:
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
@@ -308,7 +311,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             state.window = []
             for alarm in alarms:
                 report_alarm(alarm)
-            if cfg.monitor.collapse.action == "stop" and any(a.name == "collapse" for a in alarms):
+            # rank 0 decides for everyone: ranks see different local batches and must stop together
+            collapsed = broadcast_from_main(any(a.name == "collapse" for a in alarms))
+            if cfg.monitor.collapse.action == "stop" and collapsed:
                 save_checkpoint(ckpt_dir / f"ckpt_{state.iteration:07d}.pth")
                 raise TrainingStopped(f"training stopped by the collapse alarm (monitor.collapse.action: stop) at "
                                       f"iteration {state.iteration}; a checkpoint was saved in '{ckpt_dir}'.")

@@ -1,0 +1,250 @@
+"""Side-by-side benchmark: rcnn_trainer vs torchvision's FasterRCNN at identical settings.
+
+Both models get the same backbone+FPN (same weights), anchors, RPN/RoI sampling and head
+sizes, the same batches from the same DataLoader, and the same thread count. Each
+measurement runs in its own subprocess (so peak memory is per model); the parent alternates
+them and prints ratios (rcnn_trainer / torchvision; below 1.0 = rcnn_trainer is faster).
+
+  python tools/benchmark.py --config config.yaml --backbones resnet18 resnet50 \
+      --iters 20 --converge-iters 300 --out bench.json
+
+Speed: median seconds per training iteration after warm-up, share of the iteration spent
+waiting for data, peak RSS (CPU) or peak CUDA memory, inference images/s, COCO eval time.
+Convergence: COCO AP/AP50 of both after the same number of iterations with the same
+optimizer and schedule (the config's), with default loss settings and with the options the
+monitor recommends for small objects (smaller anchors, CIoU box loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.transform import resize_boxes
+
+from rcnn_trainer.config_loader import load_config
+from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+from rcnn_trainer.engine.evaluate import evaluate
+from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
+from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+from rcnn_trainer.model.build import build_model
+from rcnn_trainer.monitor.dashboard import probe
+
+SMALL_OBJECT_OPTIONS = ["model.roi.box_loss.type=ciou", "model.roi.box_loss.weight=2.0",
+                        "model.anchors.sizes=[[8],[16],[32],[64],[128]]"]
+
+
+class TorchvisionFasterRCNN(nn.Module):
+    """torchvision's FasterRCNN assembled from the same parts as our model, with our calling
+    convention: training returns (losses named like ours, {}), eval maps boxes to original sizes."""
+
+    NAMES = {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_box",
+             "loss_classifier": "loss_roi_cls", "loss_box_reg": "loss_roi_box"}
+
+    def __init__(self, ours: nn.Module, cfg):
+        super().__init__()
+        r, o = cfg.model.rpn, cfg.model.roi
+        self.model = FasterRCNN(
+            ours.backbone, num_classes=None, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+            rpn_anchor_generator=ours.rpn.anchor_generator, rpn_head=ours.rpn.head,
+            rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
+            rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,
+            rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
+            rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
+            box_roi_pool=ours.roi_heads.box_roi_pool, box_head=ours.roi_heads.box_head,
+            box_predictor=ours.roi_heads.box_predictor, box_score_thresh=o.score_thresh,
+            box_nms_thresh=o.nms_thresh, box_detections_per_img=o.detections_per_img,
+            box_fg_iou_thresh=o.fg_iou_thresh, box_bg_iou_thresh=o.bg_iou_thresh,
+            box_batch_size_per_image=o.batch_size_per_image, box_positive_fraction=o.positive_fraction,
+            bbox_reg_weights=tuple(o.bbox_reg_weights))
+
+    def forward(self, images, targets=None, original_sizes=None):
+        if self.training:
+            losses = self.model(images, targets)
+            return {self.NAMES[k]: v for k, v in losses.items()}, {}
+        detections = self.model(images)
+        if original_sizes is not None:
+            for det, img, orig in zip(detections, images, original_sizes):
+                det["boxes"] = resize_boxes(det["boxes"], img.shape[-2:], orig)
+        return detections
+
+
+def build(cfg, which: str) -> nn.Module:
+    torch.manual_seed(cfg.seed)  # both start from the same weights
+    ours = build_model(cfg.model)
+    return ours if which == "rcnn_trainer" else TorchvisionFasterRCNN(ours, cfg)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def to_device(images, targets, device):
+    return ([i.to(device) for i in images],
+            [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets])
+
+
+def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
+    """Training s/iter (median), data wait share, inference images/s, eval time, monitor cost."""
+    model = build(cfg, which).to(device).train()
+    optimizer = build_optimizer(model, cfg.solver)
+    weights = loss_weights(cfg.model)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    batches = iter(build_train_loader(cfg, train_set))
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)) \
+        if cfg.solver.amp else __import__("contextlib").nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.solver.amp and device.type == "cuda")
+    step_times, data_times = [], []
+    for step in range(warmup + iters):
+        t0 = time.perf_counter()
+        images, targets = to_device(*next(batches), device)
+        t_data = time.perf_counter() - t0
+        with autocast():
+            losses, _ = model(images, targets)
+        total, _ = weighted_total(losses, weights)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            step_times.append(time.perf_counter() - t0)
+            data_times.append(t_data)
+    result = {"train_s_per_iter": statistics.median(step_times),
+              "data_wait_share": sum(data_times) / sum(step_times)}
+    # inference throughput on the val set, and the whole COCO evaluation time
+    model.eval()
+    loader = build_eval_loader(cfg, val_set)
+    t0 = time.perf_counter()
+    metrics, _ = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds, progress=False, autocast=autocast)
+    result["eval_s"] = time.perf_counter() - t0
+    with torch.no_grad():
+        images = [val_set[i][0].to(device) for i in range(min(len(val_set), 4 * cfg.data.batch_size))]
+        t0 = time.perf_counter()
+        for start in range(0, len(images), cfg.data.batch_size):
+            with autocast():
+                model(images[start:start + cfg.data.batch_size])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result["infer_images_per_s"] = len(images) / (time.perf_counter() - t0)
+    if which == "rcnn_trainer":  # the monitor's probe inference, per training iteration at its period
+        probe_items = [train_set[i] for i in range(cfg.monitor.probe_images)]
+        t0 = time.perf_counter()
+        probe(model, [i.to(device) for i, _ in probe_items], [t["boxes"] for _, t in probe_items],
+              cfg.monitor.score_thresholds)
+        result["monitor_overhead_share"] = (time.perf_counter() - t0) / (cfg.monitor.period * result["train_s_per_iter"])
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    return result
+
+
+def measure_convergence(cfg, which: str, iters: int, device) -> dict:
+    """Same loop, optimizer and schedule for both; COCO AP on val after `iters` iterations."""
+    model = build(cfg, which).to(device).train()
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = build_scheduler(optimizer, cfg.solver)
+    weights = loss_weights(cfg.model)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    batches = iter(build_train_loader(cfg, train_set))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        losses, _ = model(*to_device(*next(batches), device))
+        total, _ = weighted_total(losses, weights)
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), device, cfg.monitor.score_thresholds,
+                          progress=False)
+    return {"AP": metrics["AP"], "AP50": metrics["AP50"], "train_wall_s": time.perf_counter() - t0}
+
+
+def child(args) -> None:
+    """One measurement, in this process; prints one JSON line."""
+    overrides = [f"model.backbone.name={args.backbone}", f"train.threads={args.threads}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    cfg.solver.max_iters = max(cfg.solver.max_iters, args.iters + args.warmup, args.converge_iters)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    if args.task == "speed":
+        out = measure_speed(cfg, args.which, args.iters, args.warmup, device)
+    else:
+        cfg.solver.max_iters = args.converge_iters
+        out = measure_convergence(cfg, args.which, args.converge_iters, device)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(args, which: str, task: str, backbone: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--which", which, "--task", task, "--backbone", backbone,
+           "--config", args.config, "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--converge-iters", str(args.converge_iters), "--device", args.device,
+           *args.overrides, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{which} {task} {backbone} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--iters", type=int, default=20, help="timed training iterations (after warm-up)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--converge-iters", type=int, default=0, help="0 = skip the convergence comparison")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"])
+    p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("overrides", nargs="*", help="config overrides for both models (e.g. data.batch_size=4)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--which", help=argparse.SUPPRESS)
+    p.add_argument("--task", help=argparse.SUPPRESS)
+    p.add_argument("--backbone", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    report = {"config": args.config, "threads": args.threads, "overrides": args.overrides,
+              "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu", "speed": {},
+              "convergence": {}}
+    for backbone in args.backbones:
+        ours = run_child(args, "rcnn_trainer", "speed", backbone, [])
+        theirs = run_child(args, "torchvision", "speed", backbone, [])
+        ratios = {k: ours[k] / theirs[k] for k in ("train_s_per_iter", "eval_s", "peak_memory_mb")}
+        ratios["infer_images_per_s"] = theirs["infer_images_per_s"] / ours["infer_images_per_s"]  # time ratio
+        report["speed"][backbone] = {"rcnn_trainer": ours, "torchvision": theirs, "time_ratios": ratios}
+        print(f"[{backbone}] train s/iter {ours['train_s_per_iter']:.3f} vs {theirs['train_s_per_iter']:.3f} "
+              f"(ratio {ratios['train_s_per_iter']:.3f}); inference img/s {ours['infer_images_per_s']:.1f} vs "
+              f"{theirs['infer_images_per_s']:.1f} (time ratio {ratios['infer_images_per_s']:.3f}); eval "
+              f"{ours['eval_s']:.1f}s vs {theirs['eval_s']:.1f}s; data wait {100 * ours['data_wait_share']:.1f}% vs "
+              f"{100 * theirs['data_wait_share']:.1f}%; peak mem {ours['peak_memory_mb']:.0f} vs "
+              f"{theirs['peak_memory_mb']:.0f} MB; monitor overhead {100 * ours['monitor_overhead_share']:.1f}%",
+              flush=True)
+    if args.converge_iters:
+        backbone = args.backbones[0]
+        for label, extra in (("default", []), ("small_objects", SMALL_OBJECT_OPTIONS)):
+            ours = run_child(args, "rcnn_trainer", "converge", backbone, extra)
+            theirs = run_child(args, "torchvision", "converge", backbone, extra if label == "default" else
+                               [e for e in extra if "anchors" in e])  # torchvision has no CIoU option
+            report["convergence"][label] = {"rcnn_trainer": ours, "torchvision": theirs}
+            print(f"[converge {label}, {backbone}, {args.converge_iters} iters] AP {ours['AP']:.3f} vs "
+                  f"{theirs['AP']:.3f}; AP50 {ours['AP50']:.3f} vs {theirs['AP50']:.3f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
