@@ -25,6 +25,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="Run folder (overrides output_dir).")
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in the run folder.")
     p.add_argument("--preflight", action="store_true", help="Only load and check the data, then exit.")
+    p.add_argument("--lr-find", action="store_true", help="Run an LR range test, suggest solver.lr, and exit.")
+    p.add_argument("--lr-find-iters", type=int, default=100, help="Steps of the LR range test.")
+    p.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("MIN", "MAX"),
+                   help="lr range of the sweep.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars (log lines only).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides, e.g. solver.max_iters=200.")
     return p
@@ -68,6 +72,14 @@ def _run_train(argv) -> int:
         for report in reports:
             raise_on_errors(report)
         print("[preflight] no errors.")
+        return 0
+    if args.lr_find:
+        from rcnn_trainer.engine.lr_finder import run_lr_find
+
+        low, high = args.lr_find_range
+        if not 0 < low < high or args.lr_find_iters < 3:
+            raise UserError("--lr-find-range needs 0 < MIN < MAX and --lr-find-iters at least 3.")
+        run_lr_find(cfg, min_lr=low, max_lr=high, iters=args.lr_find_iters, progress=not args.no_progress)
         return 0
     from rcnn_trainer.engine.trainer import train
 

@@ -126,9 +126,18 @@ class AnchorConfig(Strict):
         return sizes
 
 
+class WeightRamp(Strict):
+    """Ramp a loss weight from `start` to the term's `weight` over the first `iters` iterations."""
+
+    start: float = Field(ge=0.0, description="Weight at iteration 0.")
+    iters: int = Field(ge=1, description="Iterations to reach the final weight.")
+    shape: Literal["linear", "cosine"] = Field("linear", description="Ramp shape.")
+
+
 class ClsLossConfig(Strict):
     type: str = Field(description="rpn: bce | focal; roi: ce | focal.")
     weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    weight_ramp: Optional[WeightRamp] = Field(None, description="Ramp the weight up (or down) at the start.")
     alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal loss alpha (rpn focal only).")
     gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma (0 = plain cross-entropy).")
     avg_factor: Literal["sampled", "positives"] = Field(
@@ -137,9 +146,14 @@ class ClsLossConfig(Strict):
 
 
 class BoxLossConfig(Strict):
-    type: Literal["smooth_l1", "l1", "giou", "diou", "ciou"] = Field(
-        "smooth_l1", description="smooth_l1 / l1 on encoded deltas, or an IoU loss on decoded boxes.")
+    type: Literal["smooth_l1", "l1", "giou", "diou", "ciou", "wiou"] = Field(
+        "smooth_l1", description="smooth_l1 / l1 on encoded deltas, or an IoU loss on decoded boxes "
+        "(wiou = Wise-IoU v3 with a running mean of the IoU loss).")
     weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    weight_ramp: Optional[WeightRamp] = Field(None, description="Ramp the weight up (or down) at the start.")
+    wiou_alpha: float = Field(1.9, gt=0.0, description="Wise-IoU v3 focusing alpha.")
+    wiou_delta: float = Field(3.0, gt=0.0, description="Wise-IoU v3 focusing delta.")
+    wiou_momentum: float = Field(0.01, gt=0.0, le=1.0, description="Wise-IoU running-mean momentum.")
     beta: float = Field(1.0 / 9.0, ge=0.0, description="Smooth L1 transition point (1/9 in torchvision).")
     avg_factor: Literal["sampled", "positives"] = Field(
         "sampled", description="Divide by the number of sampled anchors/RoIs (torchvision) or of positives.")
@@ -180,6 +194,9 @@ class ROIConfig(Strict):
     batch_size_per_image: int = Field(512, ge=1, description="RoIs sampled per image for the loss.")
     positive_fraction: float = Field(0.25, gt=0.0, le=1.0, description="Target share of positive RoIs.")
     cls_pos_weight: float = Field(1.0, gt=0.0, description="CE weight of every foreground class vs background (1.0).")
+    sampler: Literal["random", "ohem"] = Field(
+        "random", description="random (torchvision) or ohem: the highest-loss RoIs of each image, with the same "
+        "positive_fraction and batch_size_per_image (costs a no-grad head pass over all proposals).")
     cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="ce"))
     box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
     bbox_reg_weights: list[float] = Field(

@@ -185,7 +185,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     if info.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    weights = loss_weights(cfg.model)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.solver.clip_grad_norm
 
@@ -246,9 +245,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             losses, stats = ddp_model(images, targets)
         if after_forward is not None:
             after_forward(it, losses)
+        weights = loss_weights(cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
         total, weighted = weighted_total(losses, weights)
 
-        record = {"iter": it + 1, "lr": lr, "data_time": t_data}
+        record = {"iter": it + 1, "lr": lr, "data_time": t_data, **{f"weight/{n}": w for n, w in weights.items()}}
         finite = all_ranks_true(bool(torch.isfinite(total)), device)  # a sync point, needed to skip the step
         if finite:
             scaler.scale(total).backward()

@@ -1,6 +1,6 @@
 """Per-box regression losses (no reduction: the caller divides by avg_factor).
 
-smooth_l1 and l1 compare encoded deltas; giou / diou / ciou decode the predicted deltas
+smooth_l1 and l1 compare encoded deltas; giou / diou / ciou / wiou decode the predicted deltas
 against the reference boxes (anchors or proposals) and compare boxes, using torchvision.ops.
 """
 
@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
+from rcnn_trainer.losses.wise_iou import WiseIoULoss
+
 IOU_LOSSES = {
     "giou": generalized_box_iou_loss,
     "diou": distance_box_iou_loss,
@@ -19,8 +21,10 @@ IOU_LOSSES = {
 
 
 def box_loss_per_box(pred_deltas: torch.Tensor, reference_boxes: torch.Tensor, gt_boxes: torch.Tensor,
-                     box_coder: BoxCoder, *, loss_type: str, beta: float = 1.0 / 9.0) -> torch.Tensor:
-    """pred_deltas, reference_boxes, gt_boxes: [P, 4] (positives only, boxes xyxy) -> [P]."""
+                     box_coder: BoxCoder, *, loss_type: str, beta: float = 1.0 / 9.0,
+                     wiou: WiseIoULoss | None = None) -> torch.Tensor:
+    """pred_deltas, reference_boxes, gt_boxes: [P, 4] (positives only, boxes xyxy) -> [P].
+    loss_type "wiou" needs the head's WiseIoULoss module (it keeps a running mean)."""
     pred_deltas = pred_deltas.float()
     if loss_type in ("smooth_l1", "l1"):
         target_deltas = box_coder.encode_single(gt_boxes.float(), reference_boxes.float())
@@ -30,4 +34,8 @@ def box_loss_per_box(pred_deltas: torch.Tensor, reference_boxes: torch.Tensor, g
     if loss_type in IOU_LOSSES:
         pred_boxes = box_coder.decode_single(pred_deltas, reference_boxes.float())
         return IOU_LOSSES[loss_type](pred_boxes, gt_boxes.float(), reduction="none")
-    raise ValueError(f"unknown box loss '{loss_type}' (smooth_l1 | l1 | giou | diou | ciou)")
+    if loss_type == "wiou":
+        if wiou is None:
+            raise ValueError("box loss 'wiou' needs the head's WiseIoULoss module")
+        return wiou(box_coder.decode_single(pred_deltas, reference_boxes.float()), gt_boxes.float())
+    raise ValueError(f"unknown box loss '{loss_type}' (smooth_l1 | l1 | giou | diou | ciou | wiou)")

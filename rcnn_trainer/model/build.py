@@ -33,7 +33,8 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         nms_thresh=r.nms_thresh, score_thresh=r.score_thresh,
         cls_loss_type=r.cls_loss.type, cls_pos_weight=r.cls_pos_weight, focal_alpha=r.cls_loss.alpha,
         focal_gamma=r.cls_loss.gamma, cls_avg_factor=r.cls_loss.avg_factor,
-        box_loss_type=r.box_loss.type, box_beta=r.box_loss.beta, box_avg_factor=r.box_loss.avg_factor)
+        box_loss_type=r.box_loss.type, box_beta=r.box_loss.beta, box_avg_factor=r.box_loss.avg_factor,
+        wiou=_wiou_args(r.box_loss))
     o = cfg.roi
     feature_names = [str(i) for i in range(num_levels - 1)]  # every FPN level but the extra "pool"
     predictor = FastRCNNPredictor(o.representation_size, cfg.num_classes + 1)
@@ -48,8 +49,12 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img,
         cls_loss_type=o.cls_loss.type, cls_pos_weight=o.cls_pos_weight, focal_gamma=o.cls_loss.gamma,
         cls_avg_factor=o.cls_loss.avg_factor, box_loss_type=o.box_loss.type, box_beta=o.box_loss.beta,
-        box_avg_factor=o.box_loss.avg_factor)
+        box_avg_factor=o.box_loss.avg_factor, wiou=_wiou_args(o.box_loss), sampler=o.sampler)
     return TwoStageDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads)
+
+
+def _wiou_args(box_loss) -> dict:
+    return {"alpha": box_loss.wiou_alpha, "delta": box_loss.wiou_delta, "momentum": box_loss.wiou_momentum}
 
 
 def _init_predictor(predictor: FastRCNNPredictor) -> None:

@@ -16,7 +16,10 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import box_iou
 
+from rcnn_trainer.losses.box import box_loss_per_box
+from rcnn_trainer.losses.classification import class_loss_per_roi
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
+from rcnn_trainer.losses.wise_iou import WiseIoULoss
 
 
 class BoxHeads(RoIHeads):
@@ -25,13 +28,20 @@ class BoxHeads(RoIHeads):
                  score_thresh: float, nms_thresh: float, detections_per_img: int,
                  cls_loss_type: str = "ce", cls_pos_weight: float = 1.0, focal_gamma: float = 2.0,
                  cls_avg_factor: str = "sampled", box_loss_type: str = "smooth_l1",
-                 box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled"):
+                 box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled",
+                 wiou: dict | None = None, sampler: str = "random"):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
+        if sampler not in ("random", "ohem"):
+            raise ValueError(f"unknown RoI sampler '{sampler}' (random | ohem)")
+        self.sampler = sampler
         self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, gamma=focal_gamma,
                              avg_factor_mode=cls_avg_factor)
-        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor)
+        # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
+        self.box_wiou = WiseIoULoss(**(wiou or {})) if box_loss_type == "wiou" else None
+        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor,
+                             wiou=self.box_wiou)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict] | None = None):
@@ -42,7 +52,7 @@ class BoxHeads(RoIHeads):
             return [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)], {}, {}
         if targets is None:
             raise ValueError("the RoI heads need targets in training mode")
-        rois, gt_labels, matched_gt_boxes, from_rpn = self._sample(proposals, targets)
+        rois, gt_labels, matched_gt_boxes, from_rpn = self._sample(proposals, targets, features, image_shapes)
         class_logits, box_deltas = self._predict(features, rois, image_shapes)
         losses, stats = self._losses(class_logits, box_deltas, torch.cat(rois), torch.cat(gt_labels),
                                      torch.cat(matched_gt_boxes), torch.cat(from_rpn), len(rois))
@@ -52,14 +62,17 @@ class BoxHeads(RoIHeads):
         pooled = self.box_roi_pool(features, rois, image_shapes)
         return self.box_predictor(self.box_head(pooled))
 
-    def _sample(self, proposals, targets):
+    def _sample(self, proposals, targets, features, image_shapes):
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_classes = [t["labels"] for t in targets]
         num_rpn = [p.shape[0] for p in proposals]
         proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
         matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_classes)
-        sampled_inds = self.subsample(labels)
+        if self.sampler == "ohem":
+            sampled_inds = self._hardest(features, proposals, labels, matched_idxs, gt_boxes, image_shapes)
+        else:
+            sampled_inds = self.subsample(labels)
         rois, gt_labels, matched, from_rpn = [], [], [], []
         for i, keep in enumerate(sampled_inds):
             boxes_i = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=keep.device)
@@ -68,6 +81,27 @@ class BoxHeads(RoIHeads):
             matched.append(boxes_i[matched_idxs[i][keep]])
             from_rpn.append(keep < num_rpn[i])
         return rois, gt_labels, matched, from_rpn
+
+    @torch.no_grad()
+    def _hardest(self, features, proposals, labels, matched_idxs, gt_boxes, image_shapes) -> list[torch.Tensor]:
+        """OHEM: per image, the RoIs with the highest current loss (classification + smooth L1 of
+        positives; smooth L1 ranks cheaply whatever the training box loss is)."""
+        class_logits, box_deltas = self._predict(features, proposals, image_shapes)
+        all_labels = torch.cat(labels)
+        per_roi = class_loss_per_roi(class_logits, all_labels.clamp(min=0), loss_type=self.cls_loss["loss_type"],
+                                     pos_weight=self.cls_loss["pos_weight"], gamma=self.cls_loss["gamma"])
+        pos = torch.where(all_labels > 0)[0]
+        if pos.numel():
+            matched = torch.cat([(g if g.numel() else torch.zeros((1, 4), device=g.device))[m.clamp(min=0)]
+                                 for g, m in zip(gt_boxes, matched_idxs)])
+            deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, all_labels[pos]]
+            per_roi[pos] += box_loss_per_box(deltas, torch.cat(proposals)[pos], matched[pos], self.box_coder,
+                                             loss_type="smooth_l1")
+        chosen = []
+        for loss_i, labels_i in zip(per_roi.split([len(p) for p in proposals]), labels):
+            chosen.append(select_hardest(loss_i, labels_i, self.fg_bg_sampler.batch_size_per_image,
+                                         self.fg_bg_sampler.positive_fraction))
+        return chosen
 
     def _losses(self, class_logits, box_deltas, rois, gt_labels, matched_gt_boxes, from_rpn, num_images):
         pos = torch.where(gt_labels > 0)[0]
@@ -89,3 +123,15 @@ class BoxHeads(RoIHeads):
             "roi/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
         }
         return {"loss_roi_cls": cls, "loss_roi_box": box}, stats
+
+
+def select_hardest(losses: torch.Tensor, labels: torch.Tensor, num: int, positive_fraction: float) -> torch.Tensor:
+    """Indices of the highest-loss positives (labels > 0, at most num * positive_fraction) and the
+    highest-loss negatives (labels == 0) filling the rest of `num`; ignored RoIs (-1) never."""
+    pos = torch.where(labels > 0)[0]
+    neg = torch.where(labels == 0)[0]
+    num_pos = min(int(num * positive_fraction), pos.numel())
+    num_neg = min(num - num_pos, neg.numel())
+    top_pos = pos[losses[pos].topk(num_pos).indices]
+    top_neg = neg[losses[neg].topk(num_neg).indices]
+    return torch.cat([top_pos, top_neg])

@@ -20,6 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
+from rcnn_trainer.losses.wise_iou import WiseIoULoss
 
 
 class RPN(RegionProposalNetwork):
@@ -29,12 +30,16 @@ class RPN(RegionProposalNetwork):
                  nms_thresh: float, score_thresh: float = 0.0,
                  cls_loss_type: str = "bce", cls_pos_weight: float = 1.0, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, cls_avg_factor: str = "sampled",
-                 box_loss_type: str = "smooth_l1", box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled"):
+                 box_loss_type: str = "smooth_l1", box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled",
+                 wiou: dict | None = None):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
         self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, alpha=focal_alpha,
                              gamma=focal_gamma, avg_factor_mode=cls_avg_factor)
-        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor)
+        # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
+        self.box_wiou = WiseIoULoss(**(wiou or {})) if box_loss_type == "wiou" else None
+        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor,
+                             wiou=self.box_wiou)
 
     def forward(self, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None = None):
         """Returns (proposals: list of [K_i, 4], losses: dict, stats: dict)."""

@@ -1,0 +1,64 @@
+"""Wise-IoU v3 (Tong et al. 2023): IoU loss with dynamic non-monotonic focusing.
+
+  L_IoU  = 1 - IoU(pred, gt)
+  R      = exp(((x - x_gt)^2 + (y - y_gt)^2) / (W_g^2 + H_g^2))    (W_g, H_g: enclosing box; denominator detached)
+  beta   = L_IoU (detached) / running mean of L_IoU                  (outlier degree)
+  r      = beta / (delta * alpha ** (beta - delta))
+  loss   = r * R * L_IoU
+
+The running mean is a buffer (saved with the model, so in every checkpoint), updated in
+training mode with `momentum` from the batch mean of L_IoU; under DDP that batch mean is
+all-reduced first, so every rank keeps the same statistic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class WiseIoULoss(nn.Module):
+    def __init__(self, alpha: float = 1.9, delta: float = 3.0, momentum: float = 0.01):
+        super().__init__()
+        self.alpha, self.delta, self.momentum = alpha, delta, momentum
+        self.register_buffer("iou_loss_mean", torch.tensor(1.0))
+
+    @torch.no_grad()
+    def _update_mean(self, iou_loss: torch.Tensor) -> None:
+        stats = torch.stack([iou_loss.sum(), torch.tensor(float(iou_loss.numel()), device=iou_loss.device)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        if stats[1] > 0:
+            batch_mean = stats[0] / stats[1]
+            self.iou_loss_mean.mul_(1.0 - self.momentum).add_(self.momentum * batch_mean)
+
+    def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """pred_boxes, gt_boxes: [P, 4] xyxy -> per-box loss [P]."""
+        pred_boxes, gt_boxes = pred_boxes.float(), gt_boxes.float()
+        if pred_boxes.numel() == 0:
+            return pred_boxes.sum(dim=1) * 0.0
+        iou = _elementwise_iou(pred_boxes, gt_boxes)
+        iou_loss = 1.0 - iou
+        if self.training:
+            self._update_mean(iou_loss.detach())
+        centre_p = (pred_boxes[:, :2] + pred_boxes[:, 2:]) / 2
+        centre_g = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+        enclosing_wh = torch.max(pred_boxes[:, 2:], gt_boxes[:, 2:]) - torch.min(pred_boxes[:, :2], gt_boxes[:, :2])
+        distance = ((centre_p - centre_g) ** 2).sum(dim=1)
+        r_wiou = torch.exp(distance / (enclosing_wh ** 2).sum(dim=1).clamp(min=1e-7).detach())
+        beta = iou_loss.detach() / self.iou_loss_mean
+        focus = beta / (self.delta * self.alpha ** (beta - self.delta))
+        return focus * r_wiou * iou_loss
+
+
+def _elementwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of row i of a with row i of b. box_iou on [P, P] would be quadratic; this reads
+    only the matched pairs (torchvision has no elementwise IoU)."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-7)
+

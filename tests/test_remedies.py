@@ -1,0 +1,212 @@
+"""Remedies: loss-weight ramps, LR range test, OHEM, Wise-IoU v3, recipe configs, alarm keys."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_dict, write_yaml
+from rcnn_trainer.cli import train_main
+from rcnn_trainer.config import WeightRamp
+from rcnn_trainer.config_loader import _check_key_path, load_config
+from rcnn_trainer.data.loader import build_dataset, build_train_loader
+from rcnn_trainer.engine.lr_finder import lr_sweep, suggest_lr
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.engine.optim import build_optimizer
+from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.errors import UserError
+from rcnn_trainer.losses.weighting import loss_weights, ramped_weight
+from rcnn_trainer.losses.wise_iou import WiseIoULoss
+from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.roi_heads import select_hardest
+from rcnn_trainer.monitor import checks
+from rcnn_trainer.monitor.alarms import check_collapse
+from rcnn_trainer.monitor.preflight import PreflightReport
+
+REPO = Path(__file__).resolve().parents[1]
+quiet = lambda _m: None
+
+
+# ------------------------------------------------------------------ weight ramps
+def test_ramp_hand_computed():
+    linear = WeightRamp(start=1.0, iters=10, shape="linear")
+    assert [ramped_weight(2.0, linear, i) for i in (0, 5, 10, 50)] == [1.0, 1.5, 2.0, 2.0]
+    cosine = WeightRamp(start=1.0, iters=8, shape="cosine")
+    assert ramped_weight(2.0, cosine, 2) == pytest.approx(1.0 + 0.5 * (1 - math.cos(math.pi / 4)))
+    assert ramped_weight(2.0, None, 0) == 2.0
+
+
+def test_ramped_weight_is_logged_each_iteration(tmp_path):
+    cfg = tiny_config(tmp_path, model={"roi": {"box_loss": {"weight": 2.0, "weight_ramp": {"start": 1.0, "iters": 4}}}})
+    assert loss_weights(cfg.model, 2)["loss_roi_box"] == 1.5
+    train(cfg, log=quiet, progress=False)
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert [l["weight/loss_roi_box"] for l in lines] == [1.0, 1.25, 1.5, 1.75]
+    assert all(l["loss_roi_box_weighted"] == pytest.approx(l["loss_roi_box"] * l["weight/loss_roi_box"], rel=1e-5)
+               for l in lines)
+
+
+# ------------------------------------------------------------------ LR range test
+def test_lr_sweep_suggests_and_leaves_model_unchanged(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.solver)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))
+    points = lr_sweep(model, optimizer, batches, loss_weights(cfg.model), min_lr=1e-5, max_lr=10.0, iters=25,
+                      device=torch.device("cpu"), progress=False)
+    suggestion = suggest_lr(points)
+    assert suggestion is not None and math.isfinite(suggestion) and 1e-6 < suggestion < 10.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state  # momentum buffers restored (empty, as before)
+
+
+def test_lr_find_cli_writes_no_checkpoint(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path))
+    code = train_main(["--config", str(config), "--lr-find", "--lr-find-iters", "12", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "suggested solver.lr=" in out and "rule:" in out
+    assert (tmp_path / "run" / "lr_find.json").is_file() and (tmp_path / "run" / "lr_find.png").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lr_sweep_stops_early_on_divergence(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"optimizer": "sgd"})
+    model = build_model(cfg.model)
+    batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))
+    points = lr_sweep(model, build_optimizer(model, cfg.solver), batches, loss_weights(cfg.model),
+                      min_lr=1e-3, max_lr=1e6, iters=30, device=torch.device("cpu"), progress=False)
+    assert 0 < len(points) < 30
+
+
+# ------------------------------------------------------------------ OHEM
+def test_ohem_picks_the_highest_loss_rois():
+    losses = torch.tensor([0.1, 5.0, 0.3, 2.0, 9.0, 0.2, 50.0])
+    labels = torch.tensor([1, 2, 0, 0, 0, 0, -1])  # the -1 RoI (highest loss) is ignored
+    assert select_hardest(losses, labels, num=4, positive_fraction=0.5).tolist() == [1, 0, 4, 3]
+    assert select_hardest(losses, labels, num=4, positive_fraction=0.25).tolist() == [1, 4, 3, 2]
+
+
+def test_ohem_trains(tmp_path):
+    cfg = tiny_config(tmp_path, model={"roi": {"sampler": "ohem"}}, solver={"max_iters": 2})
+    train(cfg, log=quiet, progress=False)
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert all(l["avg_factor/roi_cls"] == pytest.approx(l["roi/pos_per_image"] * 2 + l["roi/neg_per_image"] * 2)
+               for l in lines)  # same avg_factor rule: the sampled RoIs
+
+
+# ------------------------------------------------------------------ Wise-IoU v3
+def test_wiou_hand_computed():
+    pred, gt = torch.tensor([[0.0, 0.0, 2.0, 2.0]]), torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    loss_iou = 1 - 1 / 7
+    r_wiou = math.exp(2 / 18)
+    beta = loss_iou / 1.0
+    focus = beta / (3.0 * 1.9 ** (beta - 3.0))
+    module = WiseIoULoss(alpha=1.9, delta=3.0, momentum=0.1).eval()
+    assert module(pred, gt).item() == pytest.approx(focus * r_wiou * loss_iou, rel=1e-5)
+    module.train()
+    trained = module(pred, gt).item()
+    mean = 0.9 * 1.0 + 0.1 * loss_iou
+    assert module.iou_loss_mean.item() == pytest.approx(mean)
+    beta = loss_iou / mean
+    assert trained == pytest.approx(beta / (3.0 * 1.9 ** (beta - 3.0)) * r_wiou * loss_iou, rel=1e-5)
+    assert module(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)
+
+
+def test_wiou_state_survives_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, model={"roi": {"box_loss": {"type": "wiou"}}, "rpn": {"box_loss": {"type": "wiou"}}},
+                      solver={"max_iters": 3})
+    train(cfg, log=quiet, progress=False)
+    state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=False)["model"]
+    assert state["rpn.box_wiou.iou_loss_mean"].item() != 1.0
+    fresh = build_model(cfg.model)
+    fresh.load_state_dict(state)
+    assert fresh.rpn.box_wiou.iou_loss_mean.item() == state["rpn.box_wiou.iou_loss_mean"].item()
+
+
+# ------------------------------------------------------------------ recipes
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_and_runs(tmp_path, recipe):
+    # only the data, weights and sizes change: the recipe's own settings (losses, weights, solver) stay
+    child = write_yaml(tmp_path / "child.yaml", {
+        "_base_": str(recipe), "output_dir": str(tmp_path / "run"),
+        "data": {"train": None, "val": None, "synthetic": tiny_dict(tmp_path)["data"]["synthetic"],
+                 "batch_size": 2, "num_workers": 0, "min_size": 64, "max_size": 64},
+        "model": {"num_classes": 4, "backbone": {"weights": None, "norm": "gn", "fpn_channels": 16},
+                  "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50,
+                          "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
+                  "roi": {"representation_size": 32, "batch_size_per_image": 32}},
+        "solver": {"max_iters": 2, "warmup_iters": 1, "steps": []}, "train": {"threads": 2, "eval_period": 0}})
+    train(load_config(child), log=quiet, progress=False)
+    assert (tmp_path / "run" / "model_final.pth").is_file()
+
+
+def test_recipes_say_when_to_use_them():
+    for recipe in RECIPES:
+        text = recipe.read_text()
+        assert text.startswith("#") and ("Use " in text or "Use it" in text), recipe.name
+
+
+# ------------------------------------------------------------------ every alarm names real keys
+def every_alarm():
+    """Provoke every alarm the monitor and the preflight can raise."""
+    p = {"loss": 1.0, "gt_per_image": 3.0, "lr": 1e-9, "roi/pos_proposal_iou": 0.5,
+         "rpn/pos_per_image": 0.0, "rpn/neg_per_image": 256.0, "roi/pos_per_image": 0.0, "roi/neg_per_image": 512.0,
+         "rpn/box_loss_per_pos": 0.99, "roi/box_loss_per_pos": 0.99}
+    p.update({n: 0.25 for n in checks.WEIGHT_KEYS}, **{f"{n}_weighted": 0.05 for n in checks.WEIGHT_KEYS})
+    p["loss_roi_box_weighted"] = 0.85
+    falling = [dict(p, loss=1 - 0.1 * i, loss_roi_cls_weighted=0.3 - 0.05 * i) for i in range(6)]
+    alarms = [
+        checks.check_initial_loss_scale({"loss_rpn_cls": 100.0, "loss_roi_cls": 100.0, "loss_rpn_box": 9.0,
+                                         "loss_roi_box": 9.0}, {"loss_rpn_cls": 0.69, "loss_roi_cls": 1.6}),
+        checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 0.5, "loss_roi_box": 7.5}),
+        checks.check_dominant_term([p] * 3, max_share=0.7, sustain=3),
+        checks.check_flat_term(falling, window=5),
+        checks.check_stuck_iou_loss([p] * 3, {"rpn": "giou", "roi": "ciou"}, sustain=3),
+        checks.check_foreground_starvation([p] * 3, sustain=3),
+        checks.check_proposal_iou_not_rising([p] * 6),
+        checks.check_regressor_collapse({"cx": 0.0, "cy": 0.0, "w": 0.0, "h": 0.0},
+                                        {"cx": 1.0, "cy": 1.0, "w": 1.0, "h": 1.0}, 10),
+        checks.check_learning_rate(1e-9, 1e-2, 1.0, 1.0, past_warmup=True),
+        checks.check_lr_per_image(1.0, 2, "sgd"),
+        checks.check_gradients([100.0], [1.0] * 20, 0.9, 1),
+        checks.check_loss_scale([8.0, 4.0, 2.0, 1.0]),
+        check_collapse([0.0, 0.0, 0.0], 3.0, min_ratio=0.1, patience=3),
+    ]
+    assert all(a is not None for a in alarms)
+    return alarms
+
+
+def preflight_alarm_changes() -> list[str]:
+    """The 'change' lists written in preflight.py, read from its source."""
+    import rcnn_trainer.monitor.preflight as preflight
+
+    source = inspect.getsource(preflight)
+    return [s for s in __import__("re").findall(r'"((?:model|data|solver|monitor|train)\.[a-z_.]+)', source)]
+
+
+def keys_in(change: str) -> list[str]:
+    head = change.split(":")[0]
+    return [k.strip() for k in head.split("/") if k.strip().split(".")[0] in ("model", "data", "solver", "monitor", "train")]
+
+
+def test_every_alarm_names_valid_config_keys():
+    named = []
+    for alarm in every_alarm():
+        assert alarm.change, alarm.name
+        for change in alarm.change:
+            named += keys_in(change)
+    named += preflight_alarm_changes()
+    assert len(named) > 25
+    for key in named:
+        try:
+            _check_key_path(key.split("."), key)
+        except UserError as err:
+            pytest.fail(f"an alarm names '{key}', which is not a config key: {err}")
