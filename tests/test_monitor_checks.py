@@ -118,3 +118,10 @@ def test_weight_ratio():
     assert checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 1, "loss_roi_box": 2}) is None
     alarm = checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 0.5, "loss_roi_box": 7.5})
     assert alarm and "model.roi.box_loss.weight = 7.5 is 15x model.roi.cls_loss.weight = 0.5" in alarm.seen
+
+
+def test_low_confidence():
+    counts = lambda low, mid: {"dets@0.05": low, "dets@0.3": mid, "dets@0.5": mid, "dets@0.7": 0.0, "gt_per_image": 3.0}
+    alarm = checks.check_low_confidence([counts(5.0, 0.0), counts(6.0, 0.1), counts(5.5, 0.0)], sustain=3)
+    assert alarm and "score >= 0.5: 0.00, 0.10, 0.00" in alarm.seen and alarm.change[0].startswith("model.roi.cls_pos_weight")
+    assert checks.check_low_confidence([counts(5.0, 0.0), counts(6.0, 1.0), counts(5.5, 0.0)], sustain=3) is None

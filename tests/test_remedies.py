@@ -179,6 +179,7 @@ def every_alarm():
         checks.check_gradients([100.0], [1.0] * 20, 0.9, 1),
         checks.check_loss_scale([8.0, 4.0, 2.0, 1.0]),
         check_collapse([0.0, 0.0, 0.0], 3.0, min_ratio=0.1, patience=3),
+        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0}] * 3, sustain=3),
     ]
     assert all(a is not None for a in alarms)
     return alarms

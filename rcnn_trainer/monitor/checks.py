@@ -205,6 +205,30 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
                 "solver.lr: check it is not too low"])
 
 
+def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float = 0.1) -> Alarm | None:
+    """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
+    `sustain` checks in a row: objects are found (or not) but never scored confidently."""
+    if len(history) < sustain:
+        return None
+    recent = history[-sustain:]
+    keys = [k for k in recent[-1] if k.startswith("dets@")]
+    if not keys or min(h["gt_per_image"] for h in recent) <= 0:
+        return None
+    key = min(keys, key=lambda k: abs(float(k[5:]) - 0.5))
+    if any(h[key] >= min_ratio * h["gt_per_image"] for h in recent):
+        return None
+    lowest = keys[0]
+    return Alarm(
+        name="low_confidence",
+        seen=f"probe detections/image with score >= {key[5:]}: {', '.join(f'{h[key]:.2f}' for h in recent)} "
+             f"(at >= {lowest[5:]}: {', '.join(f'{h[lowest]:.2f}' for h in recent)}) vs "
+             f"{recent[-1]['gt_per_image']:.2f} GT objects per image",
+        why="the classifier keeps foreground scores low: background RoIs and anchors outweigh the foreground "
+            "ones in the classification losses (too few positives sampled, or positives weighted too little)",
+        change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
+                "model.roi.positive_fraction: raise toward 0.25-0.5", "model.rpn.positive_fraction: raise toward 0.5"])
+
+
 # ------------------------------------------------------------------ 5. regressor collapse
 def check_regressor_collapse(pred_spread: dict, gt_spread: dict, num_predictions: int, *,
                              min_ratio: float = 0.1, min_predictions: int = 5) -> Alarm | None:

@@ -56,7 +56,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
-        self.state = {"history": [], "grad_norms": [], "scales": [], "collapse": [], "checks": 0,
+        self.state = {"history": [], "grad_norms": [], "scales": [], "collapse": [], "probe": [], "checks": 0,
                       "initial_loss": None, "last_shown": {}, "counts": {}}
 
     def state_dict(self) -> dict:
@@ -103,6 +103,8 @@ class HealthMonitor:
             checks.check_loss_scale(st["scales"]),
         ]
         if past_warmup:
+            st["probe"].append(probe["counts"])
+            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
             st["collapse"].append(probe["counts"][next(iter(probe["counts"]))])
             found.append(check_collapse(st["collapse"], probe["counts"]["gt_per_image"],
                                         min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))

@@ -191,17 +191,18 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
                             "below_fg": float((best_iou[mask] < fg_iou_thresh).float().mean()) if count else 0.0,
                             "below_0.5": float((best_iou[mask] < 0.5).float().mean()) if count else 0.0}
     report.numbers["anchor_coverage"] = coverage
-    poor = {b: c for b, c in coverage.items() if c["boxes"] >= 10 and c["below_0.5"] > 0.3}
+    poor = {b: c for b, c in coverage.items() if c["boxes"] >= 10 and c["below_0.5"] > 0.25}
     if poor:
-        levels = len(anchor_sizes)
-        quantiles = np.quantile(side.numpy(), [(i + 0.5) / levels for i in range(levels)])
-        suggested = [[int(max(2, round(q)))] for q in quantiles]
+        # FPN levels double their stride: keep the octave spacing, start at the small boxes
+        base = max(4, int(round(float(np.quantile(side.numpy(), 0.1)))))
+        suggested = [[base * 2 ** level] for level in range(len(anchor_sizes))]
         report.add("warning", Alarm(
             "anchor_coverage", "share of GT boxes whose best anchor IoU is below 0.5: "
             + ", ".join(f"{b} {100 * c['below_0.5']:.0f}% of {c['boxes']}" for b, c in poor.items())
             + f" (anchors {anchor_sizes}, boxes after resize: median side {float(side.median()):.0f} px)",
             "objects that no anchor overlaps well get few or no positive anchors: the RPN never proposes them",
-            [f"model.anchors.sizes: {suggested} (quantiles of the box sizes)",
+            [f"model.anchors.sizes: {suggested} (one octave per level from the 10th percentile of box sizes)",
+             "data.min_size / data.max_size: resize larger (see configs/small_objects.yaml)",
              "model.rpn.fg_iou_thresh: lower it (e.g. 0.5) for odd shapes"]))
     tiny = float((short_side < strides[0]).float().mean())
     report.numbers["smaller_than_stride_share"] = tiny
