@@ -159,6 +159,13 @@ class BoxLossConfig(Strict):
         "sampled", description="Divide by the number of sampled anchors/RoIs (torchvision) or of positives.")
 
 
+def _check_iou_order(section, name: str):
+    if section.bg_iou_thresh > section.fg_iou_thresh:
+        raise ValueError(f"{name}.bg_iou_thresh ({section.bg_iou_thresh}) must be <= "
+                         f"{name}.fg_iou_thresh ({section.fg_iou_thresh})")
+    return section
+
+
 class RPNConfig(Strict):
     fg_iou_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Anchor IoU >= this: foreground.")
     bg_iou_thresh: float = Field(0.3, ge=0.0, le=1.0, description="Anchor IoU < this: background.")
@@ -183,9 +190,7 @@ class RPNConfig(Strict):
 
     @model_validator(mode="after")
     def _iou_order(self) -> "RPNConfig":
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError(f"rpn.bg_iou_thresh ({self.bg_iou_thresh}) must be <= rpn.fg_iou_thresh ({self.fg_iou_thresh})")
-        return self
+        return _check_iou_order(self, "rpn")
 
 
 class ROIConfig(Strict):
@@ -224,9 +229,7 @@ class ROIConfig(Strict):
 
     @model_validator(mode="after")
     def _iou_order(self) -> "ROIConfig":
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError(f"roi.bg_iou_thresh ({self.bg_iou_thresh}) must be <= roi.fg_iou_thresh ({self.fg_iou_thresh})")
-        return self
+        return _check_iou_order(self, "roi")
 
 
 class ModelConfig(Strict):

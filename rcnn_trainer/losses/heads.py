@@ -34,12 +34,18 @@ def loss_rpn_cls(objectness: torch.Tensor, labels: torch.Tensor, *, loss_type: s
     return sum_over_avg_factor(per_anchor, avg_factor), avg_factor
 
 
+def _box_term(pred_deltas, reference_boxes, gt_boxes, num_sampled, box_coder, loss_type, beta, avg_factor_mode, wiou):
+    count = _count(avg_factor_mode, num_sampled, pred_deltas.shape[0])
+    avg_factor = avg_factor_from_count(count, pred_deltas.device)
+    per_box = box_loss_per_box(pred_deltas, reference_boxes, gt_boxes, box_coder, loss_type=loss_type, beta=beta,
+                               wiou=wiou)
+    return sum_over_avg_factor(per_box, avg_factor), avg_factor
+
+
 def loss_rpn_box(pred_deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor, num_sampled: int,
                  box_coder: BoxCoder, *, loss_type: str, beta: float, avg_factor_mode: str, wiou=None):
     """pred_deltas, anchors, gt_boxes: [P, 4] for the positive sampled anchors."""
-    avg_factor = avg_factor_from_count(_count(avg_factor_mode, num_sampled, pred_deltas.shape[0]), pred_deltas.device)
-    per_box = box_loss_per_box(pred_deltas, anchors, gt_boxes, box_coder, loss_type=loss_type, beta=beta, wiou=wiou)
-    return sum_over_avg_factor(per_box, avg_factor), avg_factor
+    return _box_term(pred_deltas, anchors, gt_boxes, num_sampled, box_coder, loss_type, beta, avg_factor_mode, wiou)
 
 
 def loss_roi_cls(class_logits: torch.Tensor, labels: torch.Tensor, *, loss_type: str, pos_weight: float,
@@ -54,6 +60,4 @@ def loss_roi_cls(class_logits: torch.Tensor, labels: torch.Tensor, *, loss_type:
 def loss_roi_box(pred_deltas: torch.Tensor, proposals: torch.Tensor, gt_boxes: torch.Tensor, num_sampled: int,
                  box_coder: BoxCoder, *, loss_type: str, beta: float, avg_factor_mode: str, wiou=None):
     """pred_deltas (of each RoI's own gt class), proposals, gt_boxes: [P, 4] for positive RoIs."""
-    avg_factor = avg_factor_from_count(_count(avg_factor_mode, num_sampled, pred_deltas.shape[0]), pred_deltas.device)
-    per_box = box_loss_per_box(pred_deltas, proposals, gt_boxes, box_coder, loss_type=loss_type, beta=beta, wiou=wiou)
-    return sum_over_avg_factor(per_box, avg_factor), avg_factor
+    return _box_term(pred_deltas, proposals, gt_boxes, num_sampled, box_coder, loss_type, beta, avg_factor_mode, wiou)
