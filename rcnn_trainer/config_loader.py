@@ -52,8 +52,11 @@ def _read_yaml(path: Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err)
-        raise UserError(f"{where}: YAML syntax error: {problem}. Check indentation and "
-                        f"'key: value' spacing on that line.") from None
+        context = getattr(err, "context_mark", None)
+        opened = (f" ({err.context} at line {context.line + 1}, column {context.column + 1})"
+                  if context is not None and getattr(err, "context", None) else "")
+        raise UserError(f"{where}: YAML syntax error: {problem}{opened}. Check indentation, brackets and "
+                        f"'key: value' spacing there.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
