@@ -97,11 +97,20 @@ def _run_eval(argv) -> int:
     return 0
 
 
+def _without_worker_traceback(message: str) -> str:
+    """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep our message."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _guard(run, argv) -> int:
     try:
         return run(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_without_worker_traceback(str(err))}", file=sys.stderr)
         return err.exit_code
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)

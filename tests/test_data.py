@@ -117,3 +117,24 @@ def test_synthetic_is_deterministic(tmp_path):
     assert digest(a) == digest(b) != digest(c)
     data = json.loads((a / "train.json").read_text())
     assert len(data["images"]) == 5 and {c["name"] for c in data["categories"]} == {"square", "circle", "triangle", "cross"}
+
+
+def test_truncated_image_in_worker_is_a_clean_error(tmp_path, capsys):
+    folder = tmp_path / "d"
+    # 20 images, the bad one last: the preflight decodes only the first 16 in this process,
+    # so the failure happens inside a DataLoader worker
+    path = write_coco(folder, [image(i, 64, 64) for i in range(1, 21)],
+                      [ann(i, i, 7, [5, 5, 20, 20]) for i in range(1, 21)])
+    png = folder / "im20.png"
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(png)
+    png.write_bytes(png.read_bytes()[:400])  # header intact, pixel data cut
+    raw = tiny_dict(tmp_path, solver={"max_iters": 12})
+    raw["data"] = {"train": {"ann_file": str(path), "img_dir": str(folder)},
+                   "val": {"ann_file": str(path), "img_dir": str(folder)}, "num_workers": 2,
+                   "batch_size": 2, "min_size": 64, "max_size": 64}
+    raw["model"]["num_classes"] = 2
+    code = train_main(["--config", str(write_yaml(tmp_path / "c.yaml", raw)), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "im20.png" in err and "could not be read" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
