@@ -263,6 +263,9 @@ class SolverConfig(Strict):
     steps: list[int] = Field(default_factory=list, description="Iterations at which multistep divides lr by 1/gamma.")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="Multistep decay factor.")
     max_iters: int = Field(90000, ge=1, description="Training iterations.")
+    max_epochs: Optional[int] = Field(
+        None, ge=1, description="If set, train this many passes over the training set instead: max_iters becomes "
+        "max_epochs x (training images // global batch). solver.steps stay in iterations.")
     clip_grad_norm: Optional[float] = Field(None, gt=0.0, description="Max total grad norm (null = off).")
     amp: bool = Field(False, description="Mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU.")
     max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")

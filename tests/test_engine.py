@@ -172,3 +172,14 @@ def test_clipping_engages_above_the_bound(tmp_path):
     train(loose, log=quiet, progress=False)
     lines = [l for l in MetricsLog(tmp_path / "loose" / "run" / "metrics.jsonl").read() if l["type"] == "train"]
     assert not any(l["clipped"] for l in lines)
+
+
+def test_max_epochs_sets_iterations(tmp_path):
+    messages = []
+    cfg = tiny_config(tmp_path, solver={"max_epochs": 2, "max_iters": 999})  # 12 images, batch 2 -> 6 per epoch
+    train(cfg, log=messages.append, progress=False)
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert lines[-1]["iter"] == 12 and any("6 iterations per epoch, max_iters=12" in m for m in messages)
+    bad = tiny_config(tmp_path / "b", solver={"max_epochs": 1, "max_iters": 999, "steps": [50]})
+    with pytest.raises(UserError, match="solver.steps"):
+        train(bad, log=quiet, progress=False)

@@ -140,6 +140,15 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     for finding in report.findings:
         metrics.write({"type": "preflight", "iter": 0, "severity": finding.severity, **finding.alarm.to_record()})
     raise_on_errors(report)
+    if cfg.solver.max_epochs is not None:
+        per_epoch = max(1, len(train_set) // (cfg.data.batch_size * info.world_size))
+        iterations = cfg.solver.max_epochs * per_epoch
+        if cfg.solver.steps and cfg.solver.steps[-1] >= iterations:
+            raise UserError(f"solver.max_epochs={cfg.solver.max_epochs} gives {iterations} iterations "
+                            f"({per_epoch} per epoch) but solver.steps {cfg.solver.steps} go beyond; give steps "
+                            f"below {iterations}.")
+        cfg.solver.max_iters = iterations
+        say(f"solver.max_epochs={cfg.solver.max_epochs}: {per_epoch} iterations per epoch, max_iters={iterations}")
     if info.is_main:
         save_config(cfg, out / "config.yaml")
     warning = lr_ratio_warning(cfg.solver, cfg.data.batch_size * info.world_size)
