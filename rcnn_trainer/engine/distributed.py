@@ -77,3 +77,15 @@ def broadcast_from_main(obj):
 
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each scalar averaged over ranks (for logging: the loss of the whole global batch).
+    One small all_reduce; a no-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not values:
+        return values
+    names = list(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    return dict(zip(names, stacked))

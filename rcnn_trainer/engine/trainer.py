@@ -28,7 +28,7 @@ from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_tra
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, device_kind,
-                                             init_distributed, pick_device)
+                                             init_distributed, mean_over_ranks, pick_device)
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler, lr_ratio_warning
@@ -255,7 +255,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         if after_forward is not None:
             after_forward(it, losses)
         weights = loss_weights(cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
-        total, weighted = weighted_total(losses, weights)
+        total, _ = weighted_total(losses, weights)
 
         record = {"iter": it + 1, "lr": lr, "data_time": t_data, **{f"weight/{n}": w for n, w in weights.items()}}
         finite = all_ranks_true(bool(torch.isfinite(total)), device)  # a sync point, needed to skip the step
@@ -293,9 +293,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 f"non-finite was {state.first_nonfinite_term}. Lower solver.lr, set solver.clip_grad_norm (e.g. 10), "
                 f"or check that term's weight. The last good checkpoint in '{ckpt_dir}' is intact.")
 
-        record.update({"loss": float(total.detach()) if finite else float("nan"),
-                       **{n: float(v.detach()) for n, v in losses.items()},
-                       **{f"{n}_weighted": float(v.detach()) for n, v in weighted.items()},
+        logged = mean_over_ranks({n: v.detach() for n, v in losses.items()})  # global-batch values under DDP
+        record.update({"loss": float(sum(logged[n] * weights[n] for n in logged)) if finite else float("nan"),
+                       **{n: float(v) for n, v in logged.items()},
+                       **{f"{n}_weighted": float(logged[n] * weights[n]) for n in logged},
                        **{k: float(v) for k, v in stats.items()}, "time": time.perf_counter() - t0})
         state.window.append(record)
         bar.update(1)
