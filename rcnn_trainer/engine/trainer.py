@@ -199,7 +199,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
 
     probe_set = copy.copy(train_set)
     probe_set.transforms = val_set.transforms  # no flips: the same images every check
-    probe_items = [probe_set[i] for i in range(min(cfg.monitor.probe_images, len(probe_set)))]
+    # images with objects first: the threshold counts compare detections with ground truth
+    with_objects = [i for i, r in enumerate(probe_set.records) if len(r.labels)]
+    others = [i for i, r in enumerate(probe_set.records) if not len(r.labels)]
+    probe_items = [probe_set[i] for i in (with_objects + others)[:cfg.monitor.probe_images]]
     probe_images = [img.to(device) for img, _ in probe_items]
     probe_gt_boxes = [t["boxes"] for _, t in probe_items]
     val_loader = build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size)))
