@@ -45,19 +45,16 @@ def _eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args):
+def _load(args, output_dir: str | None = None):
     from rcnn_trainer.config_loader import load_config
 
-    overrides = list(args.overrides)
-    if getattr(args, "output_dir", None) and args.__dict__.get("_train"):
-        overrides.append(f"output_dir={args.output_dir}")
-    return load_config(args.config, overrides)
+    extra = [f"output_dir={output_dir}"] if output_dir else []
+    return load_config(args.config, [*args.overrides, *extra])
 
 
 def _run_train(argv) -> int:
     args = _train_parser().parse_args(argv)
-    args._train = True
-    cfg = _load(args)
+    cfg = _load(args, output_dir=args.output_dir)
     if args.preflight:
         from rcnn_trainer.data.loader import build_dataset
         from rcnn_trainer.data.summary import format_summary, summarize_dataset

@@ -127,18 +127,14 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def _check_key_path(keys: list[str], override: str) -> None:
-    model: type[BaseModel] | None = Config
     for depth, key in enumerate(keys):
+        model = _model_at(tuple(keys[:depth]))  # the keys before this one are valid sections or a value
         if model is None:
-            parent = ".".join(keys[:depth])
-            raise UserError(f"override '{override}': '{parent}' is a value, not a section; "
+            raise UserError(f"override '{override}': '{'.'.join(keys[:depth])}' is a value, not a section; "
                             f"it has no key '{key}'.")
-        fields = model.model_fields
-        if key not in fields:
+        if key not in model.model_fields:
             section = ".".join(keys[:depth]) or "the top level"
-            raise UserError(f"override '{override}': no key '{key}' in {section}."
-                            f"{_suggest(key, fields)}")
-        model = _model_of(fields[key].annotation)
+            raise UserError(f"override '{override}': no key '{key}' in {section}.{_suggest(key, model.model_fields)}")
 
 
 def _suggest(key: str, candidates: Iterable[str]) -> str:
@@ -148,6 +144,7 @@ def _suggest(key: str, candidates: Iterable[str]) -> str:
 
 # --------------------------------------------------------------------------- messages
 def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema section at a key path, or None if the path leads to a value or nowhere."""
     model: type[BaseModel] | None = Config
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from rcnn_trainer.monitor import checks
-from rcnn_trainer.monitor.alarms import check_collapse
+from rcnn_trainer.monitor.checks import check_collapse
 
 
 def period(**values):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
-import pytest
 
 from conftest import ann, image, tiny_config, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import train_main

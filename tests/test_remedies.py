@@ -24,8 +24,7 @@ from rcnn_trainer.losses.wise_iou import WiseIoULoss
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.roi_heads import select_hardest
 from rcnn_trainer.monitor import checks
-from rcnn_trainer.monitor.alarms import check_collapse
-from rcnn_trainer.monitor.preflight import PreflightReport
+from rcnn_trainer.monitor.checks import check_collapse
 
 REPO = Path(__file__).resolve().parents[1]
 quiet = lambda _m: None

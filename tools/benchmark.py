@@ -33,6 +33,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+from rcnn_trainer.engine.device import autocast_for, to_device
 from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
@@ -90,11 +91,6 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def to_device(images, targets, device):
-    return ([i.to(device) for i in images],
-            [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets])
-
-
 def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
     """Training s/iter (median), data wait share, inference images/s, eval time, monitor cost."""
     model = build(cfg, which).to(device).train()
@@ -102,8 +98,7 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
     weights = loss_weights(cfg.model)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     batches = iter(build_train_loader(cfg, train_set))
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)) \
-        if cfg.solver.amp else __import__("contextlib").nullcontext
+    autocast = autocast_for(device, cfg.solver.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.solver.amp and device.type == "cuda")
     step_times, data_times = [], []
     for step in range(warmup + iters):

@@ -1,4 +1,5 @@
-"""torch.distributed set-up under torchrun: nccl on CUDA, gloo on CPU. One process = rank 0."""
+"""torch.distributed set-up under torchrun (nccl on CUDA, gloo on CPU) and the collectives
+the engine uses. One process = rank 0, and every helper is then a no-op."""
 
 from __future__ import annotations
 
@@ -29,17 +30,6 @@ def init_distributed(device_kind: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(setting: str, info: DistInfo) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
-
-
-def device_kind(setting: str) -> str:
-    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def barrier() -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_dataset, build_train_loader
+from rcnn_trainer.engine.device import pick_device, to_device
 from rcnn_trainer.engine.optim import build_optimizer
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
@@ -43,10 +44,7 @@ def lr_sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, 
             lr = min_lr * (max_lr / min_lr) ** (step / max(iters - 1, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, targets = next(batches)
-            images = [i.to(device) for i in images]
-            targets = [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets]
-            losses, _ = model(images, targets)
+            losses, _ = model(*to_device(*next(batches), device))
             total, _ = weighted_total(losses, weights)
             value = float(total.detach())
             if not math.isfinite(value):
@@ -84,7 +82,7 @@ def format_curve(points: list[dict], rows: int = 15) -> str:
 def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters: int = 100,
                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.solver)
     batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))

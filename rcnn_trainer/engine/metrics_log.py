@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 
 def _plain(value):
     if hasattr(value, "item"):
@@ -14,6 +16,15 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them readable
     return value
+
+
+def scalars_to_floats(values: dict) -> dict[str, float]:
+    """Python floats for a dict of scalars (tensors or numbers), keeping the key order. The
+    tensors come to the host in one copy: float(t) on each would be a device sync apiece."""
+    tensors = [k for k, v in values.items() if torch.is_tensor(v)]
+    host = dict(zip(tensors, torch.stack([values[k].detach().float().reshape(()) for k in tensors]).tolist())) \
+        if tensors else {}
+    return {k: host[k] if k in host else float(v) for k, v in values.items()}
 
 
 class MetricsLog:

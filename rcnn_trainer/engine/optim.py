@@ -13,7 +13,6 @@ from torch import nn
 
 from rcnn_trainer.config import SolverConfig
 
-REFERENCE_LR_PER_IMAGE = 0.02 / 16  # detectron2 / torchvision: lr 0.02 for 16 images with SGD
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -50,15 +49,3 @@ def lr_multiplier(iteration: int, solver: SolverConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, solver: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(it, solver))
 
-
-def lr_ratio_warning(solver: SolverConfig, total_batch_size: int) -> str | None:
-    """A warning when lr per image is far above the reference ratio (a common cause of divergence)."""
-    if solver.optimizer != "sgd":
-        return None
-    ratio = solver.lr / total_batch_size / REFERENCE_LR_PER_IMAGE
-    if ratio <= 4.0:
-        return None
-    suggested = REFERENCE_LR_PER_IMAGE * total_batch_size
-    return (f"solver.lr = {solver.lr} for {total_batch_size} images per step is {ratio:.1f}x the reference "
-            f"ratio (0.02 for 16 images); Faster R-CNN often diverges there. Try solver.lr={suggested:.4g} "
-            f"or a longer solver.warmup_iters, and consider solver.clip_grad_norm.")

@@ -12,9 +12,9 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
 from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.distributed import DistInfo, pick_device
+from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
-from rcnn_trainer.engine.trainer import autocast_for, check_dataset_fits_model, flatten
+from rcnn_trainer.engine.trainer import check_dataset_fits_model, flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 
@@ -34,7 +34,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Pa
 
 
 def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True) -> dict:
-    device = pick_device(cfg.train.device, DistInfo())
+    device = pick_device(cfg.train.device)
     val_set = build_dataset(cfg, "val")
     check_dataset_fits_model(cfg, val_set)
     model = build_model(cfg.model).to(device)

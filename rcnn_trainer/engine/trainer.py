@@ -9,7 +9,6 @@ inject a NaN). Checkpoints, metrics and console output happen on rank 0 only.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
@@ -27,11 +26,12 @@ from rcnn_trainer.config_loader import config_to_dict, save_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, device_kind,
-                                             init_distributed, mean_over_ranks, pick_device)
+from rcnn_trainer.engine.device import autocast_for, device_kind, pick_device, to_device
+from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, init_distributed,
+                                             mean_over_ranks)
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.optim import build_optimizer, build_scheduler, lr_ratio_warning
+from rcnn_trainer.engine.metrics_log import MetricsLog, scalars_to_floats
+from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import TrainingStopped, UserError
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
@@ -70,14 +70,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA (with a GradScaler), bf16 on CPU (no scaler needed)."""
-    if not enabled:
-        return contextlib.nullcontext
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -105,12 +97,6 @@ def check_dataset_fits_model(cfg: Config, dataset) -> None:
         raise UserError(f"model.num_classes is {cfg.model.num_classes} but '{dataset.ann_file}' has "
                         f"{dataset.num_classes} categories ({', '.join(dataset.class_names[:10])}); "
                         f"set model.num_classes={dataset.num_classes}.")
-
-
-def to_device(images, targets, device):
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets]
-    return images, targets
 
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
@@ -151,9 +137,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         say(f"solver.max_epochs={cfg.solver.max_epochs}: {per_epoch} iterations per epoch, max_iters={iterations}")
     if info.is_main:
         save_config(cfg, out / "config.yaml")
-    warning = lr_ratio_warning(cfg.solver, cfg.data.batch_size * info.world_size)
-    if warning:
-        say(f"WARNING {warning}")
     if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
         say("WARNING model.backbone.weights is null and model.backbone.norm is frozen_bn: frozen BatchNorm "
             "at random init is an identity. From scratch, set model.backbone.norm to bn or gn.")
@@ -241,6 +224,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     max_iters = cfg.solver.max_iters
     loader = build_train_loader(cfg, train_set, start_iter=state.iteration, rank=info.rank,
                                 world_size=info.world_size)
+    if state.iteration == 0:
+        for alarm in health.at_start():  # e.g. an SGD lr far above 0.02 per 16 images
+            report_alarm(alarm)
     bar = tqdm(total=max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
                disable=not (progress and info.is_main))
     data_iter = iter(loader)
@@ -265,9 +251,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         if finite:
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-            finite = bool(torch.isfinite(grad_norm))
-            record.update(grad_norm=float(grad_norm), clipped=bool(max_norm and grad_norm > max_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
+            finite = math.isfinite(grad_norm)
+            record.update(grad_norm=grad_norm, clipped=bool(max_norm and grad_norm > max_norm))
             if finite:
                 scaler.step(optimizer)
         if finite:
@@ -296,11 +282,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 f"non-finite was {state.first_nonfinite_term}. Lower solver.lr, set solver.clip_grad_norm (e.g. 10), "
                 f"or check that term's weight. The last good checkpoint in '{ckpt_dir}' is intact.")
 
-        logged = mean_over_ranks({n: v.detach() for n, v in losses.items()})  # global-batch values under DDP
-        record.update({"loss": float(sum(logged[n] * weights[n] for n in logged)) if finite else float("nan"),
-                       **{n: float(v) for n, v in logged.items()},
-                       **{f"{n}_weighted": float(logged[n] * weights[n]) for n in logged},
-                       **{k: float(v) for k, v in stats.items()}, "time": time.perf_counter() - t0})
+        # global-batch values under DDP; one host copy for all of them
+        logged = scalars_to_floats({**mean_over_ranks({n: v.detach() for n, v in losses.items()}), **stats})
+        terms = [n for n in LOSS_NAMES if n in losses]
+        record.update({"loss": sum(logged[n] * weights[n] for n in terms) if finite else float("nan"),
+                       **{n: logged[n] for n in terms}, **{f"{n}_weighted": logged[n] * weights[n] for n in terms},
+                       **{k: logged[k] for k in stats}, "time": time.perf_counter() - t0})
         state.window.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")

@@ -16,7 +16,7 @@ from rcnn_trainer.losses.classification import class_loss_per_roi, objectness_lo
 from rcnn_trainer.losses.reduce import avg_factor_from_count, sum_over_avg_factor
 
 
-def _count(mode: str, num_sampled: int, num_positives: int) -> int:
+def _count(mode: str, num_sampled, num_positives):
     if mode == "sampled":
         return num_sampled
     if mode == "positives":
@@ -27,7 +27,7 @@ def _count(mode: str, num_sampled: int, num_positives: int) -> int:
 def loss_rpn_cls(objectness: torch.Tensor, labels: torch.Tensor, *, loss_type: str, pos_weight: float,
                  alpha: float, gamma: float, avg_factor_mode: str):
     """objectness, labels: [S] over the sampled anchors of the whole batch."""
-    num_positives = int((labels > 0).sum())
+    num_positives = (labels > 0).sum()  # a tensor: no host sync
     avg_factor = avg_factor_from_count(_count(avg_factor_mode, labels.numel(), num_positives), objectness.device)
     per_anchor = objectness_loss_per_anchor(objectness, labels, loss_type=loss_type, pos_weight=pos_weight,
                                             alpha=alpha, gamma=gamma)
@@ -51,7 +51,7 @@ def loss_rpn_box(pred_deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: tor
 def loss_roi_cls(class_logits: torch.Tensor, labels: torch.Tensor, *, loss_type: str, pos_weight: float,
                  gamma: float, avg_factor_mode: str):
     """class_logits: [S, C+1], labels: [S] in 0..C over the sampled RoIs of the batch."""
-    num_positives = int((labels > 0).sum())
+    num_positives = (labels > 0).sum()  # a tensor: no host sync
     avg_factor = avg_factor_from_count(_count(avg_factor_mode, labels.numel(), num_positives), class_logits.device)
     per_roi = class_loss_per_roi(class_logits, labels, loss_type=loss_type, pos_weight=pos_weight, gamma=gamma)
     return sum_over_avg_factor(per_roi, avg_factor), avg_factor

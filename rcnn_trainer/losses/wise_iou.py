@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rcnn_trainer.losses.iou import paired_iou
+
 
 class WiseIoULoss(nn.Module):
     def __init__(self, alpha: float = 1.9, delta: float = 3.0, momentum: float = 0.01):
@@ -38,7 +40,7 @@ class WiseIoULoss(nn.Module):
         pred_boxes, gt_boxes = pred_boxes.float(), gt_boxes.float()
         if pred_boxes.numel() == 0:
             return pred_boxes.sum(dim=1) * 0.0
-        iou = _elementwise_iou(pred_boxes, gt_boxes)
+        iou = paired_iou(pred_boxes, gt_boxes)
         iou_loss = 1.0 - iou
         if self.training:
             self._update_mean(iou_loss.detach())
@@ -51,14 +53,4 @@ class WiseIoULoss(nn.Module):
         focus = beta / (self.delta * self.alpha ** (beta - self.delta))
         return focus * r_wiou * iou_loss
 
-
-def _elementwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of row i of a with row i of b. box_iou on [P, P] would be quadratic; this reads
-    only the matched pairs (torchvision has no elementwise IoU)."""
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-7)
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import box_iou
 
 from rcnn_trainer.losses.box import box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
+from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
 
 
@@ -75,10 +75,9 @@ class BoxHeads(RoIHeads):
             sampled_inds = self.subsample(labels)
         rois, gt_labels, matched, from_rpn = [], [], [], []
         for i, keep in enumerate(sampled_inds):
-            boxes_i = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=keep.device)
             rois.append(proposals[i][keep])
             gt_labels.append(labels[i][keep])
-            matched.append(boxes_i[matched_idxs[i][keep]])
+            matched.append(_matched_gt_boxes(gt_boxes[i], matched_idxs[i][keep]))
             from_rpn.append(keep < num_rpn[i])
         return rois, gt_labels, matched, from_rpn
 
@@ -92,8 +91,7 @@ class BoxHeads(RoIHeads):
                                      pos_weight=self.cls_loss["pos_weight"], gamma=self.cls_loss["gamma"])
         pos = torch.where(all_labels > 0)[0]
         if pos.numel():
-            matched = torch.cat([(g if g.numel() else torch.zeros((1, 4), device=g.device))[m.clamp(min=0)]
-                                 for g, m in zip(gt_boxes, matched_idxs)])
+            matched = torch.cat([_matched_gt_boxes(g, m.clamp(min=0)) for g, m in zip(gt_boxes, matched_idxs)])
             deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, all_labels[pos]]
             per_roi[pos] += box_loss_per_box(deltas, torch.cat(proposals)[pos], matched[pos], self.box_coder,
                                              loss_type="smooth_l1")
@@ -111,7 +109,7 @@ class BoxHeads(RoIHeads):
                                        self.box_coder, **self.box_loss)
         real = pos[from_rpn[pos]]
         with torch.no_grad():
-            ious = box_iou(rois[real], matched_gt_boxes[real]).diagonal() if real.numel() else rois.new_zeros(0)
+            ious = paired_iou(rois[real], matched_gt_boxes[real])
             fg_argmax = (class_logits.argmax(dim=1) > 0).float().mean()
         stats = {
             "avg_factor/roi_cls": cls_factor.detach(),
@@ -123,6 +121,13 @@ class BoxHeads(RoIHeads):
             "roi/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
         }
         return {"loss_roi_cls": cls, "loss_roi_box": box}, stats
+
+
+def _matched_gt_boxes(gt_boxes: torch.Tensor, matched_idxs: torch.Tensor) -> torch.Tensor:
+    """The GT box of each RoI; an image without GT gets a dummy box (its RoIs are all background)."""
+    if not gt_boxes.numel():
+        gt_boxes = torch.zeros((1, 4), dtype=gt_boxes.dtype, device=gt_boxes.device)
+    return gt_boxes[matched_idxs]
 
 
 def select_hardest(losses: torch.Tensor, labels: torch.Tensor, num: int, positive_fraction: float) -> torch.Tensor:

@@ -50,24 +50,23 @@ def check_initial_loss_scale(record: dict, expected: dict, *, box_limit: float =
                              tolerance: float = 3.0) -> Alarm | None:
     """First iteration: classification terms far from their value at zero logits, or a box
     term far above its natural range (a per-box loss of order 1 averaged over the sample)."""
-    off = []
+    off = {}  # term -> what was seen
     for name, value in expected.items():
         seen = record.get(name, float("nan"))
         if not (value / tolerance <= seen <= value * tolerance):
-            off.append(f"{name} = {seen:.4g}, expected about {value:.4g} at initialization")
+            off[name] = f"{name} = {seen:.4g}, expected about {value:.4g} at initialization"
     for name in ("loss_rpn_box", "loss_roi_box"):
         if record.get(name, 0.0) > box_limit:
-            off.append(f"{name} = {record[name]:.4g}, expected below {box_limit:g} at initialization")
+            off[name] = f"{name} = {record[name]:.4g}, expected below {box_limit:g} at initialization"
     if not off:
         return None
     return Alarm(
         name="initial_loss_scale",
-        seen="; ".join(off),
+        seen="; ".join(off.values()),
         why="a loss far from its initialization value usually means it is normalized by the wrong number "
             "(a sum divided by 1 instead of by the sampled or positive count) or weighted far off; "
             "training then behaves as with a wildly wrong learning rate",
-        change=[f"{WEIGHT_KEYS[n.split(' ')[0]]}: check the weight of the term named above"
-                for n in off if n.split(" ")[0] in WEIGHT_KEYS]
+        change=[f"{WEIGHT_KEYS[name]}: check the weight of the term named above" for name in off]
         + ["model.rpn.cls_loss.avg_factor / model.roi.cls_loss.avg_factor: sampled (the torchvision normalization)"])
 
 
@@ -286,9 +285,10 @@ def check_gradients(window_norms: list[float], past_norms: list[float], clipped_
     """Gradient-norm spikes over the running median, frequent clipping, non-finite steps."""
     seen = []
     finite = [n for n in past_norms if math.isfinite(n)]
-    if len(finite) >= 10 and window_norms:
+    window_finite = [n for n in window_norms if math.isfinite(n)]
+    if len(finite) >= 10 and window_finite:
         median = statistics.median(finite)
-        peak = max(n for n in window_norms if math.isfinite(n)) if any(map(math.isfinite, window_norms)) else 0.0
+        peak = max(window_finite)
         if median > 0 and peak > spike * median:
             seen.append(f"grad norm spike {peak:.3g} = {peak / median:.0f}x the running median {median:.3g}")
     if clipped_share > max_clipped:
@@ -314,3 +314,34 @@ def check_loss_scale(scales: list[float], *, falls: int = 3) -> Alarm | None:
         seen="AMP loss scale " + " -> ".join(f"{s:g}" for s in scales[-falls - 1:]),
         why="the scaler keeps finding inf/NaN gradients in fp16: values overflow",
         change=["solver.amp: false to confirm", "solver.clip_grad_norm: set it", "solver.lr: lower it"])
+
+
+def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: float, patience: int) -> Alarm | None:
+    """Detections per image at the lowest score threshold, one value per probe check.
+
+    Fires when the last `patience` values are all below `min_ratio` * GT per image, or when
+    the latest value fell more than 90% from the peak, while ground truth is not zero.
+    """
+    if gt_per_image <= 0 or not history:
+        return None
+    floor = min_ratio * gt_per_image
+    recent = history[-patience:]
+    peak = max(history)
+    below = len(recent) == patience and all(v < floor for v in recent)
+    dropped = peak > 0 and history[-1] < 0.1 * peak and peak >= floor
+    if not (below or dropped):
+        return None
+    trend = " -> ".join(f"{v:.2f}" for v in history[-8:])
+    reason = (f"below {min_ratio:g} x GT for {patience} checks in a row" if below
+              else f"down more than 90% from its peak {peak:.2f}")
+    return Alarm(
+        name="collapse",
+        seen=f"detections/image at the lowest threshold: {trend} ({reason}); GT objects/image {gt_per_image:.2f}",
+        why="the detector is predicting background everywhere: background RoIs/anchors swamp the "
+            "foreground ones, or the lr is too high (diverged) or too low (never learned), or no anchor fits the objects",
+        change=["model.roi.cls_pos_weight: raise to 2-5 (foreground RoIs weigh more than background)",
+                "model.rpn.cls_pos_weight: raise to 2-5 (foreground anchors weigh more)",
+                "model.roi.positive_fraction: raise toward 0.5 (more positives sampled)",
+                "model.roi.cls_loss.type: focal (down-weights easy background)",
+                "solver.lr: lower it 2-10x if losses jumped, raise it if they never fell",
+                "model.anchors.sizes: match the object sizes (see the preflight's anchor coverage)"])

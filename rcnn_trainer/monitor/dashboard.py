@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rcnn_trainer.engine.evaluate import format_threshold_table
+from rcnn_trainer.engine.evaluate import format_threshold_table, threshold_counts
 from rcnn_trainer.losses.weighting import LOSS_NAMES
 
 
@@ -29,10 +29,9 @@ def probe(model: torch.nn.Module, images: list[torch.Tensor], gt_boxes: list[tor
         detections = model(images)
     finally:
         model.train(was_training)
-    counts = {f"dets@{t:g}": sum(int((d["scores"] >= t).sum()) for d in detections) / len(images)
-              for t in thresholds}
+    counts = threshold_counts([(None, d) for d in detections], thresholds, sum(len(b) for b in gt_boxes) / len(images))
     kept = torch.cat([d["boxes"][d["scores"] >= thresholds[0]].float().cpu() for d in detections])
-    return {"counts": {**counts, "gt_per_image": sum(len(b) for b in gt_boxes) / len(images)},
+    return {"counts": counts,
             "pred_spread": box_spread(kept), "gt_spread": box_spread(torch.cat(gt_boxes)),
             "num_predictions": len(kept)}
 

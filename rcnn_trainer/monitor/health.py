@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rcnn_trainer.config import Config
 from rcnn_trainer.losses.weighting import loss_weights
 from rcnn_trainer.monitor import checks
-from rcnn_trainer.monitor.alarms import Alarm, check_collapse
+from rcnn_trainer.monitor.alarms import Alarm
 
 MAX_NORMS_KEPT = 500
 
@@ -56,7 +56,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
-        self.state = {"history": [], "grad_norms": [], "scales": [], "collapse": [], "probe": [], "checks": 0,
+        self.state = {"history": [], "grad_norms": [], "scales": [], "probe": [], "checks": 0,
                       "initial_loss": None, "last_shown": {}, "counts": {}}
 
     def state_dict(self) -> dict:
@@ -65,13 +65,17 @@ class HealthMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.state = state
 
+    def at_start(self) -> list[Alarm]:
+        """Before the first step: what the config alone says."""
+        s = self.settings
+        found = checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer)
+        return [found] if found is not None else []
+
     def first_step(self, record: dict) -> list[Alarm]:
         s = self.settings
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
-        found = [checks.check_initial_loss_scale(record, expected),
-                 checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer),
-                 checks.check_weight_ratio(s.loss_weights)]
+        found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
         return [a for a in found if a is not None]
 
     def period(self, iteration: int, records: list[dict], mean: dict, probe: dict,
@@ -105,9 +109,9 @@ class HealthMonitor:
         if past_warmup:
             st["probe"].append(probe["counts"])
             found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
-            st["collapse"].append(probe["counts"][next(iter(probe["counts"]))])
-            found.append(check_collapse(st["collapse"], probe["counts"]["gt_per_image"],
-                                        min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
+            lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
+            found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],
+                                               min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
         return [a for a in found if a is not None]
 
     def should_print_in_full(self, alarm: Alarm) -> bool:

@@ -168,7 +168,7 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
         records = [records[i] for i in rng.choice(len(records), max_images, replace=False)]
     generator = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
     anchors_by_shape: dict = {}
-    best, sides = [], []
+    best, sides, short_sides = [], [], []
     for r in records:
         scale = resize_scale(r.height, r.width, min_size, max_size)
         h, w = round(r.height * scale), round(r.width * scale)
@@ -178,11 +178,10 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
             anchors_by_shape[(h, w)] = generator(ImageList(torch.empty(1, 3, *padded), [(h, w)]), feats)[0]
         boxes = torch.from_numpy(r.boxes) * scale
         best.append(box_iou(boxes, anchors_by_shape[(h, w)]).max(dim=1).values)
-        sides.append(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt())
-        short = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        sides[-1] = torch.stack([sides[-1], short], dim=1)
-    best_iou = torch.cat(best)
-    side, short_side = torch.cat(sides).unbind(1)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        sides.append((widths * heights).clamp(min=0).sqrt())
+        short_sides.append(torch.minimum(widths, heights))
+    best_iou, side, short_side = torch.cat(best), torch.cat(sides), torch.cat(short_sides)
     coverage = {}
     for bucket, lo, hi in SIZE_BUCKETS:
         mask = (side >= lo) & (side < hi)
