@@ -86,6 +86,8 @@ def _run_train(argv) -> int:
 
 def _run_eval(argv) -> int:
     args = _eval_parser().parse_args(argv)
+    if args.visualize < 0:
+        raise UserError(f"--visualize takes a number of images >= 0, got {args.visualize}.")
     cfg = _load(args)
     from rcnn_trainer.engine.run_eval import run_evaluation
 

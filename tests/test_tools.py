@@ -83,3 +83,28 @@ def test_other_backbones_and_norms_build_and_run(tmp_path, name, norm, levels):
     losses, _ = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]),
                                                   "labels": torch.tensor([1])}])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_tools_bad_input_exit_2(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path))
+    proc = subprocess.run([sys.executable, str(TOOLS / "convert_torchvision_weights.py"), "--config", str(config),
+                           "--weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.pth")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing.pth" in proc.stderr and "Traceback" not in proc.stderr
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "train", "iter": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0}\n{"type": "tr')
+    proc = subprocess.run([sys.executable, str(TOOLS / "plot_metrics.py"), str(run)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and (run / "metrics.png").is_file(), proc.stderr
+    proc = subprocess.run([sys.executable, str(TOOLS / "benchmark.py"), "--config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_rejects_negative_visualize(tmp_path, capsys):
+    from rcnn_trainer.cli import eval_main
+
+    config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path))
+    assert eval_main(["--config", str(config), "--checkpoint", "x.pth", "--visualize", "-3"]) == 2
+    assert "--visualize" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_tra
 from rcnn_trainer.engine.device import autocast_for, to_device
 from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
+from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.dashboard import probe
@@ -211,6 +212,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    try:
+        load_config(args.config, [f"model.backbone.name={b}" for b in args.backbones[:1]] + list(args.overrides))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     report = {"config": args.config, "threads": args.threads, "overrides": args.overrides,
               "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu", "speed": {},
               "convergence": {}}

@@ -27,7 +27,10 @@ from rcnn_trainer.model.build import build_model
 
 def convert(config: str, weights: str, out: str, overrides=()) -> None:
     cfg = load_config(config, overrides)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - missing, truncated or not a state dict: the user's file
+        raise UserError(f"--weights '{weights}' could not be loaded as a state dict: {err}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model = build_model(cfg.model)

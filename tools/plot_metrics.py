@@ -8,9 +8,10 @@ Needs matplotlib (pip install "rcnn_trainer[plot]").
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from rcnn_trainer.engine.metrics_log import MetricsLog
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")
 
@@ -19,7 +20,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist: pass a run folder written by rcnn-train")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return MetricsLog(path).read()  # skips a last line cut by a killed run
 
 
 def plot(run_dir: Path, out: Path) -> Path:

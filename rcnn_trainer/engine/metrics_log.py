@@ -55,6 +55,13 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def read(self) -> list[dict]:
+        """Every complete line; a line cut by a killed process is skipped."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
