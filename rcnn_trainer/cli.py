@@ -53,7 +53,7 @@ def _load(args, output_dir: str | None = None):
 
 
 def _run_train(argv) -> int:
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)
     cfg = _load(args, output_dir=args.output_dir)
     if args.preflight:
         from rcnn_trainer.data.loader import build_dataset
@@ -85,7 +85,7 @@ def _run_train(argv) -> int:
 
 
 def _run_eval(argv) -> int:
-    args = _eval_parser().parse_args(argv)
+    args = _eval_parser().parse_intermixed_args(argv)
     if args.visualize < 0:
         raise UserError(f"--visualize takes a number of images >= 0, got {args.visualize}.")
     cfg = _load(args)

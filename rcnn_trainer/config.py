@@ -8,7 +8,7 @@ keyword arguments. Loading YAML, `_base_` inheritance and overrides live in conf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,15 +112,19 @@ class BackboneConfig(Strict):
 
 
 class AnchorConfig(Strict):
-    sizes: list[list[float]] = Field(
-        default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]],
-        description="Anchor sizes (pixels, after resize), one list per FPN level (P2..P6).")
+    sizes: Union[Literal["auto"], list[list[float]]] = Field(
+        "auto", description="Anchor sizes (pixels, after resize), one list per FPN level (P2..P6), e.g. "
+        "torchvision's [[32], [64], [128], [256], [512]]; auto = octave-spaced sizes fitted to the training "
+        "boxes after resize (printed at start with the coverage they reach; the run folder's config.yaml "
+        "holds the numbers).")
     aspect_ratios: list[float] = Field(
         default_factory=lambda: [0.5, 1.0, 2.0], description="Height/width ratios at every level.")
 
     @field_validator("sizes")
     @classmethod
-    def _positive_sizes(cls, sizes: list[list[float]]) -> list[list[float]]:
+    def _positive_sizes(cls, sizes):
+        if sizes == "auto":
+            return sizes
         if not sizes or any(not level or min(level) <= 0 for level in sizes):
             raise ValueError("every FPN level needs at least one anchor size > 0")
         return sizes
@@ -233,7 +237,9 @@ class ROIConfig(Strict):
 
 
 class ModelConfig(Strict):
-    num_classes: int = Field(ge=1, description="Foreground classes (background is added by the model).")
+    num_classes: Union[Literal["auto"], int] = Field(
+        "auto", description="Foreground classes (background is added by the model); auto = the number of "
+        "categories in the training annotation file. An explicit number that disagrees with the file is an error.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     anchors: AnchorConfig = Field(default_factory=AnchorConfig)
     rpn: RPNConfig = Field(default_factory=RPNConfig)
@@ -241,12 +247,17 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _anchor_levels(self) -> "ModelConfig":
-        # The FPN gives 4 backbone levels + a max-pool level for resnets, 3 for mobilenet.
-        levels = 3 if self.backbone.name.startswith("mobilenet") else 5
-        if len(self.anchors.sizes) != levels:
+        if isinstance(self.num_classes, int) and self.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1 or auto, got {self.num_classes}")
+        if self.anchors.sizes != "auto" and len(self.anchors.sizes) != self.num_levels:
             raise ValueError(f"model.anchors.sizes has {len(self.anchors.sizes)} levels but the "
-                             f"{self.backbone.name} FPN has {levels}; give one list per level")
+                             f"{self.backbone.name} FPN has {self.num_levels}; give one list per level")
         return self
+
+    @property
+    def num_levels(self) -> int:
+        """FPN levels with anchors: 4 backbone levels + a max-pool level for resnets, 3 for mobilenet."""
+        return 3 if self.backbone.name.startswith("mobilenet") else 5
 
 
 # --------------------------------------------------------------------------- solver
@@ -268,6 +279,9 @@ class SolverConfig(Strict):
         "max_epochs x (training images // global batch). solver.steps stay in iterations.")
     clip_grad_norm: Optional[float] = Field(None, gt=0.0, description="Max total grad norm (null = off).")
     amp: bool = Field(False, description="Mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU.")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="Autocast dtype with amp: auto = float16 on CUDA, bfloat16 on CPU (AMX). float16 "
+        "always runs with a GradScaler (its overflow steps are skipped and logged as amp_overflow, which is normal).")
     max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
 
     @model_validator(mode="after")
@@ -297,13 +311,30 @@ class CollapseConfig(Strict):
 class MonitorConfig(Strict):
     score_thresholds: list[float] = Field(
         default_factory=lambda: [0.05, 0.3, 0.5, 0.7], description="Score thresholds of the count table.")
-    period: int = Field(100, ge=1, description="Iterations between dashboard blocks.")
+    period: Union[Literal["auto"], int] = Field(
+        "auto", description="Iterations between monitor judgments (probe inference + every check); auto = "
+        "max_iters / 20, at least 10 and at most 500, so every run gets about 20 judgments and a failing run "
+        "is named within its first third.")
+    dashboard_every: int = Field(5, ge=1, description="Print the dashboard block every this many judgments "
+                                 "(and at the last one, and whenever an alarm fires).")
     probe_images: int = Field(8, ge=1, description="Training images the dashboard runs inference on.")
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     dominant_share: float = Field(0.7, gt=0.0, le=1.0, description="Alarm when one weighted term is above this share of the total ...")
     sustain: int = Field(3, ge=1, description="... for this many monitor periods in a row (also foreground starvation, stuck IoU loss).")
     flat_window: int = Field(5, ge=3, description="Monitor periods over which a loss term's trend is judged flat.")
     repeat_every: int = Field(5, ge=1, description="A repeated alarm is summarised in one line until this many checks have passed.")
+
+    @field_validator("period")
+    @classmethod
+    def _positive_period(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError(f"monitor.period must be >= 1 or auto, got {value}")
+        return value
+
+    def period_for(self, max_iters: int) -> int:
+        if self.period != "auto":
+            return self.period
+        return max(10, min(500, max_iters // 20))
 
     @field_validator("score_thresholds")
     @classmethod

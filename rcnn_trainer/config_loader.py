@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -18,11 +18,15 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read `path` (with its `_base_` chain), apply dotted overrides, validate."""
-    raw = _read_with_bases(Path(path), chain=())
+def load_config(path: str | Path, overrides: Iterable[str] = (), log: Callable[[str], None] | None = None) -> Config:
+    """Read `path` (with its `_base_` chain), apply dotted overrides, validate. `log` gets one
+    line per data source replaced (a user's data.train/val over a base's data.synthetic)."""
+    notes: list[str] = []
+    raw = _read_with_bases(Path(path), chain=(), notes=notes)
     for override in overrides:
-        _apply_override(raw, override)
+        _apply_override(raw, override, notes)
+    for note in notes:
+        (log or (lambda _: None))(note)
     return validate_config(raw, source=str(path))
 
 
@@ -65,7 +69,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
+def _read_with_bases(path: Path, chain: tuple[Path, ...], notes: list[str]) -> dict:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
@@ -81,8 +85,25 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
         if not base_path.is_file():
             raise UserError(f"{path}: _base_ file '{entry}' does not exist "
                             f"(looked for {base_path.resolve()}; _base_ is relative to the config file).")
-        merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,)))
+        merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,), notes))
+    if isinstance(data.get("data"), dict) and isinstance(merged.get("data"), dict):
+        _replace_data_source(merged["data"], data["data"].keys(), f"{path}", notes)
     return deep_merge(merged, data)
+
+
+# One data source at a time: setting one replaces the other that a base (or the file) set.
+DATA_SOURCES = {"train": "synthetic", "val": "synthetic", "synthetic": ("train", "val")}
+
+
+def _replace_data_source(data: dict, new_keys: Iterable[str], where: str, notes: list[str]) -> None:
+    for key in new_keys:
+        if key not in DATA_SOURCES:
+            continue
+        other = DATA_SOURCES[key]
+        for old in (other,) if isinstance(other, str) else other:
+            if data.get(old) is not None:
+                data.pop(old)
+                notes.append(f"[config] {where} sets data.{key}: it replaces data.{old} of the base config.")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -97,7 +118,7 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- overrides
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str, notes: list[str]) -> None:
     if "=" not in override:
         raise UserError(f"override '{override}' is not KEY=VALUE (e.g. solver.max_iters=200).")
     dotted, text = override.split("=", 1)
@@ -107,6 +128,8 @@ def _apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if len(keys) >= 2 and keys[0] == "data" and isinstance(raw.get("data"), dict) and value is not None:
+        _replace_data_source(raw["data"], [keys[1]], f"override '{dotted}'", notes)
     node = raw
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):

@@ -35,7 +35,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert evals and all(k in evals[-1] for k in ("AP", "AP50", "AP75"))
     assert any(l["type"] == "monitor" and "dets@0.05" in l for l in lines)
     out = capsys.readouterr()
-    assert "monitor @ iter 2/4" in out.out + out.err
+    assert "monitor @ iter 4/4" in out.out + out.err  # the last judgment always prints the dashboard
 
     code = eval_main(["--config", str(config), "--checkpoint", str(run / "model_final.pth"), "--visualize", "2",
                       "--no-progress"])
@@ -183,3 +183,28 @@ def test_max_epochs_sets_iterations(tmp_path):
     bad = tiny_config(tmp_path / "b", solver={"max_epochs": 1, "max_iters": 999, "steps": [50]})
     with pytest.raises(UserError, match="solver.steps"):
         train(bad, log=quiet, progress=False)
+
+
+def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path, monkeypatch):
+    """fp16 autocast + GradScaler on CPU, the CUDA AMP path: a scaler that starts far too high
+    overflows for many steps in a row while it finds its scale. Those steps are skipped by the
+    scaler and logged as amp_overflow; they never count as non-finite nor stop the run."""
+    import rcnn_trainer.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "grad_scaler_for",
+                        lambda device, enabled, setting: torch.amp.GradScaler(device.type, init_scale=2.0 ** 28))
+    cfg = tiny_config(tmp_path, solver={"amp": True, "amp_dtype": "float16", "max_iters": 24, "max_nonfinite_steps": 3},
+                      train={"checkpoint_period": 100})
+    messages = []
+    train(cfg, log=messages.append, progress=False)
+    lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
+    overflows = [l for l in lines if l["type"] == "amp_overflow"]
+    assert len(overflows) >= 4  # more in a row than max_nonfinite_steps
+    assert [l["scale"] for l in overflows] == sorted((l["scale"] for l in overflows), reverse=True)
+    assert not [l for l in lines if l["type"] == "nonfinite"]
+    summary = lines[-1]
+    assert summary["type"] == "summary" and summary["amp_overflow_steps"] == len(overflows)
+    assert summary["nonfinite_steps"] == 0
+    assert not any(a["name"] == "gradients" for a in lines if a["type"] == "alarm")
+    assert any("AMP: torch.float16 autocast on cpu with a GradScaler" in m for m in messages)
+    assert sum(1 for l in lines if l["type"] == "train" and not l.get("amp_overflow")) >= 1  # real steps happened

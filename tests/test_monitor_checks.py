@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
 
@@ -12,8 +14,15 @@ def period(**values):
     base = {"loss": 1.0, "loss_rpn_cls": 0.25, "loss_rpn_box": 0.25, "loss_roi_cls": 0.25, "loss_roi_box": 0.25,
             "loss_rpn_cls_weighted": 0.25, "loss_rpn_box_weighted": 0.25, "loss_roi_cls_weighted": 0.25,
             "loss_roi_box_weighted": 0.25, "rpn/pos_per_image": 20.0, "rpn/neg_per_image": 100.0,
-            "roi/pos_per_image": 16.0, "roi/neg_per_image": 48.0, "gt_per_image": 3.0, "roi/pos_proposal_iou": 0.6}
+            "roi/pos_per_image": 16.0, "roi/neg_per_image": 48.0, "gt_per_image": 3.0, "roi/pos_proposal_iou": 0.6,
+            "rpn/pred_iou": 0.6, "roi/pred_iou": 0.7, "roi/delta_std_ratio": 0.5, "roi/delta_corr": 0.6}
     return {**base, **values}
+
+
+def test_history_without_a_contract_key_is_an_error():
+    incomplete = [{k: v for k, v in period().items() if k != "roi/pos_per_image"}] * 3
+    with pytest.raises(KeyError, match="roi/pos_per_image"):
+        checks.check_foreground_starvation(incomplete, sustain=3)
 
 
 def test_expected_initial_losses_match_theory():
@@ -54,19 +63,24 @@ def test_flat_term_while_others_fall():
     assert checks.check_flat_term(all_falling, window=5) is None
 
 
-def test_stuck_iou_loss():
-    stuck = [period(**{"roi/box_loss_per_pos": 0.99})] * 3
-    alarm = checks.check_stuck_iou_loss(stuck, {"rpn": "smooth_l1", "roi": "giou"}, sustain=3)
-    assert alarm and "roi giou" in alarm.seen and alarm.change[0].startswith("model.roi.box_loss.type")
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou", "wiou"])
+def test_stuck_iou_loss(kind):
+    stuck = [period(**{"roi/pred_iou": 0.01})] * 3
+    alarm = checks.check_stuck_iou_loss(stuck, {"rpn": "smooth_l1", "roi": kind}, sustain=3)
+    assert alarm and f"roi {kind}" in alarm.seen and alarm.change[0].startswith("model.roi.box_loss.type")
     assert checks.check_stuck_iou_loss(stuck, {"rpn": "smooth_l1", "roi": "smooth_l1"}, sustain=3) is None
-    assert checks.check_stuck_iou_loss([period(**{"roi/box_loss_per_pos": 0.4})] * 3, {"roi": "giou"}, sustain=3) is None
+    assert checks.check_stuck_iou_loss([period(**{"roi/pred_iou": 0.4})] * 3, {"roi": kind}, sustain=3) is None
 
 
 def test_foreground_starvation():
     assert checks.check_foreground_starvation([period()] * 3, sustain=3) is None
     starved = [period(**{"roi/pos_per_image": 0.2, "roi/neg_per_image": 511.8})] * 3
     alarm = checks.check_foreground_starvation(starved, sustain=3)
-    assert alarm and "roi positives per image 0.20" in alarm.seen and alarm.change[0].startswith("model.roi.fg_iou_thresh")
+    assert alarm and "roi positives per image 0.20" in alarm.seen and alarm.change[0].startswith("model.roi.positive_fraction")
+    # sparse data: 1.5 positive anchors of 256 for 1.2 objects per image is all the data can give
+    sparse = [period(**{"rpn/pos_per_image": 1.5, "rpn/neg_per_image": 254.5, "gt_per_image": 1.2,
+                        "roi/pos_per_image": 2.0})] * 3
+    assert checks.check_foreground_starvation(sparse, sustain=3) is None
 
 
 def test_proposal_iou_not_rising():
@@ -74,19 +88,31 @@ def test_proposal_iou_not_rising():
     assert checks.check_proposal_iou_not_rising(flat).name == "proposal_iou_flat"
     rising = [period(**{"roi/pos_proposal_iou": 0.55 + 0.02 * i}) for i in range(6)]
     assert checks.check_proposal_iou_not_rising(rising) is None
+    # judged again at every later period: a gain that is lost again is caught at period 9
+    lost = rising + [period(**{"roi/pos_proposal_iou": 0.54})] * 3
+    assert checks.check_proposal_iou_not_rising(lost).name == "proposal_iou_flat"
+    plateau = rising + [period(**{"roi/pos_proposal_iou": 0.65})] * 6  # healthy: gained, then flat
+    assert checks.check_proposal_iou_not_rising(plateau) is None
 
 
 def test_regressor_collapse():
-    gt = {"cx": 20.0, "cy": 18.0, "w": 10.0, "h": 9.0}
-    assert checks.check_regressor_collapse({"cx": 15.0, "cy": 16.0, "w": 8.0, "h": 7.0}, gt, 20) is None
-    alarm = checks.check_regressor_collapse({"cx": 0.1, "cy": 0.1, "w": 0.01, "h": 0.01}, gt, 20)
-    assert alarm and "cx 0.005" in alarm.seen and alarm.change[0].startswith("solver.lr")
+    assert checks.check_regressor_collapse([period()] * 3, sustain=3) is None
+    constant = [period(**{"roi/delta_std_ratio": 0.0, "roi/delta_corr": 0.0})] * 3
+    alarm = checks.check_regressor_collapse(constant, sustain=3)
+    assert alarm and "std of predicted / target box deltas 0.000" in alarm.seen and alarm.change[0].startswith("solver.lr")
+    # small but following its targets (early training): not a collapse
+    early = [period(**{"roi/delta_std_ratio": 0.03, "roi/delta_corr": 0.4})] * 3
+    assert checks.check_regressor_collapse(early, sustain=3) is None
 
 
 def test_learning_rate_checks():
-    assert checks.check_learning_rate(1e-9, 1e-9, 2.0, 2.1, past_warmup=True).name == "vanishing_lr"
-    assert checks.check_learning_rate(1e-5, 1e-2, 2.0, 2.1, past_warmup=True) is not None
-    assert checks.check_learning_rate(1e-5, 1e-2, 0.2, 2.1, past_warmup=True) is None  # decayed after learning
+    assert checks.check_learning_rate(1e-9, 1e-9, 2.0, 2.1, progress=0.3, past_warmup=True).name == "vanishing_lr"
+    assert checks.check_learning_rate(1e-5, 1e-2, 2.0, 2.1, progress=0.99, past_warmup=True) is not None  # never learned
+    assert checks.check_learning_rate(1e-5, 1e-2, 0.2, 2.1, progress=0.99, past_warmup=True) is None  # decayed after learning
+    # the end of a cosine schedule after a normal detection run (loss 1.6 -> 0.9): planned, not an alarm
+    assert checks.check_learning_rate(1e-6, 1e-3, 0.9, 1.6, progress=0.98, past_warmup=True) is None
+    # the same lr in the first half of the run: decayed too early
+    assert checks.check_learning_rate(1e-6, 1e-3, 0.9, 1.6, progress=0.3, past_warmup=True) is not None
     assert checks.check_lr_per_image(0.2, 2, "sgd").change[0] == "solver.lr: about 0.0025"
     assert checks.check_lr_per_image(0.02, 16, "sgd") is None
 
@@ -112,6 +138,11 @@ def test_collapse_rules():
     assert drop and "down more than 90%" in drop.seen
     assert any(c.startswith("model.roi.cls_pos_weight") for c in drop.change)
     assert check_collapse([0.0, 0.0, 0.0], 0.0, min_ratio=0.1, patience=3) is None  # no GT, no alarm
+    # near-uniform early scores put every proposal above 0.05: falling from 100 to GT is learning
+    assert check_collapse([100.0, 100.0, 62.0, 9.0, 4.5, 4.0], 4.0, min_ratio=0.1, patience=3) is None
+    # the peak counts from the first check near GT on: a later fall from there is a collapse
+    late = check_collapse([100.0, 6.0, 7.0, 0.5], 4.0, min_ratio=0.1, patience=3)
+    assert late and "peak 7.00" in late.seen
 
 
 def test_weight_ratio():
@@ -120,8 +151,22 @@ def test_weight_ratio():
     assert alarm and "model.roi.box_loss.weight = 7.5 is 15x model.roi.cls_loss.weight = 0.5" in alarm.seen
 
 
-def test_low_confidence():
-    counts = lambda low, mid: {"dets@0.05": low, "dets@0.3": mid, "dets@0.5": mid, "dets@0.7": 0.0, "gt_per_image": 3.0}
-    alarm = checks.check_low_confidence([counts(5.0, 0.0), counts(6.0, 0.1), counts(5.5, 0.0)], sustain=3)
-    assert alarm and "score >= 0.5: 0.00, 0.10, 0.00" in alarm.seen and alarm.change[0].startswith("model.roi.cls_pos_weight")
-    assert checks.check_low_confidence([counts(5.0, 0.0), counts(6.0, 1.0), counts(5.5, 0.0)], sustain=3) is None
+def probe_check(low, mid, fg_mass=0.2, correct=0.3):
+    return {"dets@0.05": low, "dets@0.3": mid, "dets@0.5": mid, "dets@0.7": 0.0, "gt_per_image": 3.0,
+            "fg_mass": fg_mass, "correct": correct, "accuracy": correct, "margin": 0.05}
+
+
+def test_low_confidence_background_wins():
+    alarm = checks.check_low_confidence([probe_check(5.0, 0.0), probe_check(6.0, 0.1), probe_check(5.5, 0.0)], sustain=3)
+    assert alarm.name == "low_confidence" and "score >= 0.5: 0.00, 0.10, 0.00" in alarm.seen
+    assert "foreground probability 0.20" in alarm.seen and alarm.change[0].startswith("model.roi.cls_pos_weight")
+    assert checks.check_low_confidence([probe_check(5.0, 0.0), probe_check(6.0, 1.0), probe_check(5.5, 0.0)],
+                                       sustain=3) is None
+
+
+def test_class_confusion_is_told_apart():
+    confused = [probe_check(45.0, 0.0, fg_mass=0.8, correct=0.25)] * 3
+    alarm = checks.check_low_confidence(confused, sustain=3)
+    assert alarm.name == "class_confusion" and "only 25%, 25%, 25% of it to the true class" in alarm.seen
+    assert alarm.change[0].startswith("model.roi.representation_size")
+    assert not any("cls_pos_weight: raise" in c for c in alarm.change)

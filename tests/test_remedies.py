@@ -158,7 +158,8 @@ def every_alarm():
     """Provoke every alarm the monitor and the preflight can raise."""
     p = {"loss": 1.0, "gt_per_image": 3.0, "lr": 1e-9, "roi/pos_proposal_iou": 0.5,
          "rpn/pos_per_image": 0.0, "rpn/neg_per_image": 256.0, "roi/pos_per_image": 0.0, "roi/neg_per_image": 512.0,
-         "rpn/box_loss_per_pos": 0.99, "roi/box_loss_per_pos": 0.99}
+         "rpn/box_loss_per_pos": 0.99, "roi/box_loss_per_pos": 0.99, "rpn/pred_iou": 0.01, "roi/pred_iou": 0.01,
+         "roi/delta_std_ratio": 0.0, "roi/delta_corr": 0.0}
     p.update({n: 0.25 for n in checks.WEIGHT_KEYS}, **{f"{n}_weighted": 0.05 for n in checks.WEIGHT_KEYS})
     p["loss_roi_box_weighted"] = 0.85
     falling = [dict(p, loss=1 - 0.1 * i, loss_roi_cls_weighted=0.3 - 0.05 * i) for i in range(6)]
@@ -171,14 +172,16 @@ def every_alarm():
         checks.check_stuck_iou_loss([p] * 3, {"rpn": "giou", "roi": "ciou"}, sustain=3),
         checks.check_foreground_starvation([p] * 3, sustain=3),
         checks.check_proposal_iou_not_rising([p] * 6),
-        checks.check_regressor_collapse({"cx": 0.0, "cy": 0.0, "w": 0.0, "h": 0.0},
-                                        {"cx": 1.0, "cy": 1.0, "w": 1.0, "h": 1.0}, 10),
-        checks.check_learning_rate(1e-9, 1e-2, 1.0, 1.0, past_warmup=True),
+        checks.check_regressor_collapse([p] * 3, sustain=3),
+        checks.check_learning_rate(1e-9, 1e-2, 1.0, 1.0, progress=0.5, past_warmup=True),
         checks.check_lr_per_image(1.0, 2, "sgd"),
         checks.check_gradients([100.0], [1.0] * 20, 0.9, 1),
         checks.check_loss_scale([8.0, 4.0, 2.0, 1.0]),
         check_collapse([0.0, 0.0, 0.0], 3.0, min_ratio=0.1, patience=3),
-        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0}] * 3, sustain=3),
+        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0, "fg_mass": 0.1}] * 3,
+                                    sustain=3),
+        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0, "fg_mass": 0.9,
+                                      "correct": 0.3, "accuracy": 0.3, "margin": 0.05}] * 3, sustain=3),
     ]
     assert all(a is not None for a in alarms)
     return alarms

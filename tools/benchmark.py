@@ -33,7 +33,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
-from rcnn_trainer.engine.device import autocast_for, to_device
+from rcnn_trainer.engine.data_settings import resolve_from_data
+from rcnn_trainer.engine.device import autocast_for, grad_scaler_for, to_device
 from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
@@ -81,6 +82,7 @@ class TorchvisionFasterRCNN(nn.Module):
 
 
 def build(cfg, which: str) -> nn.Module:
+    resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)  # model.*: auto settings
     torch.manual_seed(cfg.seed)  # both start from the same weights
     ours = build_model(cfg.model)
     return ours if which == "rcnn_trainer" else TorchvisionFasterRCNN(ours, cfg)
@@ -99,8 +101,8 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
     weights = loss_weights(cfg.model)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     batches = iter(build_train_loader(cfg, train_set))
-    autocast = autocast_for(device, cfg.solver.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.solver.amp and device.type == "cuda")
+    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
     step_times, data_times = [], []
     for step in range(warmup + iters):
         t0 = time.perf_counter()
@@ -138,9 +140,9 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
     if which == "rcnn_trainer":  # the monitor's probe inference, per training iteration at its period
         probe_items = [train_set[i] for i in range(cfg.monitor.probe_images)]
         t0 = time.perf_counter()
-        probe(model, [i.to(device) for i, _ in probe_items], [t["boxes"] for _, t in probe_items],
-              cfg.monitor.score_thresholds)
-        result["monitor_overhead_share"] = (time.perf_counter() - t0) / (cfg.monitor.period * result["train_s_per_iter"])
+        probe(model, [i.to(device) for i, _ in probe_items], [t for _, t in probe_items], cfg.monitor.score_thresholds)
+        period = cfg.monitor.period_for(cfg.solver.max_iters)
+        result["monitor_overhead_share"] = (time.perf_counter() - t0) / (period * result["train_s_per_iter"])
     result["peak_memory_mb"] = peak_memory_mb(device)
     return result
 

@@ -33,6 +33,9 @@ def convert(config: str, weights: str, out: str, overrides=()) -> None:
         raise UserError(f"--weights '{weights}' could not be loaded as a state dict: {err}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if cfg.model.num_classes == "auto" or cfg.model.anchors.sizes == "auto":
+        raise UserError(f"'{config}': converting needs explicit model.num_classes and model.anchors.sizes "
+                        f"(torchvision's COCO model: 90 and [[32], [64], [128], [256], [512]]), not auto.")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state)

@@ -18,6 +18,7 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import build_transforms
+from rcnn_trainer.errors import UserError
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
@@ -31,24 +32,28 @@ class TrainBatchSampler:
     def __init__(self, aspect_ratios: list[float], batch_size: int, seed: int, group_by_aspect: bool,
                  start_iter: int = 0, rank: int = 0, world_size: int = 1):
         if not aspect_ratios:
-            raise ValueError("cannot sample batches from an empty dataset")
+            raise UserError(f"no training image is left to sample batches from (0 images kept; data.batch_size "
+                            f"{batch_size} x {world_size} processes): check data.train and the dropped-record summary.")
         self.groups = [0 if ar >= 1.0 else 1 for ar in aspect_ratios] if group_by_aspect else [0] * len(aspect_ratios)
         self.batch_size, self.seed = batch_size, seed
         self.start_iter, self.rank, self.world_size = start_iter, rank, world_size
 
     def global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        """Every epoch adds each image once to its aspect-ratio bucket; a full bucket is a batch.
+        Leftovers carry into the next epoch, so a dataset (or a group) smaller than the global
+        batch still yields: its images repeat within a batch, each with its own augmentation."""
         global_size = self.batch_size * self.world_size
+        buckets: dict[int, list] = {}
         epoch = 0
         while True:
             order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            buckets: dict[int, list] = {}
             for index in order.tolist():
                 bucket = buckets.setdefault(self.groups[index], [])
                 bucket.append((index, epoch))
                 if len(bucket) == global_size:
                     yield list(bucket)
                     bucket.clear()
-            epoch += 1  # leftovers of an epoch are dropped; the next epoch reshuffles
+            epoch += 1
 
     def __iter__(self):
         for step, batch in enumerate(self.global_batches()):

@@ -78,7 +78,7 @@ def _generate_split(split: str, count: int, size: int, rng: np.random.Generator,
     for index in range(count):
         image_id = index + 1
         file_name = f"{split}_{image_id:05d}.png"
-        canvas = _background(size, rng)
+        canvas = textured_background(size, rng)
         draw = ImageDraw.Draw(canvas)
         num_objects = 0 if rng.random() < EMPTY_IMAGE_SHARE else int(rng.integers(1, MAX_OBJECTS + 1))
         placed: list[tuple[float, float, float, float]] = []
@@ -100,7 +100,7 @@ def _generate_split(split: str, count: int, size: int, rng: np.random.Generator,
             "info": {"description": f"rcnn_trainer synthetic shapes ({split})"}}
 
 
-def _background(size: int, rng: np.random.Generator) -> Image.Image:
+def textured_background(size: int, rng: np.random.Generator) -> Image.Image:
     """Low-frequency colour blobs + a gradient + pixel noise + a few thin lines."""
     coarse = rng.uniform(40, 200, size=(4, 4, 3)).astype(np.float32)
     blobs = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.BICUBIC),
@@ -128,12 +128,12 @@ def _place(size: int, size_range: tuple[float, float], placed: list, rng: np.ran
         w, h = min(side * aspect, size - 2), min(side / aspect, size - 2)
         x0, y0 = float(rng.uniform(0, size - w)), float(rng.uniform(0, size - h))
         box = (round(x0, 1), round(y0, 1), round(x0 + w, 1), round(y0 + h, 1))
-        if all(_overlap_share(box, other) < 0.15 for other in placed):
+        if all(overlap_share(box, other) < 0.15 for other in placed):
             return box
     return None
 
 
-def _overlap_share(a, b) -> float:
+def overlap_share(a, b) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))

@@ -21,12 +21,25 @@ def pick_device(setting: str, info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_for(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA (with a GradScaler), bf16 on CPU (no scaler needed)."""
+def amp_dtype(device: torch.device, enabled: bool, setting: str = "auto") -> torch.dtype | None:
+    """None without AMP; else fp16 on CUDA and bf16 on CPU unless `setting` names one."""
     if not enabled:
+        return None
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return getattr(torch, setting)
+
+
+def autocast_for(device: torch.device, enabled: bool, setting: str = "auto"):
+    dtype = amp_dtype(device, enabled, setting)
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler_for(device: torch.device, enabled: bool, setting: str = "auto") -> torch.amp.GradScaler:
+    """A GradScaler, enabled for fp16 only (bf16 has fp32's range: no scaling needed)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, enabled, setting) == torch.float16)
 
 
 def to_device(images, targets, device):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.engine.distributed import all_gather_objects, broadcast_from_main, is_main_process
+from rcnn_trainer.monitor.threshold_counts import threshold_counts
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -75,22 +76,6 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
         name = dataset.class_names[dataset.cat_id_to_label[cat_id] - 1]
         metrics["per_class_AP"][name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
     return metrics
-
-
-def threshold_counts(predictions: list[tuple[int, dict]], thresholds: list[float],
-                     gt_per_image: float) -> dict:
-    """Mean detections per image with score >= each threshold, next to GT objects per image."""
-    num_images = max(len(predictions), 1)
-    counts = {f"dets@{t:g}": sum(int((det["scores"] >= t).sum()) for _, det in predictions) / num_images
-              for t in thresholds}
-    return {**counts, "gt_per_image": gt_per_image}
-
-
-def format_threshold_table(counts: dict) -> str:
-    keys = [k for k in counts if k.startswith("dets@")]
-    header = "  score >=  " + "".join(f"{k[5:]:>7}" for k in keys) + "     GT"
-    row = "  dets/img  " + "".join(f"{counts[k]:7.2f}" for k in keys) + f"{counts['gt_per_image']:7.2f}"
-    return header + "\n" + row
 
 
 def format_metrics(metrics: dict) -> str:

@@ -25,6 +25,7 @@ from rcnn_trainer.data.loader import build_dataset, build_train_loader
 from rcnn_trainer.engine.device import pick_device, to_device
 from rcnn_trainer.engine.optim import build_optimizer
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+from rcnn_trainer.engine.data_settings import resolve_from_data
 from rcnn_trainer.model.build import build_model
 
 SMOOTHING = 0.9
@@ -83,9 +84,11 @@ def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters
                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.train.device)
+    train_set = build_dataset(cfg, "train")
+    resolve_from_data(cfg, train_set, log)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.solver)
-    batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))
+    batches = iter(build_train_loader(cfg, train_set))
     points = lr_sweep(model, optimizer, batches, loss_weights(cfg.model), min_lr=min_lr, max_lr=max_lr,
                       iters=iters, device=device, progress=progress)
     suggestion = suggest_lr(points)

@@ -12,8 +12,10 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
 from rcnn_trainer.engine.checkpoint import load_checkpoint
+from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
 from rcnn_trainer.engine.device import autocast_for, pick_device
-from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics
+from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.engine.trainer import check_dataset_fits_model, flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
@@ -36,12 +38,14 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Pa
 def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True) -> dict:
     device = pick_device(cfg.train.device)
     val_set = build_dataset(cfg, "val")
+    ckpt = load_checkpoint(checkpoint)
+    resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
     model = build_model(cfg.model).to(device)
-    load_model_weights(model, load_checkpoint(checkpoint), cfg, checkpoint)
+    load_model_weights(model, ckpt, cfg, checkpoint)
     loader = build_eval_loader(cfg, val_set)
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
-                                progress=progress, autocast=autocast_for(device, cfg.solver.amp))
+                                progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
     out.mkdir(parents=True, exist_ok=True)
     (out / "coco_results.json").write_text(json.dumps(results))
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=1))

@@ -26,15 +26,18 @@ from rcnn_trainer.config_loader import config_to_dict, save_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.device import autocast_for, device_kind, pick_device, to_device
+from rcnn_trainer.engine.data_settings import resolve_from_data
+from rcnn_trainer.engine.device import amp_dtype, autocast_for, device_kind, grad_scaler_for, pick_device, to_device
 from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, init_distributed,
                                              mean_over_ranks)
-from rcnn_trainer.engine.evaluate import evaluate, format_metrics, format_threshold_table
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics
+from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.engine.metrics_log import MetricsLog, scalars_to_floats
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import TrainingStopped, UserError
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.stats import require_stats
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.dashboard import format_dashboard, probe
 from rcnn_trainer.monitor.health import build_health_monitor
@@ -51,6 +54,7 @@ class TrainState:
     best_ap: float = -1.0
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
+    amp_overflows: int = 0  # fp16 steps the GradScaler skipped (normal; not non-finite)
     first_nonfinite_term: Optional[str] = None
     window: list = field(default_factory=list)  # per-iteration records since the last monitor block
 
@@ -96,7 +100,7 @@ def check_dataset_fits_model(cfg: Config, dataset) -> None:
     if dataset.num_classes != cfg.model.num_classes:
         raise UserError(f"model.num_classes is {cfg.model.num_classes} but '{dataset.ann_file}' has "
                         f"{dataset.num_classes} categories ({', '.join(dataset.class_names[:10])}); "
-                        f"set model.num_classes={dataset.num_classes}.")
+                        f"set model.num_classes={dataset.num_classes} (or auto).")
 
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
@@ -117,6 +121,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                         f"continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
 
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    resolve_from_data(cfg, train_set, say)
     check_dataset_fits_model(cfg, train_set)
     check_dataset_fits_model(cfg, val_set)
     for name, dataset in (("train", train_set), ("val", val_set)):
@@ -147,10 +152,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_scheduler(optimizer, cfg.solver)
     amp = cfg.solver.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
-    autocast = autocast_for(device, amp)
-    if amp and device.type == "cpu":
-        say("AMP on CPU: bfloat16 autocast (no loss scaling needed); fp16 + GradScaler is used on CUDA.")
+    scaler = grad_scaler_for(device, amp, cfg.solver.amp_dtype)
+    autocast = autocast_for(device, amp, cfg.solver.amp_dtype)
+    if amp:
+        say(f"AMP: {amp_dtype(device, amp, cfg.solver.amp_dtype)} autocast on {device.type}"
+            + (" with a GradScaler (its overflow steps are skipped and counted as amp_overflow)"
+               if scaler.is_enabled() else " (no loss scaling needed)"))
     state = TrainState()
     health = build_health_monitor(cfg, info.world_size)
 
@@ -187,7 +194,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     others = [i for i, r in enumerate(probe_set.records) if not len(r.labels)]
     probe_items = [probe_set[i] for i in (with_objects + others)[:cfg.monitor.probe_images]]
     probe_images = [img.to(device) for img, _ in probe_items]
-    probe_gt_boxes = [t["boxes"] for _, t in probe_items]
+    probe_targets = [t for _, t in probe_items]
+    monitor_period = cfg.monitor.period_for(cfg.solver.max_iters)
     val_loader = build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size)))
 
     def save_checkpoint(path: Path) -> None:
@@ -230,6 +238,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     bar = tqdm(total=max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
                disable=not (progress and info.is_main))
     data_iter = iter(loader)
+    state_start = state.iteration
     last_eval: dict = {}
     model.train()
     while state.iteration < max_iters:
@@ -241,6 +250,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
 
         with autocast():
             losses, stats = ddp_model(images, targets)
+        if it == state_start:
+            require_stats(stats)  # the monitor reads these keys: a missing one is a bug, caught here
         if after_forward is not None:
             after_forward(it, losses)
         weights = loss_weights(cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
@@ -252,10 +263,17 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
-            finite = math.isfinite(grad_norm)
             record.update(grad_norm=grad_norm, clipped=bool(max_norm and grad_norm > max_norm))
+            if not math.isfinite(grad_norm) and scaler.is_enabled():
+                # fp16 overflow: normal while the scaler finds its scale. scaler.step skips the
+                # update, scaler.update lowers the scale; not a non-finite step.
+                record.update(amp_overflow=True, grad_norm=float("nan"), clipped=False)
+                state.amp_overflows += 1
+                metrics.write({"type": "amp_overflow", "iter": it + 1, "scale": scaler.get_scale()})
+            else:
+                finite = math.isfinite(grad_norm)
             if finite:
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # skips the update itself on an fp16 overflow
         if finite:
             scaler.update()
             state.nonfinite_in_row = 0
@@ -269,8 +287,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
                 f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
             metrics.write({"type": "nonfinite", "iter": it + 1, "terms": bad})
             record["nonfinite"] = True
-            if scaler.is_enabled():
-                scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.iteration = it + 1
@@ -300,15 +316,18 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
         if state.iteration == 1 and finite:
             for alarm in health.first_step(record):
                 report_alarm(alarm)
-        if state.iteration % cfg.monitor.period == 0 or state.iteration == max_iters:
+        if state.iteration % monitor_period == 0 or state.iteration == max_iters:
             mean = window_means(state.window)
-            seen = probe(model, probe_images, probe_gt_boxes, cfg.monitor.score_thresholds)
-            say(format_dashboard(state.iteration, max_iters, mean, seen["counts"]))
+            seen = probe(model, probe_images, probe_targets, cfg.monitor.score_thresholds)
             metrics.write({"type": "monitor", "iter": state.iteration, **seen["counts"],
+                           **{f"probe/{k}": v for k, v in seen["classes"].items()},
                            **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
-            alarms = health.period(state.iteration, state.window, mean, seen,
+            alarms = health.period(state.iteration, max_iters, state.window, mean, seen,
                                    scaler.get_scale() if scaler.is_enabled() else None)
             state.window = []
+            judgments = state.iteration // monitor_period
+            if alarms or judgments % cfg.monitor.dashboard_every == 0 or state.iteration == max_iters:
+                say(format_dashboard(state.iteration, max_iters, mean, seen))
             for alarm in alarms:
                 report_alarm(alarm)
             # rank 0 decides for everyone: ranks see different local batches and must stop together
@@ -337,9 +356,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     wall = time.time() - started
     alarm_summary = ", ".join(f"{name} x{n}" for name, n in sorted(health.summary().items()))
     say(f"[done] {max_iters} iterations in {wall / 60:.1f} min; AP {last_eval['AP']:.3f} AP50 {last_eval['AP50']:.3f}; "
-        f"{state.nonfinite_total} non-finite steps skipped; alarms: {alarm_summary or 'none'}. "
+        f"{state.nonfinite_total} non-finite steps skipped"
+        + (f", {state.amp_overflows} AMP overflow steps skipped by the GradScaler" if scaler.is_enabled() else "")
+        + f"; alarms: {alarm_summary or 'none'}. "
         f"Outputs in '{out}' (model_final.pth, model_best.pth, metrics.jsonl, config.yaml).")
     metrics.write({"type": "summary", "iter": max_iters, "wall_time_s": wall, "AP": last_eval["AP"],
                    "AP50": last_eval["AP50"], "nonfinite_steps": state.nonfinite_total,
+                   "amp_overflow_steps": state.amp_overflows,
                    "alarms": health.summary()})
     return last_eval

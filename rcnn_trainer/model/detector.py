@@ -14,6 +14,8 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from rcnn_trainer.model import stats as S
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -35,6 +37,18 @@ class TwoStageDetector(nn.Module):
                                               size_divisible=self.transform.size_divisible)
         return ImageList(batched, sizes)
 
+    @torch.no_grad()
+    def classify_boxes(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """Class probabilities [sum of B_i, C+1] (column 0 = background) of the box head on the
+        given boxes (image coordinates), e.g. the ground truth: what the classifier says about
+        perfectly placed RoIs, independent of the RPN."""
+        image_list = self.preprocess(images)
+        features = self.backbone(image_list.tensors)
+        heads = self.roi_heads
+        pooled = heads.box_roi_pool(features, [b.to(image_list.tensors.dtype) for b in boxes], image_list.image_sizes)
+        class_logits, _ = heads.box_predictor(heads.box_head(pooled))
+        return torch.softmax(class_logits.float(), dim=-1)
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
                 original_sizes: list[tuple[int, int]] | None = None):
         image_list = self.preprocess(images)
@@ -43,7 +57,7 @@ class TwoStageDetector(nn.Module):
         detections, roi_losses, roi_stats = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         if self.training:
             stats = {**rpn_stats, **roi_stats,
-                     "gt_per_image": sum(len(t["boxes"]) for t in targets) / len(targets), "images": len(targets)}
+                     S.GT_PER_IMAGE: sum(len(t["boxes"]) for t in targets) / len(targets), S.IMAGES: len(targets)}
             return {**rpn_losses, **roi_losses}, stats
         if original_sizes is not None:
             for det, size, orig in zip(detections, image_list.image_sizes, original_sizes):

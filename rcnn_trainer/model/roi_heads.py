@@ -20,6 +20,8 @@ from rcnn_trainer.losses.classification import class_loss_per_roi
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
+from rcnn_trainer.model import stats as S
+from rcnn_trainer.model.stats import regression_stats
 
 
 class BoxHeads(RoIHeads):
@@ -111,14 +113,23 @@ class BoxHeads(RoIHeads):
         with torch.no_grad():
             ious = paired_iou(rois[real], matched_gt_boxes[real])
             fg_argmax = (class_logits.argmax(dim=1) > 0).float().mean()
+            # IoU on RPN proposals only (an appended GT box starts at IoU 1); the deltas on every
+            # positive, so that even an untrained RPN gives the regressor statistics
+            pred_iou, _, _ = regression_stats(deltas_of_gt_class[from_rpn[pos]], rois[real], matched_gt_boxes[real],
+                                              self.box_coder)
+            _, delta_ratio, delta_corr = regression_stats(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos],
+                                                          self.box_coder)
         stats = {
-            "avg_factor/roi_cls": cls_factor.detach(),
-            "avg_factor/roi_box": box_factor.detach(),
-            "roi/pos_per_image": pos.numel() / num_images,
-            "roi/neg_per_image": (gt_labels.numel() - pos.numel()) / num_images,
-            "roi/pos_proposal_iou": ious.mean() if ious.numel() else float("nan"),
-            "roi/fg_argmax_fraction": fg_argmax,
-            "roi/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
+            S.ROI_CLS_FACTOR: cls_factor.detach(),
+            S.ROI_BOX_FACTOR: box_factor.detach(),
+            S.ROI_POS: pos.numel() / num_images,
+            S.ROI_NEG: (gt_labels.numel() - pos.numel()) / num_images,
+            S.ROI_PROPOSAL_IOU: ious.mean() if ious.numel() else float("nan"),
+            S.ROI_FG_ARGMAX: fg_argmax,
+            S.ROI_BOX_PER_POS: box.detach() * box_factor / max(pos.numel(), 1),
+            S.ROI_PRED_IOU: pred_iou,
+            S.ROI_DELTA_STD_RATIO: delta_ratio,
+            S.ROI_DELTA_CORR: delta_corr,
         }
         return {"loss_roi_cls": cls, "loss_roi_box": box}, stats
 

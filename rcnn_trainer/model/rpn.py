@@ -19,6 +19,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
+from rcnn_trainer.model import stats as S
+from rcnn_trainer.model.stats import regression_stats
+
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
 
@@ -73,11 +76,14 @@ class RPN(RegionProposalNetwork):
         cls, cls_factor = loss_rpn_cls(objectness[sampled], labels[sampled], **self.cls_loss)
         box, box_factor = loss_rpn_box(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], sampled.numel(),
                                        self.box_coder, **self.box_loss)
+        with torch.no_grad():
+            pred_iou, _, _ = regression_stats(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], self.box_coder)
         stats = {
-            "avg_factor/rpn_cls": cls_factor.detach(),
-            "avg_factor/rpn_box": box_factor.detach(),
-            "rpn/pos_per_image": pos.numel() / num_images,
-            "rpn/neg_per_image": neg.numel() / num_images,
-            "rpn/box_loss_per_pos": box.detach() * box_factor / max(pos.numel(), 1),
+            S.RPN_CLS_FACTOR: cls_factor.detach(),
+            S.RPN_BOX_FACTOR: box_factor.detach(),
+            S.RPN_POS: pos.numel() / num_images,
+            S.RPN_NEG: neg.numel() / num_images,
+            S.RPN_BOX_PER_POS: box.detach() * box_factor / max(pos.numel(), 1),
+            S.RPN_PRED_IOU: pred_iou,
         }
         return {"loss_rpn_cls": cls, "loss_rpn_box": box}, stats

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor.alarms import Alarm
 
 WEIGHT_KEYS = {
@@ -26,7 +27,7 @@ def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: dict, ro
     """What each classification term should be at initialization (zero logits), given the
     sampled positives/negatives and avg_factors of this batch. rpn_cls/roi_cls: loss_type,
     pos_weight, alpha, gamma."""
-    images = record["images"]
+    images = record[S.IMAGES]
 
     def expected(pos, neg, factor, per_pos, per_neg):
         return (pos * images * per_pos + neg * images * per_neg) / max(factor, 1.0)
@@ -39,10 +40,10 @@ def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: dict, ro
     ln_c = math.log(num_classes + 1)
     focal = (1 - 1 / (num_classes + 1)) ** roi_cls["gamma"] if roi_cls["loss_type"] == "focal" else 1.0
     return {
-        "loss_rpn_cls": expected(record["rpn/pos_per_image"], record["rpn/neg_per_image"],
-                                 record["avg_factor/rpn_cls"], pos_rpn * rpn_cls["pos_weight"], neg_rpn),
-        "loss_roi_cls": expected(record["roi/pos_per_image"], record["roi/neg_per_image"],
-                                 record["avg_factor/roi_cls"], ln_c * focal * roi_cls["pos_weight"], ln_c * focal),
+        "loss_rpn_cls": expected(record[S.RPN_POS], record[S.RPN_NEG],
+                                 record[S.RPN_CLS_FACTOR], pos_rpn * rpn_cls["pos_weight"], neg_rpn),
+        "loss_roi_cls": expected(record[S.ROI_POS], record[S.ROI_NEG],
+                                 record[S.ROI_CLS_FACTOR], ln_c * focal * roi_cls["pos_weight"], ln_c * focal),
     }
 
 
@@ -142,71 +143,85 @@ def check_flat_term(history: list[dict], *, window: int, flat: float = 0.05, fal
 
 
 def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int, limit: float = 0.95) -> Alarm | None:
-    """An IoU-type box loss whose per-positive value stays above `limit` (~no overlap)."""
+    """An IoU-type box loss (giou, diou, ciou, wiou) whose positive boxes keep missing their
+    targets: mean IoU of the refined positive boxes with their GT below 1 - limit."""
     if len(history) < sustain:
         return None
+    keys = {"rpn": S.RPN_PRED_IOU, "roi": S.ROI_PRED_IOU}
     for head, loss_type in box_types.items():
-        if loss_type not in ("giou", "diou", "ciou"):
+        if loss_type not in ("giou", "diou", "ciou", "wiou"):
             continue
-        values = [h.get(f"{head}/box_loss_per_pos", float("nan")) for h in history[-sustain:]]
-        if all(v > limit for v in values):
+        values = [history_value(h, keys[head]) for h in history[-sustain:]]
+        if all(1.0 - v > limit for v in values):
             return Alarm(
                 name="stuck_iou_loss",
-                seen=f"{head} {loss_type} loss per positive box: {', '.join(f'{v:.3f}' for v in values)} "
-                     f"(above {limit} for {sustain} periods)",
-                why="an IoU loss near 1 means the predicted boxes hardly overlap their targets (tiny predicted "
-                    "boxes on tiny objects); GIoU's gradient is weak there",
+                seen=f"{head} {loss_type}: mean IoU of the refined positive boxes with their GT "
+                     f"{', '.join(f'{v:.3f}' for v in values)} (below {1 - limit:.2f} for {sustain} periods)",
+                why="the predicted boxes hardly overlap their targets (tiny predicted boxes on tiny objects); an IoU "
+                    "loss gives almost no gradient there",
                 change=[f"{BOX_TYPE_KEYS[head]}: smooth_l1 (deltas) or ciou/diou (centre-distance term)",
-                        "model.anchors.sizes: smaller anchors for small objects"])
+                        "model.anchors.sizes: auto, or smaller anchors for small objects"])
     return None
 
 
+def history_value(record: dict, key: str) -> float:
+    """A statistic from a period's means; NaN (no positives that period) stays NaN. A key the
+    model does not report is a bug in the stats contract, not a quiet default."""
+    if key not in record:
+        raise KeyError(f"monitor history lacks '{key}' (contract: rcnn_trainer/model/stats.py)")
+    return record[key]
+
+
 # ------------------------------------------------------------------ 4. foreground starvation
-def check_foreground_starvation(history: list[dict], *, sustain: int, min_pos: float = 0.5,
-                                min_fraction: float = 0.01) -> Alarm | None:
-    """RPN or RoI positives per image near zero, or under 1% of the sample, while GT exists."""
+def check_foreground_starvation(history: list[dict], *, sustain: int, min_share: float = 0.5) -> Alarm | None:
+    """RPN or RoI positives per image below `min_share` x the GT objects per image for `sustain`
+    periods. The data gives at least that many: every GT box has a best anchor (matched even below
+    fg_iou_thresh) and is itself added to the RoIs, so fewer means sampling or matching starves."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
-    if min(h.get("gt_per_image", 0.0) for h in recent) <= 0:
+    gt = [history_value(h, S.GT_PER_IMAGE) for h in recent]
+    if min(gt) <= 0:
         return None
-    for head, keys in (("rpn", ("model.rpn.fg_iou_thresh", "model.rpn.positive_fraction")),
-                       ("roi", ("model.roi.fg_iou_thresh", "model.roi.positive_fraction"))):
-        pos = [h.get(f"{head}/pos_per_image", 0.0) for h in recent]
-        neg = [h.get(f"{head}/neg_per_image", 0.0) for h in recent]
-        frac = [p / (p + n) if p + n else 0.0 for p, n in zip(pos, neg)]
-        if max(pos) < min_pos or max(frac) < min_fraction:
+    for head, key, keys in (("rpn", S.RPN_POS, ("model.rpn.fg_iou_thresh", "model.rpn.positive_fraction")),
+                            ("roi", S.ROI_POS, ("model.roi.fg_iou_thresh", "model.roi.positive_fraction"))):
+        pos = [history_value(h, key) for h in recent]
+        if all(p < min_share * g for p, g in zip(pos, gt)):
             return Alarm(
                 name="foreground_starvation",
-                seen=f"{head} positives per image {', '.join(f'{p:.2f}' for p in pos)} "
-                     f"({', '.join(f'{100 * f:.1f}%' for f in frac)} of the sample) with "
-                     f"{recent[-1]['gt_per_image']:.1f} GT objects per image",
-                why="almost no sampled box is foreground, so the classifier learns only background and the "
-                    "box regressor gets no signal",
-                change=[f"{keys[0]}: lower it", f"{keys[1]}: raise it",
-                        "model.anchors.sizes: match the object sizes (see the preflight's anchor coverage)"])
+                seen=f"{head} positives per image {', '.join(f'{p:.2f}' for p in pos)} with "
+                     f"{', '.join(f'{g:.2f}' for g in gt)} GT objects per image",
+                why="fewer foreground samples than objects: the classifier learns mostly background and the box "
+                    "regressor gets little signal",
+                change=[f"{keys[1]}: raise it", f"{keys[0]}: lower it",
+                        "model.anchors.sizes: auto (see the preflight's anchor coverage)"])
     return None
 
 
 def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, min_gain: float = 0.0) -> Alarm | None:
-    """Mean IoU of positive proposals no higher after `min_periods` periods than at first."""
-    values = [h.get("roi/pos_proposal_iou", float("nan")) for h in history]
+    """Judged at every period from the `min_periods`-th on: the mean IoU of positive proposals
+    over the last 3 periods never got above its first value (the RPN is not improving)."""
+    values = [history_value(h, S.ROI_PROPOSAL_IOU) for h in history]
     values = [v for v in values if not math.isnan(v)]
-    if len(values) < min_periods or len(history) != min_periods:  # judged once, at that period
-        return None
-    if values[-1] > values[0] + min_gain:
+    if len(values) < min_periods or max(values[-3:]) > values[0] + min_gain:
         return None
     return Alarm(
         name="proposal_iou_flat",
-        seen=f"mean IoU of positive proposals {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} periods",
+        seen=f"mean IoU of positive proposals {values[0]:.3f} at first, {', '.join(f'{v:.3f}' for v in values[-3:])} "
+             f"over the last 3 of {len(values)} periods",
         why="the RPN's proposals are not getting closer to the objects, so the RoI head keeps seeing poor boxes",
-        change=["model.rpn.box_loss.weight: raise it", "model.anchors.sizes: match the object sizes",
+        change=["model.rpn.box_loss.weight: raise it", "model.anchors.sizes: auto (fitted to the objects)",
                 "solver.lr: check it is not too low"])
 
 
-def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float = 0.1) -> Alarm | None:
+def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float = 0.1,
+                         fg_mass_split: float = 0.5) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
-    `sustain` checks in a row: objects are found (or not) but never scored confidently."""
+    `sustain` checks in a row, told apart by what the classifier says on the GT boxes:
+    - foreground probability (1 - p(background)) below `fg_mass_split`: background wins
+      (alarm `low_confidence`: positive weights and sampling);
+    - foreground found but spread over the classes: `class_confusion` (capacity, lr and
+      iterations, class balance)."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -217,48 +232,81 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
     if any(h[key] >= min_ratio * h["gt_per_image"] for h in recent):
         return None
     lowest = keys[0]
+    dets = (f"probe detections/image with score >= {key[5:]}: {', '.join(f'{h[key]:.2f}' for h in recent)} "
+            f"(at >= {lowest[5:]}: {', '.join(f'{h[lowest]:.2f}' for h in recent)}) vs "
+            f"{recent[-1]['gt_per_image']:.2f} GT objects per image")
+    mass = [h["fg_mass"] for h in recent]
+    if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
+        return Alarm(
+            name="low_confidence",
+            seen=f"{dets}; on the GT boxes themselves the head gives foreground probability "
+                 f"{', '.join(f'{m:.2f}' for m in mass)}",
+            why="background wins: even a perfectly placed box is scored as background, because background RoIs "
+                "and anchors outweigh the foreground ones in the classification losses (too few positives sampled, "
+                "or positives weighted too little)",
+            change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
+                    "model.roi.positive_fraction: raise toward 0.25-0.5",
+                    "model.rpn.positive_fraction: raise toward 0.5"])
+    correct = [h["correct"] for h in recent]
+    accuracy = [h["accuracy"] for h in recent]
     return Alarm(
-        name="low_confidence",
-        seen=f"probe detections/image with score >= {key[5:]}: {', '.join(f'{h[key]:.2f}' for h in recent)} "
-             f"(at >= {lowest[5:]}: {', '.join(f'{h[lowest]:.2f}' for h in recent)}) vs "
-             f"{recent[-1]['gt_per_image']:.2f} GT objects per image",
-        why="the classifier keeps foreground scores low: background RoIs and anchors outweigh the foreground "
-            "ones in the classification losses (too few positives sampled, or positives weighted too little)",
-        change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
-                "model.roi.positive_fraction: raise toward 0.25-0.5", "model.rpn.positive_fraction: raise toward 0.5"])
+        name="class_confusion",
+        seen=f"{dets}; on the GT boxes the head gives foreground probability {', '.join(f'{m:.2f}' for m in mass)} "
+             f"but only {', '.join(f'{100 * c:.0f}%' for c in correct)} of it to the true class (top-1 "
+             f"{', '.join(f'{100 * a:.0f}%' for a in accuracy)}, margin to the second class "
+             f"{recent[-1]['margin']:.2f})",
+        why="foreground is found but the classes are confused: the foreground mass is spread over several classes, "
+            "so no single class reaches a confident score. The box head lacks capacity or resolution for these "
+            "classes, or needs more steps or a higher lr; rare classes stay confused longest",
+        change=["model.roi.representation_size: raise it (e.g. 1024)",
+                "model.backbone.fpn_channels: raise it (e.g. 128-256)",
+                "solver.max_iters: train longer (or solver.lr higher if the loss falls slowly)",
+                "data.min_size: larger inputs if objects are small",
+                "model.roi.cls_pos_weight: leave it; raising it does not separate classes"])
 
 
-# ------------------------------------------------------------------ 5. regressor collapse
-def check_regressor_collapse(pred_spread: dict, gt_spread: dict, num_predictions: int, *,
-                             min_ratio: float = 0.1, min_predictions: int = 5) -> Alarm | None:
-    """Std of predicted box centres and sizes on the probe set vs the ground truth's."""
-    if num_predictions < min_predictions:
+def check_regressor_collapse(history: list[dict], *, sustain: int, min_std_ratio: float = 0.05,
+                             min_corr: float = 0.1) -> Alarm | None:
+    """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
+    (std below `min_std_ratio` x the target deltas' std) and do not follow the targets
+    (correlation below `min_corr`) for `sustain` periods: the regressor outputs a constant."""
+    if len(history) < sustain:
         return None
-    ratios = {k: pred_spread[k] / gt_spread[k] for k in pred_spread if gt_spread.get(k, 0) > 1e-6}
-    if not ratios or max(ratios.values()) >= min_ratio:
+    recent = history[-sustain:]
+    ratio = [history_value(h, S.ROI_DELTA_STD_RATIO) for h in recent]
+    corr = [history_value(h, S.ROI_DELTA_CORR) for h in recent]
+    if any(math.isnan(v) for v in ratio + corr):
+        return None
+    if not all(r < min_std_ratio and c < min_corr for r, c in zip(ratio, corr)):
         return None
     return Alarm(
         name="regressor_collapse",
-        seen="std of predicted / GT box " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
-             + f" over {num_predictions} probe detections",
-        why="the predicted boxes no longer depend on the image: the box regressor outputs a constant",
+        seen=f"on positive RoIs, std of predicted / target box deltas {', '.join(f'{r:.3f}' for r in ratio)}, "
+             f"correlation with the targets {', '.join(f'{c:.2f}' for c in corr)} over the last {sustain} periods",
+        why="the box regressor's output no longer depends on the box it is asked about: it predicts a constant "
+            "(often after a too-high lr or a box-loss spike)",
         change=["solver.lr: lower it (a too-high lr often ends here)", "solver.clip_grad_norm: set it (e.g. 10)",
                 "model.roi.box_loss.weight: lower it if it dominates"])
 
 
 # ------------------------------------------------------------------ 6. learning rate
-def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: float, *,
-                        past_warmup: bool, high_loss_share: float = 0.5) -> Alarm | None:
-    """lr negligible (under 1% of the base, or below 1e-6) while the loss is still high."""
+def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: float, *, progress: float,
+                        past_warmup: bool, never_learned: float = 0.9, early_decay_loss: float = 0.5) -> Alarm | None:
+    """lr negligible (under 1% of the base, or below 1e-6) while the model has not learned.
+    A planned decay at the end of a schedule is not an alarm; it is one when the loss is still
+    above `never_learned` x its value at the first step, or when the lr is already negligible
+    in the first half of the run (`progress` < 0.5) with the loss above `early_decay_loss` x it."""
     if not past_warmup or initial_loss <= 0:
         return None
     negligible = lr < 0.01 * base_lr or lr < 1e-6
-    if not (negligible and loss > high_loss_share * initial_loss):
+    stuck = loss > never_learned * initial_loss
+    too_early = progress < 0.5 and loss > early_decay_loss * initial_loss
+    if not (negligible and (stuck or too_early)):
         return None
     return Alarm(
         name="vanishing_lr",
-        seen=f"lr {lr:.2e} (base {base_lr:.2e}) while the loss is {loss:.3f}, "
-             f"{100 * loss / initial_loss:.0f}% of its starting {initial_loss:.3f}",
+        seen=f"lr {lr:.2e} (base {base_lr:.2e}) at {100 * progress:.0f}% of the run while the loss is {loss:.3f}, "
+             f"{100 * loss / initial_loss:.0f}% of its first-step {initial_loss:.3f}",
         why="the weights barely move any more but the model has not learned: the schedule decayed too early "
             "or the base lr is far too small",
         change=["solver.lr: raise it (0.02 per 16 images for SGD, ~1e-3 for AdamW)",
@@ -319,15 +367,18 @@ def check_loss_scale(scales: list[float], *, falls: int = 3) -> Alarm | None:
 def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: float, patience: int) -> Alarm | None:
     """Detections per image at the lowest score threshold, one value per probe check.
 
-    Fires when the last `patience` values are all below `min_ratio` * GT per image, or when
-    the latest value fell more than 90% from the peak, while ground truth is not zero.
+    Fires when the last `patience` values are all below `min_ratio` * GT per image, or when the
+    latest value fell more than 90% from its peak. The peak counts only from the first check at
+    which detections came down to at most 2x GT: early on, near-uniform scores put every
+    proposal above the lowest threshold, and falling from there is learning, not collapse.
     """
     if gt_per_image <= 0 or not history:
         return None
     floor = min_ratio * gt_per_image
     recent = history[-patience:]
-    peak = max(history)
     below = len(recent) == patience and all(v < floor for v in recent)
+    settled = next((i for i, v in enumerate(history) if v <= 2 * gt_per_image), None)
+    peak = max(history[settled:]) if settled is not None else 0.0
     dropped = peak > 0 and history[-1] < 0.1 * peak and peak >= floor
     if not (below or dropped):
         return None
@@ -344,4 +395,4 @@ def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: floa
                 "model.roi.positive_fraction: raise toward 0.5 (more positives sampled)",
                 "model.roi.cls_loss.type: focal (down-weights easy background)",
                 "solver.lr: lower it 2-10x if losses jumped, raise it if they never fell",
-                "model.anchors.sizes: match the object sizes (see the preflight's anchor coverage)"])
+                "model.anchors.sizes: auto (see the preflight's anchor coverage)"])

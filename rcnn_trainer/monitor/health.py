@@ -56,14 +56,14 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
-        self.state = {"history": [], "grad_norms": [], "scales": [], "probe": [], "checks": 0,
+        self.state = {"history": [], "after_warmup": [], "grad_norms": [], "scales": [], "probe": [], "checks": 0,
                       "initial_loss": None, "last_shown": {}, "counts": {}}
 
     def state_dict(self) -> dict:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = state
+        self.state = {**self.state, **state}
 
     def at_start(self) -> list[Alarm]:
         """Before the first step: what the config alone says."""
@@ -73,17 +73,20 @@ class HealthMonitor:
 
     def first_step(self, record: dict) -> list[Alarm]:
         s = self.settings
+        self.state["initial_loss"] = record.get("loss")
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
         found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
         return [a for a in found if a is not None]
 
-    def period(self, iteration: int, records: list[dict], mean: dict, probe: dict,
+    def period(self, iteration: int, max_iters: int, records: list[dict], mean: dict, probe: dict,
                loss_scale: float | None) -> list[Alarm]:
+        """One judgment: `records` are the iterations since the last one, `mean` their means,
+        `probe` the probe set's threshold counts and class diagnosis."""
         s, st = self.settings, self.state
         st["checks"] += 1
         st["history"].append(mean)
-        if st["initial_loss"] is None:
+        if st["initial_loss"] is None:  # the first step was not finite
             st["initial_loss"] = mean.get("loss")
         norms = [r["grad_norm"] for r in records if "grad_norm" in r]
         past = list(st["grad_norms"])
@@ -98,16 +101,17 @@ class HealthMonitor:
             checks.check_stuck_iou_loss(history, s.box_types, sustain=s.sustain),
             checks.check_foreground_starvation(history, sustain=s.sustain),
             checks.check_proposal_iou_not_rising(history),
-            checks.check_regressor_collapse(probe["pred_spread"], probe["gt_spread"], probe["num_predictions"])
-            if past_warmup else None,
             checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
-                                       st["initial_loss"] or 0.0, past_warmup=past_warmup),
+                                       st["initial_loss"] or 0.0, progress=iteration / max(max_iters, 1),
+                                       past_warmup=past_warmup),
             checks.check_gradients(norms, past, mean.get("clipped", 0.0),
                                    sum(1 for r in records if r.get("nonfinite"))),
             checks.check_loss_scale(st["scales"]),
         ]
         if past_warmup:
-            st["probe"].append(probe["counts"])
+            st["after_warmup"].append(mean)
+            found.append(checks.check_regressor_collapse(st["after_warmup"], sustain=s.sustain))
+            st["probe"].append({**probe["counts"], **probe["classes"]})
             found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
             found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],

@@ -14,21 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou
 
 from rcnn_trainer.data.coco import CocoDetection
-from rcnn_trainer.data.transforms import resize_scale
+from rcnn_trainer.model.anchors import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
 from rcnn_trainer.monitor.alarms import Alarm
 
 SIZE_BUCKETS = [("small", 0, 32), ("medium", 32, 96), ("large", 96, float("inf"))]
 IMBALANCE_LIMIT = 50.0
-
-
-def fpn_strides(backbone_name: str) -> list[int]:
-    """Strides of the FPN levels the anchors live on (see model/backbone.py)."""
-    return [16, 32, 64] if backbone_name.startswith("mobilenet") else [4, 8, 16, 32, 64]
 
 
 @dataclass
@@ -162,26 +154,10 @@ def _check_box_format(report, dataset, raw_boxes) -> None:
 
 def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strides, min_size, max_size,
                              fg_iou_thresh, max_images, seed) -> None:
-    rng = np.random.default_rng(seed)
-    records = [r for r in dataset.records if len(r.labels)]
-    if len(records) > max_images:
-        records = [records[i] for i in rng.choice(len(records), max_images, replace=False)]
-    generator = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
-    anchors_by_shape: dict = {}
-    best, sides, short_sides = [], [], []
-    for r in records:
-        scale = resize_scale(r.height, r.width, min_size, max_size)
-        h, w = round(r.height * scale), round(r.width * scale)
-        if (h, w) not in anchors_by_shape:
-            padded = (int(np.ceil(h / 32) * 32), int(np.ceil(w / 32) * 32))
-            feats = [torch.empty(1, 1, int(np.ceil(padded[0] / s)), int(np.ceil(padded[1] / s))) for s in strides]
-            anchors_by_shape[(h, w)] = generator(ImageList(torch.empty(1, 3, *padded), [(h, w)]), feats)[0]
-        boxes = torch.from_numpy(r.boxes) * scale
-        best.append(box_iou(boxes, anchors_by_shape[(h, w)]).max(dim=1).values)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        sides.append((widths * heights).clamp(min=0).sqrt())
-        short_sides.append(torch.minimum(widths, heights))
-    best_iou, side, short_side = torch.cat(best), torch.cat(sides), torch.cat(short_sides)
+    shaped = resized_boxes(sample_records(dataset.records, max_images, seed), min_size, max_size)
+    best_iou = best_anchor_ious(shaped, anchor_sizes, aspect_ratios, strides)
+    side = box_sides(shaped)
+    short_side = torch.cat([torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for _, b in shaped])
     coverage = {}
     for bucket, lo, hi in SIZE_BUCKETS:
         mask = (side >= lo) & (side < hi)
@@ -193,23 +169,29 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
     poor = {b: c for b, c in coverage.items() if c["boxes"] >= 10 and c["below_0.5"] > 0.25}
     if poor:
         # FPN levels double their stride: keep the octave spacing, start at the small boxes
-        base = max(4, int(round(float(np.quantile(side.numpy(), 0.1)))))
-        suggested = [[base * 2 ** level] for level in range(len(anchor_sizes))]
+        suggested = octave_sizes(max(4, int(round(float(np.quantile(side.numpy(), 0.1))))), len(anchor_sizes))
         report.add("warning", Alarm(
             "anchor_coverage", "share of GT boxes whose best anchor IoU is below 0.5: "
             + ", ".join(f"{b} {100 * c['below_0.5']:.0f}% of {c['boxes']}" for b, c in poor.items())
             + f" (anchors {anchor_sizes}, boxes after resize: median side {float(side.median()):.0f} px)",
             "objects that no anchor overlaps well get few or no positive anchors: the RPN never proposes them",
-            [f"model.anchors.sizes: {suggested} (one octave per level from the 10th percentile of box sizes)",
+            [f"model.anchors.sizes: auto (fits them to the boxes), or {suggested} (one octave per level from the "
+             "10th percentile of box sizes)",
              "data.min_size / data.max_size: resize larger (see configs/small_objects.yaml)",
              "model.rpn.fg_iou_thresh: lower it (e.g. 0.5) for odd shapes"]))
     tiny = float((short_side < strides[0]).float().mean())
     report.numbers["smaller_than_stride_share"] = tiny
     if tiny > 0.05:
+        # the resize that brings 95% of the boxes to at least one stride of the finest level
+        factor = strides[0] / max(float(np.quantile(short_side.numpy(), 0.05)), 1e-3)
+        new_min, new_max = (int(np.ceil(v * factor / 32) * 32) for v in (min_size, max_size))
+        report.numbers["suggested_min_size"] = new_min
         report.add("warning", Alarm(
             "tiny_boxes", f"{100 * tiny:.0f}% of boxes are thinner than the smallest anchor stride ({strides[0]} px) "
-            "after resize", "features that coarse barely see them; RoIAlign samples less than a cell",
-            ["data.min_size / data.max_size: resize larger", "model.anchors.sizes: smaller first level"]))
+            f"after resize to data.min_size={min_size}", "features that coarse barely see them; RoIAlign samples "
+            "less than a cell, so these objects are found late or never",
+            [f"data.min_size: {new_min} and data.max_size: {new_max} (95% of boxes then span a stride; "
+             f"costs ~{factor ** 2:.1f}x the time per iteration)", "model.anchors.sizes: auto, or a smaller first level"]))
 
 
 def _check_augmented(report, dataset, samples) -> None:

@@ -1,0 +1,63 @@
+"""The training statistics the model reports next to its losses: one definition that the heads
+fill and the monitor reads. A key missing from what a head returns is an error
+(`require_stats`), never a silent default that would keep an alarm quiet or always firing.
+"""
+
+from __future__ import annotations
+
+# RPN (per batch)
+RPN_CLS_FACTOR = "avg_factor/rpn_cls"
+RPN_BOX_FACTOR = "avg_factor/rpn_box"
+RPN_POS = "rpn/pos_per_image"          # positive anchors sampled per image
+RPN_NEG = "rpn/neg_per_image"
+RPN_BOX_PER_POS = "rpn/box_loss_per_pos"
+RPN_PRED_IOU = "rpn/pred_iou"          # IoU of the decoded boxes of positive anchors with their GT
+# RoI head (per batch)
+ROI_CLS_FACTOR = "avg_factor/roi_cls"
+ROI_BOX_FACTOR = "avg_factor/roi_box"
+ROI_POS = "roi/pos_per_image"
+ROI_NEG = "roi/neg_per_image"
+ROI_PROPOSAL_IOU = "roi/pos_proposal_iou"  # IoU of positive RPN proposals (GT boxes excluded) with their GT
+ROI_FG_ARGMAX = "roi/fg_argmax_fraction"   # sampled RoIs whose argmax class is foreground
+ROI_BOX_PER_POS = "roi/box_loss_per_pos"
+ROI_PRED_IOU = "roi/pred_iou"              # IoU of the refined boxes of positive RoIs with their GT
+ROI_DELTA_STD_RATIO = "roi/delta_std_ratio"  # std of predicted / target deltas over positives (mean of 4)
+ROI_DELTA_CORR = "roi/delta_corr"            # correlation of predicted with target deltas (mean of 4)
+# The batch
+GT_PER_IMAGE = "gt_per_image"
+IMAGES = "images"
+
+RPN_STATS = (RPN_CLS_FACTOR, RPN_BOX_FACTOR, RPN_POS, RPN_NEG, RPN_BOX_PER_POS, RPN_PRED_IOU)
+ROI_STATS = (ROI_CLS_FACTOR, ROI_BOX_FACTOR, ROI_POS, ROI_NEG, ROI_PROPOSAL_IOU, ROI_FG_ARGMAX, ROI_BOX_PER_POS,
+             ROI_PRED_IOU, ROI_DELTA_STD_RATIO, ROI_DELTA_CORR)
+TRAIN_STATS = RPN_STATS + ROI_STATS + (GT_PER_IMAGE, IMAGES)
+
+
+def require_stats(stats: dict, keys: tuple[str, ...] = TRAIN_STATS, where: str = "model") -> dict:
+    missing = [k for k in keys if k not in stats]
+    if missing:
+        raise KeyError(f"{where} did not report the statistics {missing} (contract: rcnn_trainer/model/stats.py)")
+    return stats
+
+
+def regression_stats(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple:
+    """For positives ([P, 4] each): IoU of the decoded boxes with their GT, the std of the
+    predicted deltas over the std of the target deltas, and their correlation (means over the
+    4 coordinates). A regressor that outputs a constant has std ratio and correlation near 0
+    whatever boxes it is asked about. NaN when there are fewer than 2 positives."""
+    import torch
+
+    from rcnn_trainer.losses.iou import paired_iou
+
+    nan = torch.tensor(float("nan"), device=pred_deltas.device)
+    if pred_deltas.shape[0] < 2:
+        return nan, nan, nan
+    pred = pred_deltas.detach().float()
+    reference, gt = reference_boxes.detach().float(), gt_boxes.detach().float()
+    iou = paired_iou(box_coder.decode_single(pred, reference), gt).mean()
+    target = box_coder.encode_single(gt, reference)
+    pred_c, target_c = pred - pred.mean(dim=0), target - target.mean(dim=0)
+    pred_std, target_std = pred_c.pow(2).mean(dim=0).sqrt(), target_c.pow(2).mean(dim=0).sqrt()
+    ratio = (pred_std / target_std.clamp(min=1e-6)).mean()
+    corr = ((pred_c * target_c).mean(dim=0) / (pred_std * target_std).clamp(min=1e-12)).mean()
+    return iou, ratio, corr

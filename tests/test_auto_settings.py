@@ -1,0 +1,120 @@
+"""Settings derived from the data: num_classes and anchor sizes (`auto`), a data source that
+replaces the base's, and the batch sampler on datasets smaller than a batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ann, image, tiny_dict, write_coco, write_yaml
+from rcnn_trainer.cli import train_main
+from rcnn_trainer.config_loader import load_config, validate_config
+from rcnn_trainer.data.loader import TrainBatchSampler, build_dataset
+from rcnn_trainer.engine.data_settings import resolve_from_checkpoint, resolve_from_data
+from rcnn_trainer.model.anchors import best_anchor_ious, fit_anchor_sizes, resized_boxes
+
+
+def coco_split(folder, categories, sizes=(12, 20, 30, 48), count=8):
+    images, annotations = [], []
+    for i in range(1, count + 1):
+        images.append(image(i, 128, 96))
+        for k, side in enumerate(sizes):
+            annotations.append(ann(len(annotations) + 1, i, categories[(i + k) % len(categories)]["id"],
+                                   [4 + 28 * k, 10 + (i % 3) * 10, side * 0.5, side]))
+    return write_coco(folder, images, annotations, categories=categories)
+
+
+def coco_config(tmp_path, categories, **model):
+    ann_file = coco_split(tmp_path / "data", categories)
+    split = {"ann_file": str(ann_file), "img_dir": str(tmp_path / "data")}
+    raw = tiny_dict(tmp_path, data={"train": split, "val": split, "min_size": 96, "max_size": 128}, model=model)
+    raw["data"].pop("synthetic")
+    raw["model"].pop("num_classes")
+    raw["model"].pop("anchors")
+    return raw
+
+
+NON_CONTIGUOUS = [{"id": 17, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 250, "name": "bird"}]
+
+
+def test_num_classes_and_anchors_auto_from_non_contiguous_ids(tmp_path):
+    cfg = validate_config(coco_config(tmp_path, NON_CONTIGUOUS), source="test")
+    assert cfg.model.num_classes == "auto" and cfg.model.anchors.sizes == "auto"
+    lines = []
+    dataset = build_dataset(cfg, "train")
+    resolve_from_data(cfg, dataset, lines.append)
+    assert cfg.model.num_classes == 3
+    assert "model.num_classes: 3" in lines[0] and "dog, cat, bird" in lines[0]  # sorted by category id
+    sizes = cfg.model.anchors.sizes
+    assert len(sizes) == 5 and all(b[0] == pytest.approx(2 * a[0], rel=0.01) for a, b in zip(sizes, sizes[1:]))
+    assert "fitted to 32 training boxes" in lines[1] and "have an anchor with IoU >= 0.5" in lines[1]
+
+
+def test_fitted_anchors_cover_better_than_mismatched_ones(tmp_path):
+    cfg = validate_config(coco_config(tmp_path, NON_CONTIGUOUS), source="test")
+    dataset = build_dataset(cfg, "train")
+    common = dict(aspect_ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64])
+    sizes, reach = fit_anchor_sizes(dataset.records, levels=5, min_size=96, max_size=128, fg_iou_thresh=0.7, **common)
+    shaped = resized_boxes(dataset.records, 96, 128)
+    fitted = best_anchor_ious(shaped, sizes, **common)
+    too_large = best_anchor_ious(shaped, [[64], [128], [256], [512], [1024]], **common)
+    assert (fitted >= 0.5).float().mean() == pytest.approx(reach["above_0.5"])
+    assert reach["above_0.5"] > 0.9 > float((too_large >= 0.5).float().mean())
+
+
+def test_explicit_num_classes_that_disagrees_is_exit_2(tmp_path, capsys):
+    raw = coco_config(tmp_path, NON_CONTIGUOUS)
+    raw["model"]["num_classes"] = 5
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    assert train_main(["--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.num_classes is 5" in err and "has 3 categories" in err and "(or auto)" in err
+
+
+def test_eval_takes_auto_settings_from_the_checkpoint(tmp_path):
+    cfg = validate_config(coco_config(tmp_path, NON_CONTIGUOUS), source="test")
+    resolve_from_checkpoint(cfg, {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]}}})
+    assert cfg.model.num_classes == 3 and cfg.model.anchors.sizes[0] == [8]
+
+
+def test_user_data_replaces_synthetic_of_the_base(tmp_path):
+    base = write_yaml(tmp_path / "base.yaml", tiny_dict(tmp_path))
+    ann_file = coco_split(tmp_path / "data", NON_CONTIGUOUS)
+    split = {"ann_file": str(ann_file), "img_dir": str(tmp_path / "data")}
+    user = write_yaml(tmp_path / "user.yaml", {"_base_": "base.yaml", "data": {"train": split, "val": split},
+                                               "model": {"num_classes": "auto"}})
+    notes = []
+    cfg = load_config(user, log=notes.append)
+    assert cfg.data.synthetic is None and cfg.data.train is not None
+    assert notes == [f"[config] {user} sets data.train: it replaces data.synthetic of the base config."]
+    # the same through an override
+    notes.clear()
+    cfg = load_config(base, [f"data.train={split}", f"data.val={split}", "model.num_classes=auto"], log=notes.append)
+    assert cfg.data.synthetic is None and len(notes) == 1 and "replaces data.synthetic" in notes[0]
+
+
+@pytest.mark.parametrize("num_images, batch, world", [(1, 8, 1), (3, 8, 1), (4, 8, 2), (5, 2, 4)])
+def test_sampler_yields_when_the_dataset_is_smaller_than_a_batch(num_images, batch, world):
+    batches = [TrainBatchSampler([1.5] * num_images, batch, seed=0, group_by_aspect=True, rank=r, world_size=world)
+               for r in range(world)]
+    streams = [iter(b) for b in batches]
+    for _ in range(5):
+        for stream in streams:
+            got = next(stream)
+            assert len(got) == batch and all(0 <= index < num_images for index, _ in got)
+
+
+def test_sampler_with_aspect_groups_smaller_than_the_batch():
+    ratios = [1.5, 0.5, 1.5, 0.5, 2.0]  # 3 landscape, 2 portrait, batch 4
+    stream = iter(TrainBatchSampler(ratios, 4, seed=0, group_by_aspect=True))
+    seen = [next(stream) for _ in range(6)]
+    for batch in seen:
+        assert len({ratios[i] >= 1.0 for i, _ in batch}) == 1  # one orientation per batch
+    assert {ratios[i] >= 1.0 for b in seen for i, _ in b} == {True, False}  # both groups get batches
+
+
+def test_small_dataset_trains_end_to_end(tmp_path):
+    raw = coco_config(tmp_path, NON_CONTIGUOUS)
+    raw["data"]["batch_size"] = 16  # 8 images
+    raw["solver"]["max_iters"] = 2
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    assert train_main(["--config", str(config), "--no-progress"]) == 0

@@ -1,0 +1,224 @@
+"""Recipe benchmark: a rcnn_trainer recipe vs torchvision's standard Faster R-CNN recipe, on
+several datasets, at the same image size, batch and number of iterations.
+
+  pip install -c constraints.txt -e ".[dev,bench]"
+  python tools/recipe_bench.py --recipe config.yaml --iters 300 --batch 4 --out recipe_bench.json
+
+Datasets (tools/bench_datasets.py writes the first two, once, under --data-dir):
+  digits     real handwritten digits (scikit-learn), 10 classes, 320 px, 12-56 px objects, 1-8 per image
+  glyphs     letters of the installed TrueType fonts, 26 classes, 256 px, 8-150 px objects, 0-20 per image
+  synthetic  the built-in shapes, 4 classes, 128 px (config.yaml's data.synthetic)
+
+Ours: the real `rcnn-train` command on the recipe with only the data, size, batch and
+iterations overridden (num_classes and anchors come from the data, as for a user), so the
+monitor, preflight and evaluation all run as they would for a user.
+torchvision: `torchvision.models.detection.FasterRCNN` with its default RPN/RoI settings
+(2000/1000 proposals, 512 RoIs at 0.25, 256-channel FPN, 1024-wide head), resnet18-FPN from
+scratch with trainable BatchNorm, the same anchors as ours, and the reference script's
+recipe: SGD lr 0.02 x batch/16 ... (see TORCHVISION_RECIPE), momentum 0.9, weight decay 1e-4,
+linear warmup over the first epoch (at most 1000 iterations) and x0.1 at 16/26 and 22/26 of
+training. Both are scored by the same COCO evaluation on the same val split.
+Each training run is a subprocess; results are cached in --out, so rerunning with another
+recipe reuses the torchvision runs (pass --fresh to run them again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_datasets  # noqa: E402  (tools/ is not a package)
+
+DATASETS = {  # name -> native image side
+    "digits": 320,
+    "glyphs": 256,
+    "synthetic": 128,
+}
+# The reference recipe (torchvision/references/detection, README: lr 0.02 for 8 GPUs x 2 images).
+# lr scales linearly with the batch, as the reference's --lr note says (0.02 / 16 per image).
+TORCHVISION_RECIPE = {"lr_per_image": 0.02 / 16, "momentum": 0.9, "weight_decay": 1e-4, "warmup_factor": 1e-3,
+                      "milestones": (16 / 26, 22 / 26), "gamma": 0.1}
+
+
+def data_overrides(name: str, data_dir: Path, batch: int, iters: int, seed: int) -> list[str]:
+    size = DATASETS[name]
+    common = [f"data.batch_size={batch}", f"data.min_size={size}", f"data.max_size={size}",
+              f"solver.max_iters={iters}", f"seed={seed}"]
+    if name == "synthetic":
+        return ["data.synthetic={num_train: 300, num_val: 60, image_size: 128, seed: 0}", *common]
+    folder = bench_datasets.ensure(name, data_dir / name)
+    return [f"data.train={{ann_file: '{folder / 'train.json'}', img_dir: '{folder / 'images'}'}}",
+            f"data.val={{ann_file: '{folder / 'val.json'}', img_dir: '{folder / 'images'}'}}", *common]
+
+
+def resolved_model_settings(recipe: str, overrides: list[str]) -> list[str]:
+    """num_classes and anchor sizes as our trainer resolves them from the data (`auto`), as
+    overrides, so that torchvision gets the same anchors."""
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.data.loader import build_dataset
+    from rcnn_trainer.engine.data_settings import resolve_from_data
+
+    cfg = load_config(recipe, overrides)
+    resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)
+    return [f"model.anchors.sizes={cfg.model.anchors.sizes}", f"model.num_classes={cfg.model.num_classes}"]
+
+
+# --------------------------------------------------------------------------- ours
+def run_ours(recipe: str, overrides: list[str], threads: int, workdir: Path) -> dict:
+    out = workdir / "ours"
+    cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", recipe, "--output-dir", str(out),
+           "--no-progress", f"train.threads={threads}", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"rcnn-train failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in records if r["type"] == "eval"][-1]
+    times = [r["time"] for r in records if r["type"] == "train"]
+    alarms = [f"{r['name']}@{r['iter']}" for r in records if r["type"] == "alarm"]
+    return {"AP": final["AP"], "AP50": final["AP50"], "APs": final["APs"], "wall_s": wall,
+            "s_per_iter": statistics.median(times), "alarms": alarms,
+            "log_tail": proc.stdout.splitlines()[-12:]}
+
+
+# --------------------------------------------------------------------------- torchvision
+def torchvision_child(recipe: str, overrides: list[str], threads: int) -> dict:
+    import torch
+
+    from benchmark import TorchvisionFasterRCNN
+    from rcnn_trainer.config import BackboneConfig, ROIConfig, RPNConfig
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+    from rcnn_trainer.engine.device import to_device
+    from rcnn_trainer.engine.evaluate import evaluate
+    from rcnn_trainer.model.build import build_model
+
+    torch.set_num_threads(threads)
+    # The recipe's data settings (size, batch, flips) and the anchors and num_classes ours
+    # resolved (in the overrides); torchvision's defaults for the rest (our schema's defaults
+    # are torchvision's), with a from-scratch resnet18-FPN and trainable BatchNorm.
+    cfg = load_config(recipe, overrides)
+    cfg.model.backbone = BackboneConfig(name="resnet18", weights=None, norm="bn")
+    cfg.model.rpn, cfg.model.roi = RPNConfig(), ROIConfig()
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    torch.manual_seed(cfg.seed)
+    model = TorchvisionFasterRCNN(build_model(cfg.model), cfg).train()
+    batch, iters = cfg.data.batch_size, cfg.solver.max_iters
+    r = TORCHVISION_RECIPE
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=r["lr_per_image"] * batch,
+                                momentum=r["momentum"], weight_decay=r["weight_decay"])
+    warmup = min(1000, max(1, len(train_set) // batch - 1))
+    milestones = [int(m * iters) for m in r["milestones"]]
+
+    def factor(it: int) -> float:
+        decay = r["gamma"] ** sum(it >= m for m in milestones)
+        if it < warmup:
+            return decay * (r["warmup_factor"] * (1 - it / warmup) + it / warmup)
+        return decay
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    batches = iter(build_train_loader(cfg, train_set))
+    device = torch.device("cpu")
+    times = []
+    t_start = time.perf_counter()
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        losses, _ = model(*to_device(*next(batches), device))
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(total):
+            total.backward()
+            optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - t0)
+    metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), device, cfg.monitor.score_thresholds,
+                          progress=False)
+    return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
+            "wall_s": time.perf_counter() - t_start, "s_per_iter": statistics.median(times),
+            "anchors": cfg.model.anchors.sizes}
+
+
+def run_torchvision(recipe: str, overrides: list[str], threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--threads", str(threads), "--", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"torchvision run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- report
+def format_table(rows: list[dict]) -> str:
+    lines = ["| dataset | AP ours / tv | AP50 ours / tv | APs ours / tv | AP gain | wall s ours / tv | s/iter ours / tv |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        o, t = row["ours"], row["torchvision"]
+        lines.append(f"| {row['dataset']} | {o['AP']:.3f} / {t['AP']:.3f} | {o['AP50']:.3f} / {t['AP50']:.3f} | "
+                     f"{o['APs']:.3f} / {t['APs']:.3f} | {o['AP'] - t['AP']:+.3f} | {o['wall_s']:.0f} / "
+                     f"{t['wall_s']:.0f} | {o['s_per_iter']:.2f} / {t['s_per_iter']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="config.yaml", help="our recipe (a config file)")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", type=Path, default=Path("data/bench"))
+    p.add_argument("--out", type=Path, default=Path("recipe_bench.json"))
+    p.add_argument("--fresh", action="store_true", help="rerun torchvision even if --out has its result")
+    p.add_argument("--only", choices=["ours", "torchvision"], help="run one side only (tuning; caching torchvision)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="extra overrides for our recipe only")
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(torchvision_child(args.recipe, args.overrides, args.threads)), flush=True)
+        return
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {"torchvision": {}}
+    report = {"recipe": args.recipe, "iters": args.iters, "batch": args.batch, "threads": args.threads,
+              "overrides": args.overrides, "rows": [], "torchvision": previous.get("torchvision", {})}
+    for name in args.datasets:
+        overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed)
+        shared = resolved_model_settings(args.recipe, overrides + args.overrides)
+        key = f"{name}/iters={args.iters}/batch={args.batch}/seed={args.seed}/threads={args.threads}/{shared[0]}"
+        if args.only != "torchvision":
+            with tempfile.TemporaryDirectory() as tmp:
+                ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
+            print(f"[{name}] ours: AP {ours['AP']:.3f} AP50 {ours['AP50']:.3f} APs {ours['APs']:.3f} "
+                  f"{ours['s_per_iter']:.2f} s/it, {ours['wall_s']:.0f} s; alarms: "
+                  f"{', '.join(ours['alarms']) or 'none'}", flush=True)
+        if args.only == "ours":
+            continue
+        if key not in report["torchvision"] or args.fresh:
+            report["torchvision"][key] = run_torchvision(args.recipe, overrides + shared, args.threads)
+        theirs = report["torchvision"][key]
+        print(f"[{name}] torchvision: AP {theirs['AP']:.3f} AP50 {theirs['AP50']:.3f} APs {theirs['APs']:.3f} "
+              f"{theirs['s_per_iter']:.2f} s/it, {theirs['wall_s']:.0f} s", flush=True)
+        if args.only == "torchvision":
+            args.out.write_text(json.dumps(report, indent=1))
+            continue
+        report["rows"].append({"dataset": name, "ours": ours, "torchvision": theirs})
+        args.out.write_text(json.dumps(report, indent=1))
+    if report["rows"]:
+        print(format_table(report["rows"]))
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
