@@ -1,4 +1,5 @@
-"""Command line: rcnn-train and rcnn-eval (also `python -m rcnn_trainer.cli train|eval ...`).
+"""Command line: rcnn-train, rcnn-eval and rcnn-predict (also `python -m rcnn_trainer.cli train|eval|predict ...`).
+KEY=VALUE overrides may stand anywhere among the options.
 
 Exit codes: 0 success; 2 bad config, data or arguments (one paragraph, no traceback);
 1 anything else (training stopped on purpose prints its reason; bugs print a traceback).
@@ -45,11 +46,25 @@ def _eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _predict_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="rcnn-predict", description="Run a trained checkpoint on images, folders or globs.")
+    p.add_argument("--config", required=True, help="YAML config the checkpoint was trained with.")
+    p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files, folders of images, or glob patterns.")
+    p.add_argument("--output-dir", default="predictions", help="Where predictions.json and vis/ go.")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="Keep detections with at least this score.")
+    p.add_argument("--no-draw", action="store_true", help="Only the json, no drawn images.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Config override (repeatable), e.g. --set train.device=cpu.")
+    return p
+
+
 def _load(args, output_dir: str | None = None):
     from rcnn_trainer.config_loader import load_config
 
     extra = [f"output_dir={output_dir}"] if output_dir else []
-    return load_config(args.config, [*args.overrides, *extra])
+    return load_config(args.config, [*args.overrides, *extra], log=print)
 
 
 def _run_train(argv) -> int:
@@ -96,6 +111,24 @@ def _run_eval(argv) -> int:
     return 0
 
 
+def _run_predict(argv) -> int:
+    parser = _predict_parser()
+    args = parser.parse_intermixed_args(argv)
+    # KEY=VALUE words among the inputs are overrides too (as for the other commands)
+    args.overrides += [i for i in args.inputs if "=" in i and not Path(i).exists()]
+    args.inputs = [i for i in args.inputs if i not in args.overrides]
+    if not args.inputs:
+        parser.error("give at least one image, folder or glob")
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise UserError(f"--score-thresh takes a score in [0, 1], got {args.score_thresh}.")
+    cfg = _load(args)
+    from rcnn_trainer.engine.predict import run_prediction
+
+    run_prediction(cfg, Path(args.checkpoint), args.inputs, Path(args.output_dir), score_thresh=args.score_thresh,
+                   draw=not args.no_draw, progress=not args.no_progress)
+    return 0
+
+
 def _without_worker_traceback(message: str) -> str:
     """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback
     ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep our message."""
@@ -127,11 +160,15 @@ def eval_main(argv=None) -> int:
     return _guard(_run_eval, sys.argv[1:] if argv is None else argv)
 
 
+def predict_main(argv=None) -> int:
+    return _guard(_run_predict, sys.argv[1:] if argv is None else argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "eval": eval_main}
+    commands = {"train": train_main, "eval": eval_main, "predict": predict_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m rcnn_trainer.cli {train,eval} ...", file=sys.stderr)
+        print("usage: python -m rcnn_trainer.cli {train,eval,predict} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

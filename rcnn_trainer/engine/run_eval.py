@@ -13,6 +13,7 @@ from rcnn_trainer.config_loader import config_to_dict
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
 from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
+from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
@@ -62,26 +63,18 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
 def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
                      min_score: float = 0.5) -> int:
     from PIL import Image
-    from torchvision.io import read_image
-    from torchvision.utils import draw_bounding_boxes
 
-    folder.mkdir(parents=True, exist_ok=True)
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
     names = {cat: dataset.class_names[label - 1] for label, cat in dataset.label_to_cat_id.items()}
     written = 0
     for record in tqdm(dataset.records[:count], desc="draw", leave=False):
-        image = read_image(str(record.path))[:3]
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        gt = torch.as_tensor(record.boxes).reshape(-1, 4)
-        image = draw_bounding_boxes(image, gt, colors="lime", width=1)
-        preds = [r for r in by_image.get(record.image_id, []) if r["score"] >= min_score]
-        if preds:
-            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in preds)])
-            labels = [f"{names[r['category_id']]} {r['score']:.2f}" for r in preds]
-            image = draw_bounding_boxes(image, boxes, labels=labels, colors="red", width=1)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{record.image_id}.png")
+        with Image.open(record.path) as img:
+            image = img.convert("RGB")
+        preds = [([x, y, x + w, y + h], f"{names[r['category_id']]} {r['score']:.2f}")
+                 for r in by_image.get(record.image_id, []) if r["score"] >= min_score
+                 for x, y, w, h in [r["bbox"]]]
+        draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png")
         written += 1
     return written

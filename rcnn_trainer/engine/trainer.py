@@ -9,8 +9,10 @@ inject a NaN). Checkpoints, metrics and console output happen on rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true,
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.engine.metrics_log import MetricsLog, scalars_to_floats
+from rcnn_trainer.engine.run_lock import RunLock
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import TrainingStopped, UserError
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
@@ -105,7 +108,15 @@ def check_dataset_fits_model(cfg: Config, dataset) -> None:
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
           after_forward: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
-    """Train as configured; returns the final evaluation metrics."""
+    """Train as configured; returns the final evaluation metrics. The writing process (rank 0)
+    holds the run folder's lock for the whole run: a second run into it stops with exit 2."""
+    is_writer = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(Path(cfg.output_dir)) if is_writer else contextlib.nullcontext():
+        return _train(cfg, resume, log, after_forward, progress)
+
+
+def _train(cfg: Config, resume: bool, log: Callable[[str], None],
+           after_forward: Optional[Callable[[int, dict], None]], progress: bool) -> dict:
     started = time.time()
     info = init_distributed(device_kind(cfg.train.device))
     device = pick_device(cfg.train.device, info)

@@ -58,6 +58,9 @@ def regression_stats(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple
     target = box_coder.encode_single(gt, reference)
     pred_c, target_c = pred - pred.mean(dim=0), target - target.mean(dim=0)
     pred_std, target_std = pred_c.pow(2).mean(dim=0).sqrt(), target_c.pow(2).mean(dim=0).sqrt()
-    ratio = (pred_std / target_std.clamp(min=1e-6)).mean()
-    corr = ((pred_c * target_c).mean(dim=0) / (pred_std * target_std).clamp(min=1e-12)).mean()
+    # a coordinate whose targets do not vary (e.g. only appended GT boxes, all targets 0) cannot be
+    # judged: NaN, which the monitor's period means skip (no host sync here)
+    degenerate = target_std < 1e-3
+    ratio = torch.where(degenerate, nan, pred_std / target_std.clamp(min=1e-3)).mean()
+    corr = torch.where(degenerate, nan, (pred_c * target_c).mean(dim=0) / (pred_std * target_std).clamp(min=1e-12)).mean()
     return iou, ratio, corr
