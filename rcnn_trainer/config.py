@@ -56,6 +56,8 @@ class BadRecordPolicy(Strict):
         "error", description="An annotation whose category_id is not in `categories`.")
     degenerate_box: Literal["error", "drop"] = Field(
         "drop", description="A box with zero or negative width/height (COCO has a few).")
+    non_finite_box: Literal["error", "drop"] = Field(
+        "error", description="A bbox with NaN or infinite coordinates (a broken export, never a real box).")
     box_outside_image: Literal["error", "drop", "clip"] = Field(
         "clip", description="A box that extends past the image border: clip it to the image "
         "(dropped if nothing is left), drop it, or stop with an error.")

@@ -16,3 +16,8 @@ class TrainingStopped(Exception):
     The CLI prints the message without a traceback and exits with code 1."""
 
     exit_code = 1
+
+
+class WriteFailed(TrainingStopped):
+    """A file could not be written (disk full, permissions). What was written before is intact;
+    exit code 1 with the message, no traceback."""

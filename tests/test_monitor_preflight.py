@@ -89,7 +89,7 @@ def test_anchors_far_larger_than_objects(tmp_path):
     report = run_preflight(ds, "train", **huge)
     f = findings(report)["anchor_coverage"]
     assert f.severity == "warning" and "small 100% of 18" in f.alarm.seen
-    assert f.alarm.change[0].startswith("model.anchors.sizes: [[")
+    assert f.alarm.change[0].startswith("model.anchors.sizes: auto (fits them to the boxes), or [[")
     assert "anchor_coverage" not in findings(run_preflight(ds, "train", **ANCHORS))
 
 

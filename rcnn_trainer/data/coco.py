@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
                  unknown_category: str = "error", degenerate_box: str = "drop",
-                 box_outside_image: str = "clip",
+                 box_outside_image: str = "clip", non_finite_box: str = "error",
                  transforms: Optional[Callable] = None, seed: int = 0):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
@@ -95,7 +96,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.seed = seed
         self.report = DropReport()
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
-                            degenerate_box=degenerate_box, box_outside_image=box_outside_image)
+                            degenerate_box=degenerate_box, box_outside_image=box_outside_image,
+                            non_finite_box=non_finite_box)
         self.raw = read_coco_json(self.ann_file)
         self.categories = sorted(self.raw["categories"], key=lambda c: c["id"])
         self.label_to_cat_id = {i + 1: int(c["id"]) for i, c in enumerate(self.categories)}
@@ -112,10 +114,32 @@ class CocoDetection(torch.utils.data.Dataset):
         from pycocotools.coco import COCO
 
         coco = COCO()
-        coco.dataset = self.raw
+        coco.dataset = self.evaluation_json()
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
         return coco
+
+    def evaluation_json(self) -> dict:
+        """The annotation file as pycocotools' evaluation needs it: every annotation with a
+        unique id (duplicates would silently merge ground truth), an area and iscrowd; boxes
+        derived from segmentations; records the loader rejected (bad boxes) left out."""
+        anns, seen, fixed = [], set(), 0
+        for ann in self.raw["annotations"]:
+            if not isinstance(ann, dict):
+                continue
+            bbox = ann.get("bbox") or _bbox_from_segmentation(ann.get("segmentation"), None, None, None)
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+                continue
+            ann = dict(ann, bbox=bbox, iscrowd=ann.get("iscrowd", 0) or 0)
+            ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
+            if ann.get("id") is None or ann["id"] in seen:
+                fixed += 1
+            seen.add(ann.get("id"))
+            anns.append(ann)
+        if fixed:  # counted in the load report (see _build_records)
+            anns = [dict(a, id=i + 1) for i, a in enumerate(anns)]
+        return {**self.raw, "annotations": anns}
 
     # ------------------------------------------------------------------ loading
     def _handle(self, kind: str, where: str, problem: str) -> None:
@@ -135,14 +159,28 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise UserError(f"{self.ann_file}: {where}: duplicate image id {image['id']}.")
             images[image["id"]] = image
 
+        ids = [a.get("id") for a in self.raw["annotations"] if isinstance(a, dict)]
+        bad_ids = sum(1 for i in ids if i is None) + len([i for i in ids if i is not None]) - len(
+            {i for i in ids if i is not None})
+        if bad_ids:
+            self.report.add("annotation ids renumbered for evaluation", f"{bad_ids} missing or duplicate ids")
         anns_by_image: dict[int, list[dict]] = defaultdict(list)
         for index, ann in enumerate(self.raw["annotations"]):
             where = f"annotations[{index}] (id {ann.get('id') if isinstance(ann, dict) else '?'})"
+            if isinstance(ann, dict) and "bbox" not in ann and ann.get("segmentation") and ann.get("image_id") in images:
+                ann = dict(ann, bbox=_bbox_from_segmentation(ann["segmentation"], images[ann["image_id"]], self.ann_file,
+                                                             where))
+                self.report.add("bbox derived from segmentation", where)
             if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= ann.keys():
-                raise UserError(f"{self.ann_file}: {where} needs image_id, category_id and bbox.")
+                raise UserError(f"{self.ann_file}: {where} needs image_id, category_id and bbox (or a segmentation "
+                                f"to derive the box from).")
             bbox = ann["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            if not (isinstance(bbox, list) and len(bbox) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
                 raise UserError(f"{self.ann_file}: {where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}.")
+            if not all(math.isfinite(v) for v in bbox):
+                self._handle("non_finite_box", where, f"bbox {bbox!r} has non-finite (NaN or infinite) coordinates")
+                continue
             if ann["image_id"] not in images:
                 self.report.add("unknown_image_id", where)
                 continue
@@ -223,6 +261,29 @@ class CocoDetection(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, epoch, index))
         image, target = self.transforms(image, target, rng)
         return image, target
+
+
+def _bbox_from_segmentation(segmentation, image: dict | None, ann_file, where) -> list | None:
+    """[x, y, w, h] of a polygon (list of flat coordinate lists) or RLE segmentation; None if
+    there is none. With `image` given, a malformed segmentation is a UserError naming the record."""
+    if not segmentation:
+        return None
+    try:
+        if isinstance(segmentation, list):
+            points = np.asarray([v for poly in segmentation for v in poly], dtype=np.float64).reshape(-1, 2)
+            x0, y0 = points.min(axis=0)
+            x1, y1 = points.max(axis=0)
+            return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+        from pycocotools import mask as mask_utils
+
+        rle = segmentation
+        if isinstance(rle.get("counts"), list):
+            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        return [float(v) for v in mask_utils.toBbox(rle)]
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        if image is None:
+            return None
+        raise UserError(f"{ann_file}: {where}: has no bbox and its segmentation cannot be read ({err}).") from None
 
 
 def _image_problem(path: Path) -> str | None:

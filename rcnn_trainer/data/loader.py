@@ -74,12 +74,17 @@ def resolve_splits(cfg: Config) -> dict[str, tuple[Path, Path]]:
 def build_dataset(cfg: Config, split: str) -> CocoDetection:
     ann_file, img_dir = resolve_splits(cfg)[split]
     policy = cfg.data.bad_records
-    return CocoDetection(
+    dataset = CocoDetection(
         ann_file, img_dir,
         missing_image=policy.missing_image, unknown_category=policy.unknown_category,
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
+        non_finite_box=policy.non_finite_box,
         transforms=build_transforms(cfg.data.min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
         seed=cfg.seed)
+    if not dataset.records:
+        raise UserError(f"{ann_file}: no image left in the {split} split ({len(dataset.raw['images'])} in the file; "
+                        f"dropped: {'; '.join(dataset.report.lines()) or 'none'}). Fix the file or data.{split}.")
+    return dataset
 
 
 def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,

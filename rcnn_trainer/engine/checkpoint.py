@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcnn_trainer.errors import UserError
+from rcnn_trainer.errors import UserError, WriteFailed
 
 PERIODIC = re.compile(r"^ckpt_(\d{7})\.pth$")
 KILL_DURING_WRITE_ENV = "RCNN_TRAINER_TEST_KILL_DURING_CHECKPOINT"  # test hook: SIGKILL mid-write
@@ -38,13 +38,18 @@ def restore_rng_state(state: dict) -> None:
 def atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        if os.environ.get(KILL_DURING_WRITE_ENV) == path.name:
-            os.kill(os.getpid(), 9)  # the file is half written and not yet renamed
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            if os.environ.get(KILL_DURING_WRITE_ENV) == path.name:
+                os.kill(os.getpid(), 9)  # the file is half written and not yet renamed
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"could not write '{path}': {err}. The files written before it are intact; free space "
+                          f"or fix the folder, then continue with --resume.") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

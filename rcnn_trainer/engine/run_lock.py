@@ -19,8 +19,12 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as err:
+            raise UserError(f"output dir '{self.path.parent}' cannot be created or written: {err.strerror or err}. "
+                            f"Choose another output_dir / --output-dir.") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
