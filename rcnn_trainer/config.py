@@ -302,6 +302,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1, description="Newest periodic checkpoints kept on disk.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+    data_timeout_s: int = Field(
+        300, ge=0, description="Watchdog: stop (exit 1, saying where it waited, after saving a checkpoint) when no "
+        "training batch arrives for this many seconds; 0 = wait forever.")
 
 
 class CollapseConfig(Strict):

@@ -325,3 +325,29 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, c
     assert [p.name for p in ckpt_dir.iterdir()] == ["ckpt_0000002.pth"]  # no partial file left
     ckpt, _ = ckpt_io.load_latest(ckpt_dir, log=print)
     assert ckpt["iteration"] == 2
+
+
+def test_data_watchdog_stops_a_stalled_worker_and_keeps_progress(tmp_path, capsys, monkeypatch):
+    """A loader worker that stalls (network storage gone) ends the run within the watchdog's
+    time, saying where it waited, after a checkpoint of the progress so far."""
+    import time as _time
+
+    from rcnn_trainer.data.coco import CocoDetection
+
+    images, annotations = standard_images(tmp_path / "d", 4)
+    real_getitem = CocoDetection.__getitem__
+
+    def stall_after_first_epoch(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if epoch >= 1:
+            _time.sleep(60)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(CocoDetection, "__getitem__", stall_after_first_epoch)  # workers fork with it
+    code = run_train(tmp_path, dataset(tmp_path / "d", images, annotations), None, "solver.max_iters=6",
+                     "train.data_timeout_s=3", data={"num_workers": 1, "batch_size": 2})
+    assert code == 1
+    err = assert_clean_error(capsys, "no training batch arrived within train.data_timeout_s=3 s")
+    assert "--resume" in err
+    ckpt, _ = ckpt_io.load_latest(tmp_path / "run" / "checkpoints", log=print)
+    assert ckpt["iteration"] == 2  # two batches of the first epoch trained and saved

@@ -94,8 +94,10 @@ def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
         cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size)
     # An own generator: creating the loader must not draw from the global torch RNG, or a
     # resumed run would sample differently from an uninterrupted one.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(cfg.seed),
+                      timeout=cfg.train.data_timeout_s if workers else 0)  # the watchdog for worker processes
 
 
 def build_eval_loader(cfg: Config, dataset: CocoDetection, indices: list[int] | None = None) -> DataLoader:

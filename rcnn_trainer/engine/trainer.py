@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import faulthandler
 import math
 import os
 import random
@@ -69,6 +70,31 @@ def window_means(records: list[dict]) -> dict:
         values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
         out[key] = sum(values) / len(values) if values else float("nan")
     return out
+
+
+def next_batch(data_iter, cfg: Config, save_progress: Callable[[], None]):
+    """The next training batch, under the data watchdog (train.data_timeout_s): DataLoader
+    workers time out inside the loader; in the main process faulthandler prints every thread's
+    stack (where it waits) and exits. A dead worker or a timeout saves progress, then stops."""
+    timeout = cfg.train.data_timeout_s
+    in_process = timeout and cfg.data.num_workers == 0
+    if in_process:
+        faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        return next(data_iter)
+    except RuntimeError as err:
+        text = str(err)
+        if "timed out" not in text and "exited unexpectedly" not in text:
+            raise
+        save_progress()
+        reason = (f"no training batch arrived within train.data_timeout_s={timeout} s" if "timed out" in text
+                  else "a DataLoader worker process died")
+        raise TrainingStopped(f"{reason} ({text.splitlines()[0][:200]}). The data loader is where it waited: check "
+                              f"data.train (slow or network storage, very large images), lower data.num_workers, or "
+                              f"raise train.data_timeout_s. Progress so far is saved; continue with --resume.") from None
+    finally:
+        if in_process:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def seed_everything(seed: int) -> None:
@@ -255,7 +281,8 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
     while state.iteration < max_iters:
         it = state.iteration
         t0 = time.perf_counter()
-        images, targets = to_device(*next(data_iter), device)
+        images, targets = to_device(*next_batch(data_iter, cfg, lambda: save_checkpoint(
+            ckpt_dir / f"ckpt_{state.iteration:07d}.pth") if state.iteration else None), device)
         t_data = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
 
