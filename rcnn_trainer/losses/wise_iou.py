@@ -28,22 +28,23 @@ class WiseIoULoss(nn.Module):
 
     @torch.no_grad()
     def _update_mean(self, iou_loss: torch.Tensor) -> None:
+        """Called on every rank at every training step, also with no positives (P = 0): the
+        all_reduce is a collective, and a rank that skipped it would hang the others."""
         stats = torch.stack([iou_loss.sum(), torch.tensor(float(iou_loss.numel()), device=iou_loss.device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
-        if stats[1] > 0:
-            batch_mean = stats[0] / stats[1]
-            self.iou_loss_mean.mul_(1.0 - self.momentum).add_(self.momentum * batch_mean)
+        batch_mean = stats[0] / stats[1].clamp(min=1.0)
+        updated = self.iou_loss_mean * (1.0 - self.momentum) + self.momentum * batch_mean
+        self.iou_loss_mean.copy_(torch.where(stats[1] > 0, updated, self.iou_loss_mean))  # no host sync
 
     def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
         """pred_boxes, gt_boxes: [P, 4] xyxy -> per-box loss [P]."""
         pred_boxes, gt_boxes = pred_boxes.float(), gt_boxes.float()
-        if pred_boxes.numel() == 0:
-            return pred_boxes.sum(dim=1) * 0.0
-        iou = paired_iou(pred_boxes, gt_boxes)
-        iou_loss = 1.0 - iou
+        iou_loss = 1.0 - paired_iou(pred_boxes, gt_boxes)
         if self.training:
             self._update_mean(iou_loss.detach())
+        if pred_boxes.numel() == 0:
+            return pred_boxes.sum(dim=1) * 0.0
         centre_p = (pred_boxes[:, :2] + pred_boxes[:, 2:]) / 2
         centre_g = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
         enclosing_wh = torch.max(pred_boxes[:, 2:], gt_boxes[:, 2:]) - torch.min(pred_boxes[:, :2], gt_boxes[:, :2])
