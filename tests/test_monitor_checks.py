@@ -103,6 +103,8 @@ def test_regressor_collapse():
     # small but following its targets (early training): not a collapse
     early = [period(**{"roi/delta_std_ratio": 0.03, "roi/delta_corr": 0.4})] * 3
     assert checks.check_regressor_collapse(early, sustain=3) is None
+    starting = [period(**{"roi/delta_std_ratio": r, "roi/delta_corr": c}) for r, c in ((0.0, 0.0), (0.02, 0.04), (0.04, 0.08))]
+    assert checks.check_regressor_collapse(starting, sustain=3) is None
 
 
 def test_learning_rate_checks():
@@ -170,3 +172,8 @@ def test_class_confusion_is_told_apart():
     assert alarm.name == "class_confusion" and "only 25%, 25%, 25% of it to the true class" in alarm.seen
     assert alarm.change[0].startswith("model.roi.representation_size")
     assert not any("cls_pos_weight: raise" in c for c in alarm.change)
+    # the same low scores while the true class's share rises: a model still learning, no alarm
+    learning = [probe_check(45.0, 0.0, fg_mass=0.8, correct=c) for c in (0.25, 0.35, 0.45)]
+    assert checks.check_low_confidence(learning, sustain=3) is None
+    rising_fg = [probe_check(5.0, 0.0, fg_mass=m) for m in (0.1, 0.2, 0.3)]
+    assert checks.check_low_confidence(rising_fg, sustain=3) is None

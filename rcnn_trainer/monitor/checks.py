@@ -215,13 +215,14 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
 
 
 def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float = 0.1,
-                         fg_mass_split: float = 0.5) -> Alarm | None:
+                         fg_mass_split: float = 0.5, min_progress: float = 0.05) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
-    `sustain` checks in a row, told apart by what the classifier says on the GT boxes:
-    - foreground probability (1 - p(background)) below `fg_mass_split`: background wins
-      (alarm `low_confidence`: positive weights and sampling);
-    - foreground found but spread over the classes: `class_confusion` (capacity, lr and
-      iterations, class balance)."""
+    `sustain` checks in a row, while the classifier makes no progress on the GT boxes over
+    those checks (a model still learning is left alone), told apart by what it says there:
+    - foreground probability (1 - p(background)) below `fg_mass_split` and not rising by
+      `min_progress`: background wins (alarm `low_confidence`: positive weights and sampling);
+    - foreground found, but the true class's share of it not rising by `min_progress`:
+      `class_confusion` (capacity, lr and iterations, class balance)."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -236,7 +237,10 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
             f"(at >= {lowest[5:]}: {', '.join(f'{h[lowest]:.2f}' for h in recent)}) vs "
             f"{recent[-1]['gt_per_image']:.2f} GT objects per image")
     mass = [h["fg_mass"] for h in recent]
+    correct = [h.get("correct", float("nan")) for h in recent]
     if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
+        if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
+            return None  # foreground scores are rising: still learning
         return Alarm(
             name="low_confidence",
             seen=f"{dets}; on the GT boxes themselves the head gives foreground probability "
@@ -247,7 +251,8 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
             change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
                     "model.roi.positive_fraction: raise toward 0.25-0.5",
                     "model.rpn.positive_fraction: raise toward 0.5"])
-    correct = [h["correct"] for h in recent]
+    if correct[-1] > correct[0] + min_progress:
+        return None  # classes are separating: still learning
     accuracy = [h["accuracy"] for h in recent]
     return Alarm(
         name="class_confusion",
@@ -269,7 +274,8 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, min_std_ratio
                              min_corr: float = 0.1) -> Alarm | None:
     """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
     (std below `min_std_ratio` x the target deltas' std) and do not follow the targets
-    (correlation below `min_corr`) for `sustain` periods: the regressor outputs a constant."""
+    (correlation below `min_corr`) for `sustain` periods, without rising over them: the
+    regressor outputs a constant."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -279,6 +285,8 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, min_std_ratio
         return None
     if not all(r < min_std_ratio and c < min_corr for r, c in zip(ratio, corr)):
         return None
+    if ratio[-1] > ratio[0] + 0.02 or corr[-1] > corr[0] + 0.05:
+        return None  # small but starting to follow its targets: still learning
     return Alarm(
         name="regressor_collapse",
         seen=f"on positive RoIs, std of predicted / target box deltas {', '.join(f'{r:.3f}' for r in ratio)}, "
