@@ -17,9 +17,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-# name -> (expected alarm or None for healthy, overrides)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipe_bench  # noqa: E402  (tools/ is not a package)
+
+# name -> (expected alarm or None for healthy, overrides); names ending in @digits / @glyphs run
+# on that dataset of tools/bench_datasets.py (at its size, batch 4), the others on config.yaml's
+# synthetic data
 SCENARIOS = {
     "healthy": (None, []),
+    "healthy@glyphs": (None, []),
+    "healthy@digits": (None, []),
+    "old_default_head@digits": ("class_confusion", ["model.backbone.fpn_channels=64", "model.roi.representation_size=256"]),
     "background_wins": ("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",
                                            "model.roi.batch_size_per_image=256"]),
     "class_confusion": ("class_confusion", ["model.roi.representation_size=2"]),
@@ -33,9 +41,12 @@ SCENARIOS = {
 }
 
 
-def run(recipe: str, name: str, overrides: list[str], iters: int, threads: int) -> dict:
+def run(recipe: str, name: str, overrides: list[str], iters: int, threads: int, data_dir: Path) -> dict:
+    if "@" in name:
+        data = recipe_bench.data_overrides(name.split("@")[1], data_dir, batch=4, iters=iters, seed=42)
+        overrides = [o for o in data if not o.startswith("solver.max_iters")] + overrides
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / name
+        out = Path(tmp) / name.replace("@", "_")
         cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", recipe, "--output-dir", str(out),
                "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -54,13 +65,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
     p.add_argument("--out", type=Path, default=Path("pathology.json"))
+    p.add_argument("--data-dir", type=Path, default=Path("data/bench"))
     args = p.parse_args()
     rows = []
     print("| scenario | expected alarm | first fired at iter (of N) | in first third | other alarms | AP |")
     print("|---|---|---|---|---|---|")
     for name in args.only or SCENARIOS:
         expected, overrides = SCENARIOS[name]
-        result = run(args.recipe, name, overrides, args.iters, args.threads)
+        result = run(args.recipe, name, overrides, args.iters, args.threads, args.data_dir)
         fired = [it for alarm, it in result["alarms"] if alarm == expected]
         first = min(fired) if fired else None
         others = sorted({f"{a}@{it}" for a, it in result["alarms"] if a != expected},

@@ -96,8 +96,13 @@ def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
     # resumed run would sample differently from an uninterrupted one.
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(cfg.seed),
+                      generator=torch.Generator().manual_seed(cfg.seed), pin_memory=_pin(cfg),
                       timeout=cfg.train.data_timeout_s if workers else 0)  # the watchdog for worker processes
+
+
+def _pin(cfg: Config) -> bool:
+    """Page-locked batches on CUDA, so that the copies to the GPU can be non_blocking."""
+    return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
 def build_eval_loader(cfg: Config, dataset: CocoDetection, indices: list[int] | None = None) -> DataLoader:

@@ -17,6 +17,7 @@ def pick_device(setting: str, info: DistInfo | None = None) -> torch.device:
     if device_kind(setting) == "cuda":
         local_rank = info.local_rank if info is not None else 0
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat (fixed resize, size_divisible 32)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -44,5 +45,6 @@ def grad_scaler_for(device: torch.device, enabled: bool, setting: str = "auto") 
 
 def to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [dict(t, boxes=t["boxes"].to(device), labels=t["labels"].to(device)) for t in targets]
+    targets = [dict(t, boxes=t["boxes"].to(device, non_blocking=True), labels=t["labels"].to(device, non_blocking=True))
+               for t in targets]
     return images, targets

@@ -375,8 +375,8 @@ def check_loss_scale(scales: list[float], *, falls: int = 3) -> Alarm | None:
 def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: float, patience: int) -> Alarm | None:
     """Detections per image at the lowest score threshold, one value per probe check.
 
-    Fires when the last `patience` values are all below `min_ratio` * GT per image, or when the
-    latest value fell more than 90% from its peak. The peak counts only from the first check at
+    Fires when the last `patience` values are all below `min_ratio` * GT per image, or all more
+    than 90% below the peak before them. The peak counts only from the first check at
     which detections came down to at most 2x GT: early on, near-uniform scores put every
     proposal above the lowest threshold, and falling from there is learning, not collapse.
     """
@@ -386,8 +386,10 @@ def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: floa
     recent = history[-patience:]
     below = len(recent) == patience and all(v < floor for v in recent)
     settled = next((i for i, v in enumerate(history) if v <= 2 * gt_per_image), None)
-    peak = max(history[settled:]) if settled is not None else 0.0
-    dropped = peak > 0 and history[-1] < 0.1 * peak and peak >= floor
+    before_recent = history[settled:-patience] if settled is not None else []
+    peak = max(before_recent) if before_recent else 0.0
+    # the fall must last `patience` checks: early counts swing widely from one check to the next
+    dropped = peak >= floor and len(recent) == patience and all(v < 0.1 * peak for v in recent)
     if not (below or dropped):
         return None
     trend = " -> ".join(f"{v:.2f}" for v in history[-8:])
