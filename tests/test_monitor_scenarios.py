@@ -75,7 +75,8 @@ def test_constant_regressor(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(trainer_module, "build_model", build_with_constant_regressor)
-    alarms, _ = run(tmp_path, solver={"max_iters": 10})
+    # a looser RoI match gives the untrained tiny RPN's proposals positives with varying targets
+    alarms, _ = run(tmp_path, solver={"max_iters": 10}, model={"roi": {"fg_iou_thresh": 0.3, "bg_iou_thresh": 0.3}})
     alarm = named(alarms, "regressor_collapse")
     assert "std of predicted / target box deltas 0.000" in alarm["seen"] and alarm["change"][0].startswith("solver.lr")
 

@@ -276,13 +276,12 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, min_std_ratio
     (std below `min_std_ratio` x the target deltas' std) and do not follow the targets
     (correlation below `min_corr`) for `sustain` periods, without rising over them: the
     regressor outputs a constant."""
-    if len(history) < sustain:
+    # judgments with nothing to compare (NaN: no positive whose targets vary) do not count
+    pairs = [(history_value(h, S.ROI_DELTA_STD_RATIO), history_value(h, S.ROI_DELTA_CORR)) for h in history]
+    pairs = [(r, c) for r, c in pairs if not (math.isnan(r) or math.isnan(c))]
+    if len(pairs) < sustain:
         return None
-    recent = history[-sustain:]
-    ratio = [history_value(h, S.ROI_DELTA_STD_RATIO) for h in recent]
-    corr = [history_value(h, S.ROI_DELTA_CORR) for h in recent]
-    if any(math.isnan(v) for v in ratio + corr):
-        return None
+    ratio, corr = [r for r, _ in pairs[-sustain:]], [c for _, c in pairs[-sustain:]]
     if not all(r < min_std_ratio and c < min_corr for r, c in zip(ratio, corr)):
         return None
     if ratio[-1] > ratio[0] + 0.02 or corr[-1] > corr[0] + 0.05:

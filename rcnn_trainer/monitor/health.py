@@ -100,7 +100,6 @@ class HealthMonitor:
             checks.check_flat_term(history, window=s.flat_window),
             checks.check_stuck_iou_loss(history, s.box_types, sustain=s.sustain),
             checks.check_foreground_starvation(history, sustain=s.sustain),
-            checks.check_proposal_iou_not_rising(history),
             checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
                                        st["initial_loss"] or 0.0, progress=iteration / max(max_iters, 1),
                                        past_warmup=past_warmup),
@@ -111,6 +110,8 @@ class HealthMonitor:
         if past_warmup:
             st["after_warmup"].append(mean)
             found.append(checks.check_regressor_collapse(st["after_warmup"], sustain=s.sustain))
+            # trends from the end of warmup: the first proposals' IoU is noise on a few matches
+            found.append(checks.check_proposal_iou_not_rising(st["after_warmup"]))
             st["probe"].append({**probe["counts"], **probe["classes"]})
             found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
