@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import faulthandler
+import io
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +79,12 @@ def next_batch(data_iter, cfg: Config, save_progress: Callable[[], None]):
     workers time out inside the loader; in the main process faulthandler prints every thread's
     stack (where it waits) and exits. A dead worker or a timeout saves progress, then stops."""
     timeout = cfg.train.data_timeout_s
-    in_process = timeout and cfg.data.num_workers == 0
+    in_process = bool(timeout and cfg.data.num_workers == 0)
     if in_process:
-        faulthandler.dump_traceback_later(timeout, exit=True)
+        try:  # needs a real file descriptor; a captured stderr (tests, notebooks) has none
+            faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)
+        except (io.UnsupportedOperation, ValueError, AttributeError):
+            in_process = False
     try:
         return next(data_iter)
     except RuntimeError as err:
