@@ -118,8 +118,10 @@ def relative_slope(values: list[float]) -> float:
 
 
 def check_flat_term(history: list[dict], *, window: int, flat: float = 0.05, falling: float = 0.2) -> Alarm | None:
-    """A term whose trend over `window` periods changes it by less than `flat` while the
-    weighted total of the other terms falls by more than `falling`."""
+    """A term whose trend over `window` periods changes it by less than `flat` (its first and
+    last values too) while the weighted total of the other terms falls by more than `falling`,
+    and which has not already fallen below half its value at the first judgment (a term that
+    learned and then levels off is converging, not stuck)."""
     if len(history) < window:
         return None
     recent = history[-window:]
@@ -127,8 +129,11 @@ def check_flat_term(history: list[dict], *, window: int, flat: float = 0.05, fal
         series = [h.get(name, 0.0) for h in recent]
         if min(series) <= 1e-6:
             continue
+        learned = series[-1] < 0.5 * history[0].get(name, 0.0)
+        level = abs(series[-1] / series[0] - 1.0) < flat
         others = [h["loss"] - h.get(f"{name}_weighted", 0.0) for h in recent]
-        if abs(relative_slope(series)) < flat and min(others) > 0 and relative_slope(others) < -falling:
+        if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
+                and relative_slope(others) < -falling):
             head = name.split("_")[1]
             return Alarm(
                 name="flat_loss",
