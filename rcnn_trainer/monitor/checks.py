@@ -203,12 +203,15 @@ def check_foreground_starvation(history: list[dict], *, sustain: int, min_share:
     return None
 
 
-def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, min_gain: float = 0.0) -> Alarm | None:
+def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, min_gain: float = 0.0,
+                                  low: float = 0.55) -> Alarm | None:
     """Judged at every period from the `min_periods`-th on: the mean IoU of positive proposals
-    over the last 3 periods never got above its first value (the RPN is not improving)."""
+    over the last 3 periods never got above its first value and stays near the matching
+    threshold (below `low`): the RPN is not improving. A level that settled higher is a
+    converged RPN, not a stuck one (the default run settles at ~0.6 within 100 iterations)."""
     values = [history_value(h, S.ROI_PROPOSAL_IOU) for h in history]
     values = [v for v in values if not math.isnan(v)]
-    if len(values) < min_periods or max(values[-3:]) > values[0] + min_gain:
+    if len(values) < min_periods or max(values[-3:]) > values[0] + min_gain or max(values[-3:]) >= low:
         return None
     return Alarm(
         name="proposal_iou_flat",
