@@ -13,6 +13,7 @@ names the file and record, or drop it and count it in `report` (never silently).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -114,13 +115,14 @@ class CocoDetection(torch.utils.data.Dataset):
         from pycocotools.coco import COCO
 
         coco = COCO()
-        coco.dataset = self.evaluation_json()
+        coco.dataset = self.evaluation_json
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
         return coco
 
+    @functools.cached_property
     def evaluation_json(self) -> dict:
-        """The annotation file as pycocotools' evaluation needs it: every annotation with a
+        """The annotation file as pycocotools' evaluation needs it (built once): every annotation with a
         unique id (duplicates would silently merge ground truth), an area and iscrowd; boxes
         derived from segmentations; records the loader rejected (bad boxes) left out."""
         anns, seen, fixed = [], set(), 0

@@ -21,7 +21,7 @@ from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.stats import regression_stats
+from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
 
 
 class BoxHeads(RoIHeads):
@@ -115,10 +115,10 @@ class BoxHeads(RoIHeads):
             fg_argmax = (class_logits.argmax(dim=1) > 0).float().mean()
             # IoU on RPN proposals only (an appended GT box starts at IoU 1); the deltas on every
             # positive, so that even an untrained RPN gives the regressor statistics
-            pred_iou, _, _ = regression_stats(deltas_of_gt_class[from_rpn[pos]], rois[real], matched_gt_boxes[real],
-                                              self.box_coder)
-            _, delta_ratio, delta_corr = regression_stats(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos],
-                                                          self.box_coder)
+            pred_iou = refined_box_iou(deltas_of_gt_class[from_rpn[pos]], rois[real], matched_gt_boxes[real],
+                                       self.box_coder)
+            delta_ratio, delta_corr = delta_agreement(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos],
+                                                      self.box_coder)
         stats = {
             S.ROI_CLS_FACTOR: cls_factor.detach(),
             S.ROI_BOX_FACTOR: box_factor.detach(),

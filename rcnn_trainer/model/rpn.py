@@ -20,7 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.stats import regression_stats
+from rcnn_trainer.model.stats import refined_box_iou
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
@@ -77,7 +77,7 @@ class RPN(RegionProposalNetwork):
         box, box_factor = loss_rpn_box(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], sampled.numel(),
                                        self.box_coder, **self.box_loss)
         with torch.no_grad():
-            pred_iou, _, _ = regression_stats(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], self.box_coder)
+            pred_iou = refined_box_iou(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], self.box_coder)
         stats = {
             S.RPN_CLS_FACTOR: cls_factor.detach(),
             S.RPN_BOX_FACTOR: box_factor.detach(),

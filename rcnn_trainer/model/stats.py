@@ -40,22 +40,29 @@ def require_stats(stats: dict, keys: tuple[str, ...] = TRAIN_STATS, where: str =
     return stats
 
 
-def regression_stats(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple:
-    """For positives ([P, 4] each): IoU of the decoded boxes with their GT, the std of the
-    predicted deltas over the std of the target deltas, and their correlation (means over the
-    4 coordinates). A regressor that outputs a constant has std ratio and correlation near 0
-    whatever boxes it is asked about. NaN when there are fewer than 2 positives."""
+def refined_box_iou(pred_deltas, reference_boxes, gt_boxes, box_coder):
+    """Mean IoU of the boxes decoded from `pred_deltas` ([P, 4]) with their GT; NaN when P < 2."""
     import torch
 
     from rcnn_trainer.losses.iou import paired_iou
 
+    if pred_deltas.shape[0] < 2:
+        return torch.tensor(float("nan"), device=pred_deltas.device)
+    decoded = box_coder.decode_single(pred_deltas.detach().float(), reference_boxes.detach().float())
+    return paired_iou(decoded, gt_boxes.detach().float()).mean()
+
+
+def delta_agreement(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple:
+    """For positives ([P, 4] each): the std of the predicted deltas over the std of the target
+    deltas, and their correlation (means over the 4 coordinates). A regressor that outputs a
+    constant has both near 0 whatever boxes it is asked about. NaN when P < 2."""
+    import torch
+
     nan = torch.tensor(float("nan"), device=pred_deltas.device)
     if pred_deltas.shape[0] < 2:
-        return nan, nan, nan
+        return nan, nan
     pred = pred_deltas.detach().float()
-    reference, gt = reference_boxes.detach().float(), gt_boxes.detach().float()
-    iou = paired_iou(box_coder.decode_single(pred, reference), gt).mean()
-    target = box_coder.encode_single(gt, reference)
+    target = box_coder.encode_single(gt_boxes.detach().float(), reference_boxes.detach().float())
     pred_c, target_c = pred - pred.mean(dim=0), target - target.mean(dim=0)
     pred_std, target_std = pred_c.pow(2).mean(dim=0).sqrt(), target_c.pow(2).mean(dim=0).sqrt()
     # a coordinate whose targets do not vary (e.g. only appended GT boxes, all targets 0) cannot be
@@ -63,4 +70,4 @@ def regression_stats(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple
     degenerate = target_std < 1e-3
     ratio = torch.where(degenerate, nan, pred_std / target_std.clamp(min=1e-3)).mean()
     corr = torch.where(degenerate, nan, (pred_c * target_c).mean(dim=0) / (pred_std * target_std).clamp(min=1e-12)).mean()
-    return iou, ratio, corr
+    return ratio, corr

@@ -61,12 +61,12 @@ def run_preflight(dataset: CocoDetection, split: str, *, anchor_sizes: list[list
     report = PreflightReport()
     records = dataset.records
     per_image = np.array([len(r.labels) for r in records])
-    raw_boxes = np.array([a["bbox"] for a in dataset.evaluation_json()["annotations"] if not a.get("iscrowd", 0)],
+    raw_boxes = np.array([a["bbox"] for a in dataset.evaluation_json["annotations"] if not a.get("iscrowd", 0)],
                          dtype=np.float64).reshape(-1, 4)
     counts_loaded = {name: int(sum((r.labels == i + 1).sum() for r in records))
                      for i, name in enumerate(dataset.class_names)}
     counts_raw = {name: 0 for name in dataset.class_names}
-    for a in dataset.evaluation_json()["annotations"]:
+    for a in dataset.evaluation_json["annotations"]:
         label = dataset.cat_id_to_label.get(a.get("category_id"))
         if label is not None and not a.get("iscrowd", 0):
             counts_raw[dataset.class_names[label - 1]] += 1
@@ -131,7 +131,7 @@ def _check_box_format(report, dataset, raw_boxes) -> None:
             ["the annotation file: multiply x and w by the image width, y and h by its height"]))
         return
     size_of = {im["id"]: (im["width"], im["height"]) for im in dataset.raw["images"]}
-    wh = np.array([size_of.get(a["image_id"], (np.inf, np.inf)) for a in dataset.evaluation_json()["annotations"]
+    wh = np.array([size_of.get(a["image_id"], (np.inf, np.inf)) for a in dataset.evaluation_json["annotations"]
                    if not a.get("iscrowd", 0)], dtype=np.float64).reshape(-1, 2)
     x, y, w, h = raw_boxes.T
     outside_as_xywh = (x + w > wh[:, 0] + 1) | (y + h > wh[:, 1] + 1)
