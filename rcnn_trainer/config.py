@@ -215,6 +215,10 @@ class ROIConfig(Strict):
     representation_size: int = Field(1024, ge=8, description="Width of the two-FC box head.")
     pool_size: int = Field(7, ge=1, description="RoIAlign output size.")
     sampling_ratio: int = Field(2, ge=0, description="RoIAlign sampling points per bin (0 = adaptive).")
+    roi_align: Literal["auto", "torchvision"] = Field(
+        "auto", description="auto: RoIAlign as one sparse matrix product on CPU (multi-threaded, same numbers "
+        "as torchvision's op, ~9x faster forward+backward here) and torchvision's kernel on GPU; "
+        "torchvision: torchvision's kernel everywhere.")
     score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="Drop detections below this score.")
     nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")
     detections_per_img: int = Field(100, ge=1, description="Detections kept per image.")
@@ -302,6 +306,10 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1, description="Newest periodic checkpoints kept on disk.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+    channels_last: Union[bool, Literal["auto"]] = Field(
+        "auto", description="NHWC memory layout for images, activations and conv weights. auto = on with "
+        "autocast (bf16 on an AMX/AVX512-BF16 CPU, fp16 on CUDA), off in fp32 (NHWC measured 5% slower in fp32 "
+        "on an AVX2 CPU).")
     data_timeout_s: int = Field(
         300, ge=0, description="Watchdog: stop (exit 1, saying where it waited, after saving a checkpoint) when no "
         "training batch arrives for this many seconds; 0 = wait forever.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import torch
 
 from conftest import tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main, train_main
+from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.trainer import train
 from rcnn_trainer.errors import TrainingStopped, UserError
+from rcnn_trainer.model.build import build_model
 
 quiet = lambda _msg: None
 
@@ -154,13 +157,41 @@ def test_single_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
     assert lines[-1]["type"] == "summary" and lines[-1]["nonfinite_steps"] == 1
 
 
-def test_amp_on_cpu_runs(tmp_path):
-    cfg = tiny_config(tmp_path, solver={"max_iters": 2, "amp": True})
+def test_bf16_autocast_with_channels_last_on_cpu_runs(tmp_path):
+    cfg = tiny_config(tmp_path, solver={"max_iters": 2, "amp": True, "amp_dtype": "bfloat16"})
     messages = []
     metrics = train(cfg, log=messages.append, progress=False)
-    assert "AP" in metrics and any("bfloat16" in m for m in messages)
+    assert "AP" in metrics and any("AMP: torch.bfloat16 autocast on cpu" in m for m in messages)
     lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
-    assert all(isinstance(l["loss"], float) for l in lines)
+    assert all(isinstance(l["loss"], float) and math.isfinite(l["loss"]) for l in lines)
+
+
+def test_amp_auto_on_cpu_follows_the_hardware(tmp_path, monkeypatch):
+    """auto: bf16 only on a CPU with AMX/AVX512-BF16; elsewhere fp32, saying why."""
+    from rcnn_trainer.engine import device as device_module
+    for has_bf16, expected in ((False, "AMP: fp32. This CPU has neither AMX nor AVX512-BF16"),
+                               (True, "AMP: torch.bfloat16 autocast on cpu")):
+        monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: has_bf16)
+        cfg = tiny_config(tmp_path / str(has_bf16), solver={"max_iters": 1, "amp": True})
+        messages = []
+        train(cfg, log=messages.append, progress=False)
+        assert any(expected in m for m in messages)
+
+
+def test_autocast_heads_hand_fp32_to_decoding_and_losses():
+    """Under bf16 autocast the RPN and box predictor answer in bf16; proposals, losses and
+    detections must still come out in fp32 (bf16 has 8 mantissa bits: 2 px steps at 256-512 px)."""
+    cfg = load_config("config.yaml", ["model.num_classes=3", "model.anchors.sizes=[[16],[32],[64],[128],[256]]",
+                             "model.backbone.fpn_channels=16", "model.roi.representation_size=32"])
+    model = build_model(cfg.model).use_channels_last()
+    images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])}] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = model(images, targets)
+        model.eval()
+        detections = model(images)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert all(d["boxes"].dtype == torch.float32 for d in detections)
 
 
 def test_clipping_engages_above_the_bound(tmp_path):

@@ -1,18 +1,20 @@
 """Side-by-side benchmark: rcnn_trainer vs torchvision's FasterRCNN at identical settings.
 
 Both models get the same backbone+FPN (same weights), anchors, RPN/RoI sampling and head
-sizes, the same batches from the same DataLoader, and the same thread count. Each
-measurement runs in its own subprocess (so peak memory is per model); the parent alternates
-them and prints ratios (rcnn_trainer / torchvision; below 1.0 = rcnn_trainer is faster).
+sizes, the same batches from the same DataLoader, and the same thread count; torchvision
+keeps its own RoIAlign kernel. Each measurement runs in its own subprocess (so peak memory is
+per model); ratios are rcnn_trainer / torchvision (below 1.0 = rcnn_trainer is faster).
 
   python tools/benchmark.py --config config.yaml --backbones resnet18 resnet50 \
       --iters 20 --converge-iters 300 --out bench.json
 
-Speed: median seconds per training iteration after warm-up, share of the iteration spent
-waiting for data, peak RSS (CPU) or peak CUDA memory, inference images/s, COCO eval time.
-Convergence: COCO AP/AP50 of both after the same number of iterations with the same
-optimizer and schedule (the config's), with default loss settings and with the options the
-monitor recommends for small objects (smaller anchors, CIoU box loss).
+Speed, in one run on the same batches: fp32 ours vs fp32 torchvision, and AMP ours (bf16 on a
+CPU with AMX/AVX512-BF16, fp16 on CUDA) vs fp32 torchvision where the hardware has it: median
+s/iter after warm-up, data wait share, inference images/s, COCO eval time, peak RSS (CPU) or
+CUDA memory, and a per-component profile of the step (tools/step_profile.py).
+Convergence: COCO AP/AP50 after the same iterations with the config's optimizer and
+schedule, for fp32 ours, fp32 torchvision and AMP ours, so speed never hides an accuracy
+loss (`--small-objects` adds the small-object options: anchors from 8 px, CIoU box loss).
 """
 
 from __future__ import annotations
@@ -30,17 +32,22 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import MultiScaleRoIAlign
 
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
 from rcnn_trainer.engine.data_settings import resolve_from_data
-from rcnn_trainer.engine.device import autocast_for, grad_scaler_for, to_device
+from rcnn_trainer.engine.device import (amp_dtype, autocast_for, cpu_has_fast_bf16, grad_scaler_for, to_device,
+                                        use_channels_last)
 from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.dashboard import probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_profile  # noqa: E402  (tools/ is not a package)
 
 SMALL_OBJECT_OPTIONS = ["model.roi.box_loss.type=ciou", "model.roi.box_loss.weight=2.0",
                         "model.anchors.sizes=[[8],[16],[32],[64],[128]]"]
@@ -63,7 +70,8 @@ class TorchvisionFasterRCNN(nn.Module):
             rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,
             rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
             rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
-            box_roi_pool=ours.roi_heads.box_roi_pool, box_head=ours.roi_heads.box_head,
+            box_roi_pool=MultiScaleRoIAlign(ours.roi_heads.box_roi_pool.featmap_names, o.pool_size, o.sampling_ratio),
+            box_head=ours.roi_heads.box_head,
             box_predictor=ours.roi_heads.box_predictor, box_score_thresh=o.score_thresh,
             box_nms_thresh=o.nms_thresh, box_detections_per_img=o.detections_per_img,
             box_fg_iou_thresh=o.fg_iou_thresh, box_bg_iou_thresh=o.bg_iou_thresh,
@@ -94,20 +102,22 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
-    """Training s/iter (median), data wait share, inference images/s, eval time, monitor cost."""
+def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_steps: int) -> dict:
+    """Training s/iter (median), data wait share, per-component profile, inference images/s,
+    eval time, monitor cost."""
     model = build(cfg, which).to(device).train()
+    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    if which == "rcnn_trainer" and use_channels_last(device, cfg.train.channels_last,
+                                                     amp_dtype(device, cfg.solver.amp, cfg.solver.amp_dtype)):
+        model.use_channels_last()
     optimizer = build_optimizer(model, cfg.solver)
     weights = loss_weights(cfg.model)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     batches = iter(build_train_loader(cfg, train_set))
-    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
-    scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
-    step_times, data_times = [], []
-    for step in range(warmup + iters):
-        t0 = time.perf_counter()
-        images, targets = to_device(*next(batches), device)
-        t_data = time.perf_counter() - t0
+
+    def train_step(batch) -> None:
+        images, targets = to_device(*batch, device)
         with autocast():
             losses, _ = model(images, targets)
         total, _ = weighted_total(losses, weights)
@@ -117,11 +127,20 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    step_times, data_times = [], []
+    for step in range(warmup + iters):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter() - t0
+        train_step(batch)
         if step >= warmup:
             step_times.append(time.perf_counter() - t0)
             data_times.append(t_data)
     result = {"train_s_per_iter": statistics.median(step_times),
               "data_wait_share": sum(data_times) / sum(step_times)}
+    if profile_steps:
+        result["components_ms"] = step_profile.profile_steps(model, train_step, batches, profile_steps)
     # inference throughput on the val set, and the whole COCO evaluation time
     model.eval()
     loader = build_eval_loader(cfg, val_set)
@@ -140,7 +159,9 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
     if which == "rcnn_trainer":  # the monitor's probe inference, per training iteration at its period
         probe_items = [train_set[i] for i in range(cfg.monitor.probe_images)]
         t0 = time.perf_counter()
-        probe(model, [i.to(device) for i, _ in probe_items], [t for _, t in probe_items], cfg.monitor.score_thresholds)
+        with autocast():
+            probe(model, [i.to(device) for i, _ in probe_items], [t for _, t in probe_items],
+                  cfg.monitor.score_thresholds)
         period = cfg.monitor.period_for(cfg.solver.max_iters)
         result["monitor_overhead_share"] = (time.perf_counter() - t0) / (period * result["train_s_per_iter"])
     result["peak_memory_mb"] = peak_memory_mb(device)
@@ -150,6 +171,11 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device) -> dict:
 def measure_convergence(cfg, which: str, iters: int, device) -> dict:
     """Same loop, optimizer and schedule for both; COCO AP on val after `iters` iterations."""
     model = build(cfg, which).to(device).train()
+    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    if which == "rcnn_trainer" and use_channels_last(device, cfg.train.channels_last,
+                                                     amp_dtype(device, cfg.solver.amp, cfg.solver.amp_dtype)):
+        model.use_channels_last()
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_scheduler(optimizer, cfg.solver)
     weights = loss_weights(cfg.model)
@@ -157,14 +183,16 @@ def measure_convergence(cfg, which: str, iters: int, device) -> dict:
     batches = iter(build_train_loader(cfg, train_set))
     t0 = time.perf_counter()
     for _ in range(iters):
-        losses, _ = model(*to_device(*next(batches), device))
+        with autocast():
+            losses, _ = model(*to_device(*next(batches), device))
         total, _ = weighted_total(losses, weights)
-        total.backward()
-        optimizer.step()
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), device, cfg.monitor.score_thresholds,
-                          progress=False)
+                          progress=False, autocast=autocast)
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "train_wall_s": time.perf_counter() - t0}
 
 
@@ -173,26 +201,56 @@ def child(args) -> None:
     overrides = [f"model.backbone.name={args.backbone}", f"train.threads={args.threads}", *args.overrides]
     cfg = load_config(args.config, overrides)
     cfg.solver.max_iters = max(cfg.solver.max_iters, args.iters + args.warmup, args.converge_iters)
+    cfg.solver.amp = args.precision == "amp"
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     if args.task == "speed":
-        out = measure_speed(cfg, args.which, args.iters, args.warmup, device)
+        out = measure_speed(cfg, args.which, args.iters, args.warmup, device, args.profile_steps)
     else:
         cfg.solver.max_iters = args.converge_iters
         out = measure_convergence(cfg, args.which, args.converge_iters, device)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(args, which: str, task: str, backbone: str, extra: list[str]) -> dict:
+def run_child(args, which: str, task: str, backbone: str, precision: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", "--which", which, "--task", task, "--backbone", backbone,
-           "--config", args.config, "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--converge-iters", str(args.converge_iters), "--device", args.device,
-           *args.overrides, *extra]
+           "--precision", precision, "--config", args.config, "--iters", str(args.iters), "--warmup",
+           str(args.warmup), "--threads", str(args.threads), "--converge-iters", str(args.converge_iters),
+           "--device", args.device, "--profile-steps", str(args.profile_steps), *args.overrides, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{which} {task} {backbone} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def amp_runs(device: str, force: bool) -> tuple[bool, str]:
+    """Whether to measure ours with AMP here, and the reason when not."""
+    if device == "cuda" or force or cpu_has_fast_bf16():
+        return True, ""
+    return False, ("AMP rows skipped: this CPU has neither AMX nor AVX512-BF16, so bf16 runs emulated "
+                   "(resnet18 forward+backward measured 10-17x slower than fp32 here); --force-amp runs them")
+
+
+def speed_line(label: str, ours: dict, theirs: dict) -> str:
+    return (f"[{label}] train s/iter {ours['train_s_per_iter']:.3f} vs {theirs['train_s_per_iter']:.3f} "
+            f"(ratio {ours['train_s_per_iter'] / theirs['train_s_per_iter']:.3f}); inference img/s "
+            f"{ours['infer_images_per_s']:.1f} vs {theirs['infer_images_per_s']:.1f}; eval {ours['eval_s']:.1f}s vs "
+            f"{theirs['eval_s']:.1f}s; data wait {100 * ours['data_wait_share']:.1f}% vs "
+            f"{100 * theirs['data_wait_share']:.1f}%; peak mem {ours['peak_memory_mb']:.0f} vs "
+            f"{theirs['peak_memory_mb']:.0f} MB; monitor overhead {100 * ours['monitor_overhead_share']:.1f}%")
+
+
+def component_table(columns: dict[str, dict]) -> str:
+    """Markdown table: one row per component, ms per step for each measured model."""
+    names = list(next(iter(columns.values()))["components_ms"])
+    lines = ["| component (ms/step, profiled) | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{c['components_ms'][name]:.0f}" for c in columns.values()) + " |")
+    lines.append("| **step (unprofiled median)** | " + " | ".join(
+        f"{1000 * c['train_s_per_iter']:.0f}" for c in columns.values()) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -202,7 +260,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20, help="timed training iterations (after warm-up)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--profile-steps", type=int, default=2, help="profiled steps for the component table (0 = none)")
     p.add_argument("--converge-iters", type=int, default=0, help="0 = skip the convergence comparison")
+    p.add_argument("--small-objects", action="store_true", help="also compare convergence with small-object options")
+    p.add_argument("--force-amp", action="store_true", help="measure AMP on a CPU without bf16 hardware too")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides for both models (e.g. data.batch_size=4)")
@@ -210,6 +271,7 @@ def main() -> None:
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--backbone", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -219,31 +281,42 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    report = {"config": args.config, "threads": args.threads, "overrides": args.overrides,
-              "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu", "speed": {},
-              "convergence": {}}
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    with_amp, why_not = amp_runs(device, args.force_amp)
+    if why_not:
+        print(why_not, flush=True)
+    report = {"config": args.config, "threads": args.threads, "overrides": args.overrides, "device": device,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "amp_measured": with_amp,
+              "speed": {}, "convergence": {}}
     for backbone in args.backbones:
-        ours = run_child(args, "rcnn_trainer", "speed", backbone, [])
-        theirs = run_child(args, "torchvision", "speed", backbone, [])
-        ratios = {k: ours[k] / theirs[k] for k in ("train_s_per_iter", "eval_s", "peak_memory_mb")}
-        ratios["infer_images_per_s"] = theirs["infer_images_per_s"] / ours["infer_images_per_s"]  # time ratio
-        report["speed"][backbone] = {"rcnn_trainer": ours, "torchvision": theirs, "time_ratios": ratios}
-        print(f"[{backbone}] train s/iter {ours['train_s_per_iter']:.3f} vs {theirs['train_s_per_iter']:.3f} "
-              f"(ratio {ratios['train_s_per_iter']:.3f}); inference img/s {ours['infer_images_per_s']:.1f} vs "
-              f"{theirs['infer_images_per_s']:.1f} (time ratio {ratios['infer_images_per_s']:.3f}); eval "
-              f"{ours['eval_s']:.1f}s vs {theirs['eval_s']:.1f}s; data wait {100 * ours['data_wait_share']:.1f}% vs "
-              f"{100 * theirs['data_wait_share']:.1f}%; peak mem {ours['peak_memory_mb']:.0f} vs "
-              f"{theirs['peak_memory_mb']:.0f} MB; monitor overhead {100 * ours['monitor_overhead_share']:.1f}%",
-              flush=True)
+        runs = {"ours fp32": run_child(args, "rcnn_trainer", "speed", backbone, "fp32", []),
+                "torchvision fp32": run_child(args, "torchvision", "speed", backbone, "fp32", [])}
+        if with_amp:
+            runs["ours amp"] = run_child(args, "rcnn_trainer", "speed", backbone, "amp", [])
+        theirs = runs["torchvision fp32"]
+        report["speed"][backbone] = {**runs, "train_ratio_fp32": runs["ours fp32"]["train_s_per_iter"]
+                                     / theirs["train_s_per_iter"]}
+        print(speed_line(f"{backbone} fp32 ours vs fp32 torchvision", runs["ours fp32"], theirs), flush=True)
+        if with_amp:
+            report["speed"][backbone]["train_ratio_amp"] = runs["ours amp"]["train_s_per_iter"] / theirs["train_s_per_iter"]
+            print(speed_line(f"{backbone} AMP ours vs fp32 torchvision", runs["ours amp"], theirs), flush=True)
+        if args.profile_steps:
+            print(component_table(runs), flush=True)
     if args.converge_iters:
         backbone = args.backbones[0]
-        for label, extra in (("default", []), ("small_objects", SMALL_OBJECT_OPTIONS)):
-            ours = run_child(args, "rcnn_trainer", "converge", backbone, extra)
-            theirs = run_child(args, "torchvision", "converge", backbone, extra if label == "default" else
+        settings = [("default", [])] + ([("small_objects", SMALL_OBJECT_OPTIONS)] if args.small_objects else [])
+        for label, extra in settings:
+            ours = run_child(args, "rcnn_trainer", "converge", backbone, "fp32", extra)
+            theirs = run_child(args, "torchvision", "converge", backbone, "fp32", extra if label == "default" else
                                [e for e in extra if "anchors" in e])  # torchvision has no CIoU option
-            report["convergence"][label] = {"rcnn_trainer": ours, "torchvision": theirs}
-            print(f"[converge {label}, {backbone}, {args.converge_iters} iters] AP {ours['AP']:.3f} vs "
-                  f"{theirs['AP']:.3f}; AP50 {ours['AP50']:.3f} vs {theirs['AP50']:.3f}", flush=True)
+            report["convergence"][label] = {"ours fp32": ours, "torchvision fp32": theirs}
+            line = (f"[converge {label}, {backbone}, {args.converge_iters} iters] AP {ours['AP']:.3f} vs "
+                    f"{theirs['AP']:.3f}; AP50 {ours['AP50']:.3f} vs {theirs['AP50']:.3f}")
+            if with_amp and label == "default":
+                amp = run_child(args, "rcnn_trainer", "converge", backbone, "amp", extra)
+                report["convergence"][label]["ours amp"] = amp
+                line += f"; ours AMP AP {amp['AP']:.3f} AP50 {amp['AP50']:.3f}"
+            print(line, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")

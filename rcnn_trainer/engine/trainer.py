@@ -32,7 +32,8 @@ from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_tra
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.data_settings import resolve_from_data
-from rcnn_trainer.engine.device import amp_dtype, autocast_for, device_kind, grad_scaler_for, pick_device, to_device
+from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
+                                        pick_device, to_device, use_channels_last)
 from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, init_distributed,
                                              mean_over_ranks)
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
@@ -191,15 +192,15 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
     model = build_model(cfg.model).to(device)
     if cfg.model.backbone.norm == "syncbn" and info.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.solver)
-    scheduler = build_scheduler(optimizer, cfg.solver)
     amp = cfg.solver.amp
     scaler = grad_scaler_for(device, amp, cfg.solver.amp_dtype)
     autocast = autocast_for(device, amp, cfg.solver.amp_dtype)
     if amp:
-        say(f"AMP: {amp_dtype(device, amp, cfg.solver.amp_dtype)} autocast on {device.type}"
-            + (" with a GradScaler (its overflow steps are skipped and counted as amp_overflow)"
-               if scaler.is_enabled() else " (no loss scaling needed)"))
+        say(amp_summary(device, amp, cfg.solver.amp_dtype, scaler.is_enabled()))
+    if use_channels_last(device, cfg.train.channels_last, amp_dtype(device, amp, cfg.solver.amp_dtype)):
+        model.use_channels_last()
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = build_scheduler(optimizer, cfg.solver)
     state = TrainState()
     health = build_health_monitor(cfg, info.world_size)
 

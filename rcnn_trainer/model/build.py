@@ -6,11 +6,11 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from rcnn_trainer.config import ModelConfig
 from rcnn_trainer.model.backbone import build_backbone
 from rcnn_trainer.model.detector import TwoStageDetector
+from rcnn_trainer.model.roi_align import multi_scale_roi_align
 from rcnn_trainer.model.roi_heads import BoxHeads
 from rcnn_trainer.model.rpn import RPN
 
@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
     predictor = FastRCNNPredictor(o.representation_size, cfg.num_classes + 1)
     _init_predictor(predictor)
     roi_heads = BoxHeads(
-        box_roi_pool=MultiScaleRoIAlign(feature_names, output_size=o.pool_size, sampling_ratio=o.sampling_ratio),
+        box_roi_pool=multi_scale_roi_align(o.roi_align, feature_names, o.pool_size, o.sampling_ratio),
         box_head=TwoMLPHead(backbone.out_channels * o.pool_size ** 2, o.representation_size),
         box_predictor=predictor,
         fg_iou_thresh=o.fg_iou_thresh, bg_iou_thresh=o.bg_iou_thresh,

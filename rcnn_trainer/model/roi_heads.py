@@ -62,7 +62,8 @@ class BoxHeads(RoIHeads):
 
     def _predict(self, features, rois, image_shapes):
         pooled = self.box_roi_pool(features, rois, image_shapes)
-        return self.box_predictor(self.box_head(pooled))
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        return class_logits.float(), box_deltas.float()  # fp32 for decoding and losses under autocast
 
     def _sample(self, proposals, targets, features, image_shapes):
         dtype = proposals[0].dtype

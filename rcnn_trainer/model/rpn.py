@@ -48,6 +48,8 @@ class RPN(RegionProposalNetwork):
         """Returns (proposals: list of [K_i, 4], losses: dict, stats: dict)."""
         features_list = list(features.values())
         objectness, pred_deltas = self.head(features_list)
+        # under autocast the head answers in bf16/fp16; proposals, matching and losses need fp32
+        objectness, pred_deltas = [o.float() for o in objectness], [d.float() for d in pred_deltas]
         anchors = self.anchor_generator(images, features_list)
         num_images = len(anchors)
         num_anchors_per_level = [o[0].numel() for o in objectness]
