@@ -77,19 +77,24 @@ def profile_steps(model: nn.Module, step, batches, steps: int = 3) -> dict[str, 
         for handle in handles:
             handle.remove()
     events = prof.events()
-    label_of_sequence: dict[int, str] = {}
+    # an op records the *next* autograd sequence number, so every op since the last node was made
+    # carries it; the node comes from the latest of them
+    latest_of_sequence: dict[int, tuple[float, str]] = {}
     forward_ms: dict[str, float] = defaultdict(float)
     for event in events:
         label = _innermost_label(event.cpu_parent) if event.cpu_parent is not None else None
-        if event.sequence_nr >= 0 and not event.name.startswith("autograd::") and label:
-            label_of_sequence.setdefault(event.sequence_nr, label)
+        if event.sequence_nr >= 0 and label and not event.name.startswith("autograd::") \
+                and not _inside_evaluate(event):
+            start = event.time_range.start
+            if start >= latest_of_sequence.get(event.sequence_nr, (-1.0, ""))[0]:
+                latest_of_sequence[event.sequence_nr] = (start, label)
         if event.name.startswith(LABEL):  # self time of a range = its time minus nested ranges
             nested = sum(c.cpu_time_total for c in _nested_labels(event))
             forward_ms[event.name[len(LABEL):]] += (event.cpu_time_total - nested) / 1e3
     backward_ms: dict[str, float] = defaultdict(float)
     for event in events:
         if event.name.startswith("autograd::engine::evaluate_function") and not _inside_evaluate(event):
-            component = label_of_sequence.get(event.sequence_nr, "other")
+            component = latest_of_sequence.get(event.sequence_nr, (0.0, "other"))[1]
             backward_ms[component] += event.cpu_time_total / 1e3
     result = {}
     for component in COMPONENTS:
