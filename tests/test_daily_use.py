@@ -51,6 +51,21 @@ def test_predict_on_files_folders_and_globs(trained, tmp_path, capsys):
     assert len(drawn) == 3 and min(Image.open(out / "vis" / drawn[0]).size) >= 512  # upscaled to be legible
     printed = capsys.readouterr().out
     assert "skipped" in printed and "broken.png" in printed and "1 unreadable images skipped" in printed
+    # a second run into the same folder keeps the first results
+    before = (out / "predictions.json").read_bytes()
+    assert predict_main(["--config", str(config), "--checkpoint", str(checkpoint), str(folder / "a.png"),
+                         "--output-dir", str(out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "predictions.json").read_bytes() == before
+
+
+def test_predict_into_an_unwritable_folder_is_exit_2(trained, tmp_path, capsys):
+    config, checkpoint = trained
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert predict_main(["--config", str(config), "--checkpoint", str(checkpoint), str(tmp_path / "a.png"),
+                         "--output-dir", str(tmp_path / "file" / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write predictions to --output-dir" in err and "Traceback" not in err
 
 
 def test_predict_nothing_readable_is_exit_2(trained, tmp_path, capsys):

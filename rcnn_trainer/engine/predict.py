@@ -67,11 +67,26 @@ def class_mapping(ckpt: dict, num_classes: int) -> tuple[dict[int, int], list[st
     return to_cat, list(names)
 
 
+def prepare_output_dir(out: Path) -> None:
+    """Refuse before any work when the results could not be written or would replace earlier ones."""
+    if (out / "predictions.json").exists():
+        raise UserError(f"'{out / 'predictions.json'}' already exists: pass another --output-dir or delete it "
+                        "(earlier predictions are never overwritten).")
+    try:
+        (out / "vis").mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write_test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write predictions to --output-dir '{out}': {err.strerror or err}") from None
+
+
 def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, score_thresh: float = 0.5,
                    draw: bool = True, progress: bool = True, log=print) -> dict:
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError(f"no image found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+    prepare_output_dir(out)
     ckpt = load_checkpoint(checkpoint)
     resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
@@ -116,7 +131,6 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     bar.close()
     if not done:
         raise UserError(f"none of the {len(paths)} input images could be read; first problem: {skipped[0]}")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").write_text(json.dumps(results, indent=1))
     summary = {"images": done, "skipped": len(skipped), "detections": len(results), "score_thresh": score_thresh}
     log(f"[predict] {done} images, {len(results)} detections with score >= {score_thresh:g}"
