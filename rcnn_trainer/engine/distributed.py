@@ -46,16 +46,6 @@ def all_gather_objects(obj):
     return gathered
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if every rank says True: ranks must agree before skipping a step, or DDP's
-    gradient all-reduce would wait forever for the rank that skipped."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
 def broadcast_from_main(obj):
     """Rank 0's object on every rank (the object itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -34,7 +34,7 @@ from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.data_settings import resolve_from_data
 from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
                                         pick_device, to_device, use_channels_last)
-from rcnn_trainer.engine.distributed import (all_gather_objects, all_ranks_true, broadcast_from_main, init_distributed,
+from rcnn_trainer.engine.distributed import (all_gather_objects, broadcast_from_main, init_distributed,
                                              mean_over_ranks)
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
@@ -49,6 +49,8 @@ from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.dashboard import format_dashboard, probe
 from rcnn_trainer.monitor.health import build_health_monitor
 from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
+
+GRAD_NORM = "_grad_norm"  # a key of the per-step host copy, logged as grad_norm
 
 # Config keys a resume must not change (they change what the weights mean or what data they see).
 RESUME_FIXED_PREFIXES = ("model.", "data.")
@@ -302,27 +304,32 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
         total, _ = weighted_total(losses, weights)
 
         record = {"iter": it + 1, "lr": lr, "data_time": t_data, **{f"weight/{n}": w for n, w in weights.items()}}
-        finite = all_ranks_true(bool(torch.isfinite(total)), device)  # a sync point, needed to skip the step
-        if finite:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        # The step's one host sync: the loss terms averaged over ranks (so every rank sees a
+        # non-finite term of any rank and all skip together), the stats and the gradient norm
+        # (the same on every rank: gradients are all-reduced).
+        logged = scalars_to_floats({**mean_over_ranks({n: v.detach() for n, v in losses.items()}), **stats,
+                                    GRAD_NORM: grad_norm_t})
+        grad_norm = logged.pop(GRAD_NORM)
+        bad = [n for n in LOSS_NAMES if n in losses and not math.isfinite(logged[n])]
+        finite = not bad
+        if finite and not math.isfinite(grad_norm) and scaler.is_enabled():
+            # fp16 overflow: normal while the scaler finds its scale. scaler.step skips the update,
+            # scaler.update lowers the scale; not a non-finite step.
+            record.update(amp_overflow=True, grad_norm=float("nan"), clipped=False)
+            state.amp_overflows += 1
+            metrics.write({"type": "amp_overflow", "iter": it + 1, "scale": scaler.get_scale()})
+        elif finite:
+            finite = math.isfinite(grad_norm)
+            bad = [] if finite else ["gradients"]
             record.update(grad_norm=grad_norm, clipped=bool(max_norm and grad_norm > max_norm))
-            if not math.isfinite(grad_norm) and scaler.is_enabled():
-                # fp16 overflow: normal while the scaler finds its scale. scaler.step skips the
-                # update, scaler.update lowers the scale; not a non-finite step.
-                record.update(amp_overflow=True, grad_norm=float("nan"), clipped=False)
-                state.amp_overflows += 1
-                metrics.write({"type": "amp_overflow", "iter": it + 1, "scale": scaler.get_scale()})
-            else:
-                finite = math.isfinite(grad_norm)
-            if finite:
-                scaler.step(optimizer)  # skips the update itself on an fp16 overflow
         if finite:
-            scaler.update()
+            scaler.step(optimizer)  # skips the update itself on an fp16 overflow
             state.nonfinite_in_row = 0
-        else:
-            bad = [n for n in LOSS_NAMES if n in losses and not torch.isfinite(losses[n])] or ["gradients"]
+        scaler.update()  # also after a skipped step: unscale_ ran, and a non-finite loss lowers the scale
+        if not finite:
             state.nonfinite_total += 1
             state.nonfinite_in_row += 1
             if state.nonfinite_in_row == 1:
@@ -342,8 +349,6 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
                 f"non-finite was {state.first_nonfinite_term}. Lower solver.lr, set solver.clip_grad_norm (e.g. 10), "
                 f"or check that term's weight. The last good checkpoint in '{ckpt_dir}' is intact.")
 
-        # global-batch values under DDP; one host copy for all of them
-        logged = scalars_to_floats({**mean_over_ranks({n: v.detach() for n, v in losses.items()}), **stats})
         terms = [n for n in LOSS_NAMES if n in losses]
         record.update({"loss": sum(logged[n] * weights[n] for n in terms) if finite else float("nan"),
                        **{n: logged[n] for n in terms}, **{f"{n}_weighted": logged[n] * weights[n] for n in terms},
