@@ -108,3 +108,32 @@ def test_eval_rejects_negative_visualize(tmp_path, capsys):
     config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path))
     assert eval_main(["--config", str(config), "--checkpoint", "x.pth", "--visualize", "-3"]) == 2
     assert "--visualize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("roi_align", ["auto", "torchvision"])
+def test_step_profile_charges_backward_ops_to_their_component(tmp_path, roi_align):
+    """tools/step_profile.py: RoIAlign's backward lands on RoIAlign whichever kernel runs it
+    (torchvision's op is a custom autograd node, ours a Python Function)."""
+    sys.path.insert(0, str(TOOLS))
+    import step_profile
+    from rcnn_trainer.data.loader import build_dataset, build_train_loader
+    from rcnn_trainer.engine.data_settings import resolve_from_data
+    from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+    from rcnn_trainer.model.build import build_model
+
+    cfg = tiny_config(tmp_path, model={"roi": {"roi_align": roi_align}})
+    dataset = build_dataset(cfg, "train")
+    resolve_from_data(cfg, dataset, lambda _: None)
+    model = build_model(cfg.model).train()
+    weights = loss_weights(cfg.model)
+
+    def step(batch):
+        losses, _ = model(*batch)
+        weighted_total(losses, weights)[0].backward()
+
+    batches = iter(build_train_loader(cfg, dataset))
+    step(next(batches))  # one-time initialisation outside the profile
+    ms = step_profile.profile_steps(model, step, batches, steps=2)
+    backward = {k: v for k, v in ms.items() if k.endswith(" bwd")}
+    assert all(v > 0 for k, v in backward.items() if k.split(" ")[0] in ("RoIAlign", "backbone+FPN", "box", "RPN")), ms
+    assert ms["backward outside components"] < 0.2 * sum(backward.values()), ms

@@ -233,8 +233,12 @@ def amp_runs(device: str, force: bool) -> tuple[bool, str]:
 
 
 def speed_line(label: str, ours: dict, theirs: dict) -> str:
+    spread = ""
+    if len(ours["train_s_per_iter_all"]) > 1:
+        spread = (f" [runs: {', '.join(f'{t:.3f}' for t in ours['train_s_per_iter_all'])} vs "
+                  f"{', '.join(f'{t:.3f}' for t in theirs['train_s_per_iter_all'])}]")
     return (f"[{label}] train s/iter {ours['train_s_per_iter']:.3f} vs {theirs['train_s_per_iter']:.3f} "
-            f"(ratio {ours['train_s_per_iter'] / theirs['train_s_per_iter']:.3f}); inference img/s "
+            f"(ratio {ours['train_s_per_iter'] / theirs['train_s_per_iter']:.3f}){spread}; inference img/s "
             f"{ours['infer_images_per_s']:.1f} vs {theirs['infer_images_per_s']:.1f}; eval {ours['eval_s']:.1f}s vs "
             f"{theirs['eval_s']:.1f}s; data wait {100 * ours['data_wait_share']:.1f}% vs "
             f"{100 * theirs['data_wait_share']:.1f}%; peak mem {ours['peak_memory_mb']:.0f} vs "
@@ -260,6 +264,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20, help="timed training iterations (after warm-up)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=1, help="speed runs per model, alternated; the median is kept")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps for the component table (0 = none)")
     p.add_argument("--converge-iters", type=int, default=0, help="0 = skip the convergence comparison")
     p.add_argument("--small-objects", action="store_true", help="also compare convergence with small-object options")
@@ -289,10 +294,18 @@ def main() -> None:
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "amp_measured": with_amp,
               "speed": {}, "convergence": {}}
     for backbone in args.backbones:
-        runs = {"ours fp32": run_child(args, "rcnn_trainer", "speed", backbone, "fp32", []),
-                "torchvision fp32": run_child(args, "torchvision", "speed", backbone, "fp32", [])}
-        if with_amp:
-            runs["ours amp"] = run_child(args, "rcnn_trainer", "speed", backbone, "amp", [])
+        models = [("ours fp32", "rcnn_trainer", "fp32"), ("torchvision fp32", "torchvision", "fp32")]
+        models += [("ours amp", "rcnn_trainer", "amp")] if with_amp else []
+        # alternate the models `--repeats` times (this machine's speed drifts between processes)
+        # and keep each one's run with the median step time
+        samples = {label: [] for label, _, _ in models}
+        for _ in range(args.repeats):
+            for label, which, precision in models:
+                samples[label].append(run_child(args, which, "speed", backbone, precision, []))
+        runs = {label: sorted(found, key=lambda r: r["train_s_per_iter"])[len(found) // 2]
+                for label, found in samples.items()}
+        for label, found in samples.items():
+            runs[label]["train_s_per_iter_all"] = [r["train_s_per_iter"] for r in found]
         theirs = runs["torchvision fp32"]
         report["speed"][backbone] = {**runs, "train_ratio_fp32": runs["ours fp32"]["train_s_per_iter"]
                                      / theirs["train_s_per_iter"]}
