@@ -99,3 +99,20 @@ def test_class_imbalance_warning(tmp_path):
     ds = CocoDetection(write_coco(tmp_path, images, anns), tmp_path)
     f = findings(run_preflight(ds, "train", **ANCHORS))["class_imbalance"]
     assert "b (1)" in f.alarm.seen and "model.roi.cls_loss.type: focal" in f.alarm.change
+
+
+def test_narrow_head_warning_from_ten_classes(tmp_path):
+    images, anns = coco_scene(tmp_path, 10, n=6)
+    categories = [{"id": 100 + i, "name": f"c{i}"} for i in range(12)]
+    for i, ann in enumerate(anns):
+        ann["category_id"] = 100 + i % 12
+    ds = CocoDetection(write_coco(tmp_path, images, anns, categories=categories), tmp_path)
+    narrow = run_preflight(ds, "train", head={"representation_size": 256, "fpn_channels": 64}, **ANCHORS)
+    f = findings(narrow)["narrow_head"]
+    assert "12 classes" in f.alarm.seen and any("configs/many_classes.yaml" in c for c in f.alarm.change)
+    wide = run_preflight(ds, "train", head={"representation_size": 1024, "fpn_channels": 128}, **ANCHORS)
+    assert "narrow_head" not in findings(wide)
+    few_images, few_anns = coco_scene(tmp_path / "few", 10, n=6)
+    few = CocoDetection(write_coco(tmp_path / "few", few_images, few_anns), tmp_path / "few")
+    assert "narrow_head" not in findings(run_preflight(few, "train", head={"representation_size": 256,
+                                                                            "fpn_channels": 64}, **ANCHORS))

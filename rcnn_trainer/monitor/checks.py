@@ -117,19 +117,22 @@ def relative_slope(values: list[float]) -> float:
     return (num / den) * n / mean_y if den and mean_y else 0.0
 
 
-def check_flat_term(history: list[dict], *, window: int, flat: float = 0.05, falling: float = 0.2) -> Alarm | None:
+def check_flat_term(history: list[dict], *, window: int, first: dict | None = None, flat: float = 0.05,
+                    falling: float = 0.2) -> Alarm | None:
     """A term whose trend over `window` periods changes it by less than `flat` (its first and
     last values too) while the weighted total of the other terms falls by more than `falling`,
-    and which has not already fallen below half its value at the first judgment (a term that
-    learned and then levels off is converging, not stuck)."""
+    and which has not already fallen below half its value at the run's first judgment `first`
+    (default history[0]; a term that learned and then levels off is converging, not stuck).
+    Judge it on periods after warmup: early on a box loss often waits for the classifier."""
     if len(history) < window:
         return None
+    first = first if first is not None else history[0]
     recent = history[-window:]
     for name in WEIGHT_KEYS:
         series = [h.get(name, 0.0) for h in recent]
         if min(series) <= 1e-6:
             continue
-        learned = series[-1] < 0.5 * history[0].get(name, 0.0)
+        learned = series[-1] < 0.5 * first.get(name, 0.0)
         level = abs(series[-1] / series[0] - 1.0) < flat
         others = [h["loss"] - h.get(f"{name}_weighted", 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0

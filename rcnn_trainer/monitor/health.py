@@ -97,7 +97,6 @@ class HealthMonitor:
         past_warmup = iteration > s.warmup_iters
         found = [
             checks.check_dominant_term(history, max_share=s.dominant_share, sustain=s.sustain),
-            checks.check_flat_term(history, window=s.flat_window),
             checks.check_stuck_iou_loss(history, s.box_types, sustain=s.sustain),
             checks.check_foreground_starvation(history, sustain=s.sustain),
             checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
@@ -110,6 +109,7 @@ class HealthMonitor:
         if past_warmup:
             st["after_warmup"].append(mean)
             found.append(checks.check_regressor_collapse(st["after_warmup"], sustain=s.sustain))
+            found.append(checks.check_flat_term(st["after_warmup"], window=s.flat_window, first=history[0]))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
             found.append(checks.check_proposal_iou_not_rising(st["after_warmup"]))
             st["probe"].append({**probe["counts"], **probe["classes"]})
