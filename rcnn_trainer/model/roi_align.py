@@ -26,6 +26,7 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
+
 class _SparsePool(torch.autograd.Function):
     """out = S @ flat; the transpose for the backward is built only when a gradient is needed."""
 
