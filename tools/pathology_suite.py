@@ -32,7 +32,7 @@ SCENARIOS = {
     "old_default_head@digits": ("class_confusion", ["model.backbone.fpn_channels=64", "model.roi.representation_size=256"]),
     "background_wins": ("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",
                                            "model.roi.batch_size_per_image=256"]),
-    "class_confusion": ("class_confusion", ["model.roi.representation_size=2"]),
+    "class_confusion": ("class_confusion", ["model.roi.representation_size=8", "model.backbone.fpn_channels=8"]),
     "regressor_without_signal": ("regressor_collapse", ["model.roi.box_loss.weight=0.0"]),
     "collapse": ("collapse", ["model.rpn.cls_pos_weight=0.01", "model.rpn.positive_fraction=0.02",
                               "model.roi.cls_pos_weight=0.01", "model.roi.positive_fraction=0.02"]),
