@@ -229,7 +229,7 @@ def amp_runs(device: str, force: bool) -> tuple[bool, str]:
     if device == "cuda" or force or cpu_has_fast_bf16():
         return True, ""
     return False, ("AMP rows skipped: this CPU has neither AMX nor AVX512-BF16, so bf16 runs emulated "
-                   "(resnet18 forward+backward measured 10-17x slower than fp32 here); --force-amp runs them")
+                   "(resnet18 forward+backward measured 8-17x slower than fp32 here); --force-amp runs them")
 
 
 def speed_line(label: str, ours: dict, theirs: dict) -> str:

@@ -24,7 +24,7 @@ def pick_device(setting: str, info: DistInfo | None = None) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16. With them bf16 convolutions ran ~2.5x faster than fp32 (an AMX Xeon);
-    without them oneDNN emulates bf16, which ran 10-17x slower than fp32 (an AVX2-only EPYC)."""
+    without them oneDNN emulates bf16, which ran 8-17x slower than fp32 (an AVX2-only EPYC)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -46,7 +46,7 @@ def amp_summary(device: torch.device, enabled: bool, setting: str, scaler_enable
     dtype = amp_dtype(device, enabled, setting)
     if dtype is None:
         return ("AMP: fp32. This CPU has neither AMX nor AVX512-BF16, so bf16 would run emulated (measured "
-                "10-17x slower than fp32 on such a CPU); solver.amp_dtype=bfloat16 forces it.")
+                "8-17x slower than fp32 on such a CPU); solver.amp_dtype=bfloat16 forces it.")
     scaling = (" with a GradScaler (its overflow steps are skipped and counted as amp_overflow)"
                if scaler_enabled else " (no loss scaling needed)")
     return f"AMP: {dtype} autocast on {device.type}{scaling}"
