@@ -102,9 +102,9 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_steps: int) -> dict:
-    """Training s/iter (median), data wait share, per-component profile, inference images/s,
-    eval time, monitor cost."""
+def training_setup(cfg, which: str, device):
+    """Model, optimizer and one training step as the trainer runs them (autocast, GradScaler,
+    channels_last for ours), shared by the speed and the convergence measurements."""
     model = build(cfg, which).to(device).train()
     autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
     scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
@@ -113,8 +113,6 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_step
         model.use_channels_last()
     optimizer = build_optimizer(model, cfg.solver)
     weights = loss_weights(cfg.model)
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    batches = iter(build_train_loader(cfg, train_set))
 
     def train_step(batch) -> None:
         images, targets = to_device(*batch, device)
@@ -127,6 +125,16 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_step
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    return model, optimizer, autocast, train_step
+
+
+def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_steps: int) -> dict:
+    """Training s/iter (median), data wait share, per-component profile, inference images/s,
+    eval time, monitor cost."""
+    model, _, autocast, train_step = training_setup(cfg, which, device)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    batches = iter(build_train_loader(cfg, train_set))
 
     step_times, data_times = [], []
     for step in range(warmup + iters):
@@ -170,26 +178,13 @@ def measure_speed(cfg, which: str, iters: int, warmup: int, device, profile_step
 
 def measure_convergence(cfg, which: str, iters: int, device) -> dict:
     """Same loop, optimizer and schedule for both; COCO AP on val after `iters` iterations."""
-    model = build(cfg, which).to(device).train()
-    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
-    scaler = grad_scaler_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
-    if which == "rcnn_trainer" and use_channels_last(device, cfg.train.channels_last,
-                                                     amp_dtype(device, cfg.solver.amp, cfg.solver.amp_dtype)):
-        model.use_channels_last()
-    optimizer = build_optimizer(model, cfg.solver)
+    model, optimizer, autocast, train_step = training_setup(cfg, which, device)
     scheduler = build_scheduler(optimizer, cfg.solver)
-    weights = loss_weights(cfg.model)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     batches = iter(build_train_loader(cfg, train_set))
     t0 = time.perf_counter()
     for _ in range(iters):
-        with autocast():
-            losses, _ = model(*to_device(*next(batches), device))
-        total, _ = weighted_total(losses, weights)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(next(batches))
         scheduler.step()
     metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), device, cfg.monitor.score_thresholds,
                           progress=False, autocast=autocast)

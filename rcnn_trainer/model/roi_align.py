@@ -24,15 +24,15 @@ import warnings
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _filter_input, _setup_scales
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 
 class _SparsePool(torch.autograd.Function):
     """out = S @ flat; the transpose for the backward is built only when a gradient is needed."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, rows: Tensor, crow: Tensor, cols: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, cols, weights)
+    def forward(ctx, flat: Tensor, crow: Tensor, cols: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(crow, cols, weights)
         ctx.shape = (crow.numel() - 1, flat.shape[0])
         matrix = _csr(crow, cols, weights, ctx.shape)
         with torch.autocast(flat.device.type, enabled=False):  # MKL's sparse product is fp32 only
@@ -40,14 +40,15 @@ class _SparsePool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        rows, cols, weights = ctx.saved_tensors
+        crow, cols, weights = ctx.saved_tensors
         num_rows, num_cols = ctx.shape
+        rows = torch.repeat_interleave(torch.arange(num_rows, device=crow.device), crow.diff())
         order = torch.argsort(cols, stable=True)  # CSR of S^T: entries grouped by input pixel
         crow_t = torch.zeros(num_cols + 1, dtype=torch.long, device=cols.device)
         crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=num_cols), 0)
         transposed = _csr(crow_t, rows[order], weights[order], (num_cols, num_rows))
         with torch.autocast(grad_out.device.type, enabled=False):
-            return transposed @ grad_out.float().contiguous(), None, None, None, None
+            return transposed @ grad_out.float().contiguous(), None, None, None
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -58,8 +59,8 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
 
 def sampling_matrix(rois: Tensor, level_of_roi: Tensor, level_shapes: list[tuple[int, int, int]],
                     level_offsets: list[int], scales: list[float], output_size: tuple[int, int],
-                    sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """CSR pieces (row of each entry, crow, cols, weights) of the matrix mapping stacked feature
+                    sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR pieces (crow, cols, weights) of the matrix mapping stacked feature
     rows (every level's N*H*W pixels, level after level) to the K*ph*pw output bins."""
     device = rois.device
     ph, pw = output_size
@@ -102,11 +103,10 @@ def sampling_matrix(rois: Tensor, level_of_roi: Tensor, level_shapes: list[tuple
                         image_base + y_high * width + x_low, image_base + y_high * width + x_high], 1)
     weights = torch.stack([wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high], 1) \
         * weight[:, None]
-    row_of_point = roi_of_point * (ph * pw) + bin_index
     counts = torch.repeat_interleave(per_bin * 4, ph * pw)  # entries per output row
     crow = torch.zeros(num_rois * ph * pw + 1, dtype=torch.long, device=device)
     crow[1:] = torch.cumsum(counts, 0)
-    return row_of_point.repeat_interleave(4), crow, cols.reshape(-1), weights.reshape(-1)
+    return crow, cols.reshape(-1), weights.reshape(-1)
 
 
 def _axis_corners(coord: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -133,9 +133,9 @@ def pool_levels(features: list[Tensor], rois: Tensor, level_of_roi: Tensor, scal
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     # pixels as rows of channels (free for channels_last maps), every level stacked
     flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features]).float()
-    rows, crow, cols, weights = sampling_matrix(rois, level_of_roi, shapes, offsets, scales, output_size,
-                                                sampling_ratio, aligned)
-    pooled = _SparsePool.apply(flat, rows, crow, cols, weights)
+    crow, cols, weights = sampling_matrix(rois, level_of_roi, shapes, offsets, scales, output_size,
+                                          sampling_ratio, aligned)
+    pooled = _SparsePool.apply(flat, crow, cols, weights)
     return pooled.view(-1, ph, pw, channels).permute(0, 3, 1, 2)
 
 
@@ -160,10 +160,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
-        concat = torch.cat(boxes)
-        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=concat.device),
-                                              torch.tensor([len(b) for b in boxes], device=concat.device))
-        rois = torch.cat([image_index[:, None].to(concat.dtype), concat], 1)
+        rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             level = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
         else:
