@@ -239,3 +239,22 @@ def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path, monkeypatch
     assert not any(a["name"] == "gradients" for a in lines if a["type"] == "alarm")
     assert any("AMP: torch.float16 autocast on cpu with a GradScaler" in m for m in messages)
     assert sum(1 for l in lines if l["type"] == "train" and not l.get("amp_overflow")) >= 1  # real steps happened
+
+
+def test_optimizer_is_fused_unless_a_grad_scaler_runs(tmp_path):
+    """The fused update (one kernel for all tensors) is the default; with a GradScaler the
+    trainer asks for the per-tensor one (the fused CPU kernel corrupted its moments on skipped
+    steps), and both give the same update on a normal step."""
+    from rcnn_trainer.engine.optim import build_optimizer
+
+    cfg = tiny_config(tmp_path)
+    models = [build_model(cfg.model) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(models[0], cfg.solver), build_optimizer(models[1], cfg.solver, fused=False)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    for model, optimizer in zip(models, optimizers):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -109,6 +109,15 @@ def test_regressor_collapse():
     starting = [period(**{"roi/delta_std_ratio": r, "roi/delta_corr": c}) for r, c in ((0.0, 0.0), (0.02, 0.04), (0.04, 0.08))]
     assert checks.check_regressor_collapse(starting, sustain=3) is None
 
+    def trace(pairs):
+        return [period(**{"roi/delta_std_ratio": r, "roi/delta_corr": c}) for r, c in pairs]
+    # measured, 300-iteration runs at period 15, the three judgments after warmup (iters 60-90):
+    # box loss weight 0 (no signal): spread shrinking, correlation noise around 0
+    assert checks.check_regressor_collapse(trace([(0.042, -0.006), (0.033, -0.006), (0.030, 0.06)]), sustain=3)
+    # healthy default config (600 iterations, period 30; iters 30 and 60): the spread widens
+    # before the correlation appears
+    assert checks.check_regressor_collapse(trace([(0.051, -0.021), (0.076, -0.005)]), sustain=2) is None
+
 
 def test_learning_rate_checks():
     assert checks.check_learning_rate(1e-9, 1e-9, 2.0, 2.1, progress=0.3, past_warmup=True).name == "vanishing_lr"

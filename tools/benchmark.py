@@ -111,7 +111,9 @@ def training_setup(cfg, which: str, device):
     if which == "rcnn_trainer" and use_channels_last(device, cfg.train.channels_last,
                                                      amp_dtype(device, cfg.solver.amp, cfg.solver.amp_dtype)):
         model.use_channels_last()
-    optimizer = build_optimizer(model, cfg.solver)
+    # torchvision's reference scripts construct the optimizer with torch's defaults (per-tensor
+    # updates on CPU); ours steps with the fused kernel, as the trainer does
+    optimizer = build_optimizer(model, cfg.solver, fused=which == "rcnn_trainer" and not scaler.is_enabled())
     weights = loss_weights(cfg.model)
 
     def train_step(batch) -> None:

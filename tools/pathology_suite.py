@@ -2,10 +2,10 @@
 
   python tools/pathology_suite.py --iters 300 --out pathology.json [--only NAME ...]
 
-Every scenario is the real `rcnn-train` on a recipe (config.yaml by default, the built-in
-synthetic data) with the overrides that provoke one failure. The table says, per scenario, the
-alarm expected, the iteration it first fired (and whether that is within the first third of the
-run), and every other alarm raised. Healthy scenarios pass when they raise nothing.
+Every scenario is the real `rcnn-train` on a recipe and a dataset with the overrides that
+provoke one failure. The table says, per scenario, the alarm expected, the iteration it first
+fired (and whether that is within the first third of the run), and every other alarm raised.
+Healthy scenarios pass when they raise nothing.
 """
 
 from __future__ import annotations
@@ -15,42 +15,84 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_bench  # noqa: E402  (tools/ is not a package)
 
-# name -> (expected alarm or None for healthy, overrides); names ending in @digits / @glyphs run
-# on that dataset of tools/bench_datasets.py (at its size, batch 4), the others on config.yaml's
-# synthetic data. The healthy runs on 10+ classes use the recipe the preflight points to there.
-MANY_CLASSES_RECIPE = "configs/many_classes.yaml"
-RECIPES = {"healthy@glyphs": MANY_CLASSES_RECIPE, "healthy@digits": MANY_CLASSES_RECIPE}
+from rcnn_trainer.data.synthetic import ensure_synthetic_dataset  # noqa: E402
+
+DEFAULT_RECIPE = "config.yaml"
+MANY_CLASSES_RECIPE = "configs/many_classes.yaml"  # what the preflight points to at 10+ classes
+
+
+@dataclass(frozen=True)
+class Scenario:
+    expected: str | None  # the alarm it should raise; None: a healthy run that must raise nothing
+    overrides: list[str] = field(default_factory=list)
+    # "config": the recipe's own data (config.yaml: the built-in synthetic shapes);
+    # "digits" / "glyphs": tools/bench_datasets.py at its size, batch 4;
+    # "shuffled_labels": config.yaml's synthetic images with every training label drawn at random
+    dataset: str = "config"
+    recipe: str = DEFAULT_RECIPE
+
+
 SCENARIOS = {
-    "healthy": (None, []),
-    "healthy@glyphs": (None, []),
-    "healthy@digits": (None, []),
-    "old_default_head@digits": ("class_confusion", ["model.backbone.fpn_channels=64", "model.roi.representation_size=256"]),
-    "background_wins": ("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",
-                                           "model.roi.batch_size_per_image=256"]),
-    "class_confusion": ("class_confusion", ["model.roi.representation_size=8", "model.backbone.fpn_channels=8"]),
-    "regressor_without_signal": ("regressor_collapse", ["model.roi.box_loss.weight=0.0"]),
-    "collapse": ("collapse", ["model.rpn.cls_pos_weight=0.01", "model.rpn.positive_fraction=0.02",
-                              "model.roi.cls_pos_weight=0.01", "model.roi.positive_fraction=0.02"]),
-    "box_weight_50x": ("dominant_loss", ["model.roi.box_loss.weight=50.0"]),
-    "lr_far_too_low": ("vanishing_lr", ["solver.lr=1e-8"]),
-    "anchors_far_too_large": ("anchor_coverage", ["model.anchors.sizes=[[128],[256],[512],[1024],[2048]]"]),
-    "clip_every_step": ("gradients", ["solver.clip_grad_norm=0.0001"]),
+    "healthy": Scenario(None),
+    "healthy@glyphs": Scenario(None, dataset="glyphs", recipe=MANY_CLASSES_RECIPE),
+    "healthy@digits": Scenario(None, dataset="digits", recipe=MANY_CLASSES_RECIPE),
+    "old_default_head@digits": Scenario("class_confusion", ["model.backbone.fpn_channels=64",
+                                                            "model.roi.representation_size=256"], dataset="digits"),
+    "background_wins": Scenario("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",
+                                                   "model.roi.batch_size_per_image=256"]),
+    # foreground is learnable (boxes are right) but the classes carry no signal
+    "shuffled_labels": Scenario("class_confusion", dataset="shuffled_labels"),
+    "regressor_without_signal": Scenario("regressor_collapse", ["model.roi.box_loss.weight=0.0"]),
+    "collapse": Scenario("collapse", ["model.rpn.cls_pos_weight=0.01", "model.rpn.positive_fraction=0.02",
+                                      "model.roi.cls_pos_weight=0.01", "model.roi.positive_fraction=0.02"]),
+    "box_weight_50x": Scenario("dominant_loss", ["model.roi.box_loss.weight=50.0"]),
+    "lr_far_too_low": Scenario("vanishing_lr", ["solver.lr=1e-8"]),
+    "anchors_far_too_large": Scenario("anchor_coverage", ["model.anchors.sizes=[[128],[256],[512],[1024],[2048]]"]),
+    "clip_every_step": Scenario("gradients", ["solver.clip_grad_norm=0.0001"]),
 }
 
 
-def run(recipe: str, name: str, overrides: list[str], iters: int, threads: int, data_dir: Path) -> dict:
-    if "@" in name:
-        data = recipe_bench.data_overrides(name.split("@")[1], data_dir, batch=4, iters=iters, seed=42)
-        overrides = [o for o in data if not o.startswith("solver.max_iters")] + overrides
+def shuffled_labels_dataset(data_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """config.yaml's synthetic data with each training object's category drawn uniformly at
+    random (val keeps the true labels): boxes stay learnable, classes do not."""
+    source = ensure_synthetic_dataset(num_train=300, num_val=60, image_size=128, seed=0)
+    out = data_dir / "shuffled_labels"
+    out.mkdir(parents=True, exist_ok=True)
+    train = json.loads((source / "train.json").read_text())
+    ids = [c["id"] for c in train["categories"]]
+    rng = np.random.default_rng(seed)
+    for annotation in train["annotations"]:
+        annotation["category_id"] = int(rng.choice(ids))
+    (out / "train.json").write_text(json.dumps(train))
+    (out / "val.json").write_text((source / "val.json").read_text())
+    return out, source / "images"
+
+
+def data_overrides(scenario: Scenario, iters: int, data_dir: Path) -> list[str]:
+    if scenario.dataset == "config":
+        return []
+    if scenario.dataset == "shuffled_labels":
+        folder, images = shuffled_labels_dataset(data_dir)
+        return [f"data.train={{ann_file: '{folder / 'train.json'}', img_dir: '{images}'}}",
+                f"data.val={{ann_file: '{folder / 'val.json'}', img_dir: '{images}'}}"]
+    data = recipe_bench.data_overrides(scenario.dataset, data_dir, batch=4, iters=iters, seed=42)
+    return [o for o in data if not o.startswith("solver.max_iters")]
+
+
+def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path) -> dict:
+    overrides = data_overrides(scenario, iters, data_dir) + scenario.overrides
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name.replace("@", "_")
-        cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", recipe, "--output-dir", str(out),
-               "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
+        cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", scenario.recipe, "--output-dir",
+               str(out), "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
             if (out / "metrics.jsonl").is_file() else []
@@ -62,7 +104,6 @@ def run(recipe: str, name: str, overrides: list[str], iters: int, threads: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="config.yaml")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
@@ -73,18 +114,20 @@ def main() -> None:
     print("| scenario | recipe | expected alarm | first fired at iter (of N) | in first third | other alarms | AP |")
     print("|---|---|---|---|---|---|---|")
     for name in args.only or SCENARIOS:
-        expected, overrides = SCENARIOS[name]
-        result = run(RECIPES.get(name, args.recipe), name, overrides, args.iters, args.threads, args.data_dir)
-        fired = [it for alarm, it in result["alarms"] if alarm == expected]
+        scenario = SCENARIOS[name]
+        result = run(name, scenario, args.iters, args.threads, args.data_dir)
+        fired = [it for alarm, it in result["alarms"] if alarm == scenario.expected]
         first = min(fired) if fired else None
-        others = sorted({f"{a}@{it}" for a, it in result["alarms"] if a != expected},
+        others = sorted({f"{a}@{it}" for a, it in result["alarms"] if a != scenario.expected},
                         key=lambda s: int(s.split("@")[1]))
-        ok = (first is not None and first <= args.iters / 3) if expected else not result["alarms"]
-        rows.append({"scenario": name, "expected": expected, "first_iter": first, "ok": ok, **result})
+        ok = (first is not None and first <= args.iters / 3) if scenario.expected else not result["alarms"]
+        rows.append({"scenario": name, "recipe": scenario.recipe, "expected": scenario.expected, "first_iter": first,
+                     "ok": ok, **result})
         ap = f"{result['AP']:.3f}" if result["AP"] is not None else f"exit {result['exit']}"
-        print(f"| {name} | {RECIPES.get(name, args.recipe)} | {expected or 'none (healthy)'} | {first if first is not None else '-'} (of {args.iters}) | "
-              f"{'yes' if ok else 'NO'} | {', '.join(others[:6]) or '-'} | {ap} |", flush=True)
-        args.out.write_text(json.dumps({"iters": args.iters, "recipe": args.recipe, "rows": rows}, indent=1))
+        print(f"| {name} | {scenario.recipe} | {scenario.expected or 'none (healthy)'} | "
+              f"{first if first is not None else '-'} (of {args.iters}) | {'yes' if ok else 'NO'} | "
+              f"{', '.join(others[:6]) or '-'} | {ap} |", flush=True)
+        args.out.write_text(json.dumps({"iters": args.iters, "rows": rows}, indent=1))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} scenarios as expected; wrote {args.out}")
 
 

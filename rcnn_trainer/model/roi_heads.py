@@ -21,6 +21,7 @@ from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
 from rcnn_trainer.model import stats as S
+from rcnn_trainer.model.matching import BELOW, BETWEEN, match_boxes, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
 
 
@@ -56,8 +57,8 @@ class BoxHeads(RoIHeads):
             raise ValueError("the RoI heads need targets in training mode")
         rois, gt_labels, matched_gt_boxes, from_rpn = self._sample(proposals, targets, features, image_shapes)
         class_logits, box_deltas = self._predict(features, rois, image_shapes)
-        losses, stats = self._losses(class_logits, box_deltas, torch.cat(rois), torch.cat(gt_labels),
-                                     torch.cat(matched_gt_boxes), torch.cat(from_rpn), len(rois))
+        losses, stats = self._losses(class_logits, box_deltas, torch.cat(rois), gt_labels, matched_gt_boxes,
+                                     from_rpn, len(rois))
         return [], losses, stats
 
     def _predict(self, features, rois, image_shapes):
@@ -66,23 +67,40 @@ class BoxHeads(RoIHeads):
         return class_logits.float(), box_deltas.float()  # fp32 for decoding and losses under autocast
 
     def _sample(self, proposals, targets, features, image_shapes):
+        """The RoIs to train on: per image a list of boxes, and over the batch flat [R] labels,
+        [R, 4] matched GT boxes and [R] whether the RoI came from the RPN (not an appended GT).
+        Matching and random sampling run on the whole batch at once (model/matching.py)."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
-        gt_classes = [t["labels"] for t in targets]
-        num_rpn = [p.shape[0] for p in proposals]
+        num_rpn = torch.tensor([p.shape[0] for p in proposals], device=proposals[0].device)
         proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
-        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_classes)
+        padded, valid = pad_boxes(proposals)
+        gt, gt_valid = pad_boxes(gt_boxes)
+        gt_classes = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
+        gt_classes[gt_valid] = torch.cat([t["labels"] for t in targets]).to(torch.int64)
+        matcher = self.proposal_matcher
+        matches = match_boxes(gt, gt_valid, padded, high=matcher.high_threshold, low=matcher.low_threshold,
+                              allow_low_quality=matcher.allow_low_quality_matches)
+        matched_idxs = matches.clamp(min=0)
+        labels = gt_classes.gather(1, matched_idxs) if gt.shape[1] else torch.zeros_like(matches)
+        labels = labels.masked_fill(matches == BELOW, 0).masked_fill(matches == BETWEEN, -1)
+        labels = labels.masked_fill(~valid, -1)  # padding is never sampled
         if self.sampler == "ohem":
-            sampled_inds = self._hardest(features, proposals, labels, matched_idxs, gt_boxes, image_shapes)
+            chosen = self._hardest(features, proposals, [l[:len(p)] for l, p in zip(labels, proposals)],
+                                   [m[:len(p)] for m, p in zip(matched_idxs, proposals)], gt_boxes, image_shapes)
+            keep = torch.zeros_like(valid)
+            for i, inds in enumerate(chosen):
+                keep[i, inds] = True
         else:
-            sampled_inds = self.subsample(labels)
-        rois, gt_labels, matched, from_rpn = [], [], [], []
-        for i, keep in enumerate(sampled_inds):
-            rois.append(proposals[i][keep])
-            gt_labels.append(labels[i][keep])
-            matched.append(_matched_gt_boxes(gt_boxes[i], matched_idxs[i][keep]))
-            from_rpn.append(keep < num_rpn[i])
-        return rois, gt_labels, matched, from_rpn
+            pos, neg = sample_balanced(labels, self.fg_bg_sampler.batch_size_per_image,
+                                       self.fg_bg_sampler.positive_fraction)
+            keep = pos | neg
+        image, index = keep.nonzero(as_tuple=True)  # image by image, in index order (as torchvision)
+        rois = padded[image, index].split(keep.sum(dim=1).tolist())
+        gt_labels = labels[image, index]
+        # an image without GT matches its zero padding: a dummy box for RoIs that are all background
+        matched = gt[image, matched_idxs[image, index]] if gt.shape[1] else torch.zeros_like(padded[image, index])
+        return list(rois), gt_labels, matched, index < num_rpn[image]
 
     @torch.no_grad()
     def _hardest(self, features, proposals, labels, matched_idxs, gt_boxes, image_shapes) -> list[torch.Tensor]:
@@ -94,7 +112,7 @@ class BoxHeads(RoIHeads):
                                      pos_weight=self.cls_loss["pos_weight"], gamma=self.cls_loss["gamma"])
         pos = torch.where(all_labels > 0)[0]
         if pos.numel():
-            matched = torch.cat([_matched_gt_boxes(g, m.clamp(min=0)) for g, m in zip(gt_boxes, matched_idxs)])
+            matched = torch.cat([_matched_gt_boxes(g, m) for g, m in zip(gt_boxes, matched_idxs)])
             deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, all_labels[pos]]
             per_roi[pos] += box_loss_per_box(deltas, torch.cat(proposals)[pos], matched[pos], self.box_coder,
                                              loss_type="smooth_l1")
