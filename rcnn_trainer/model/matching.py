@@ -65,15 +65,13 @@ def match(iou: torch.Tensor, gt_valid: torch.Tensor, *, high: float, low: float,
         return torch.full((iou.shape[0], iou.shape[2]), BELOW, dtype=torch.int64, device=iou.device)
     # padded GT below any real IoU (>= 0): the first-maximum rule then picks what torchvision picks
     iou = iou.masked_fill(~gt_valid[:, :, None], -1.0)
-    best, matches = iou.max(dim=1)
-    kept = matches.clone()
-    matches[best < low] = BELOW
-    matches[(best >= low) & (best < high)] = BETWEEN
+    best, best_gt = iou.max(dim=1)
+    # torch.where, not masked index assignment: no nonzero() per rule
+    matches = torch.where(best < low, BELOW, torch.where(best < high, BETWEEN, best_gt))
     if allow_low_quality:
         best_per_gt = iou.max(dim=2, keepdim=True).values
         is_best = (iou == best_per_gt) & gt_valid[:, :, None]
-        restore = is_best.any(dim=1)
-        matches[restore] = kept[restore]
+        matches = torch.where(is_best.any(dim=1), best_gt, matches)
     return matches
 
 
