@@ -127,6 +127,11 @@ def test_learning_rate_checks():
     assert checks.check_learning_rate(1e-6, 1e-3, 0.9, 1.6, progress=0.98, past_warmup=True) is None
     # the same lr in the first half of the run: decayed too early
     assert checks.check_learning_rate(1e-6, 1e-3, 0.9, 1.6, progress=0.3, past_warmup=True) is not None
+    # a 50x box weight holds the weighted total near its start while roi_cls fell to 20%: learned
+    assert checks.check_learning_rate(1e-7, 1e-3, 4.6, 5.0, progress=1.0, past_warmup=True,
+                                      lowest_term_ratio=0.2) is None
+    assert checks.check_learning_rate(1e-7, 1e-3, 4.6, 5.0, progress=1.0, past_warmup=True,
+                                      lowest_term_ratio=0.95) is not None
     assert checks.check_lr_per_image(0.2, 2, "sgd").change[0] == "solver.lr: about 0.0025"
     assert checks.check_lr_per_image(0.02, 16, "sgd") is None
 

@@ -315,15 +315,19 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio
 
 # ------------------------------------------------------------------ 6. learning rate
 def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: float, *, progress: float,
-                        past_warmup: bool, never_learned: float = 0.9, early_decay_loss: float = 0.5) -> Alarm | None:
+                        past_warmup: bool, lowest_term_ratio: float | None = None, never_learned: float = 0.9,
+                        early_decay_loss: float = 0.5, learned_term: float = 0.5) -> Alarm | None:
     """lr negligible (under 1% of the base, or below 1e-6) while the model has not learned.
     A planned decay at the end of a schedule is not an alarm; it is one when the loss is still
-    above `never_learned` x its value at the first step, or when the lr is already negligible
-    in the first half of the run (`progress` < 0.5) with the loss above `early_decay_loss` x it."""
+    above `never_learned` x its value at the first step and no loss term has fallen below
+    `learned_term` x its own first value (`lowest_term_ratio`: a heavily weighted term can
+    hold the total up while the others learned), or when the lr is already negligible in the
+    first half of the run (`progress` < 0.5) with the loss above `early_decay_loss` x it."""
     if not past_warmup or initial_loss <= 0:
         return None
     negligible = lr < 0.01 * base_lr or lr < 1e-6
-    stuck = loss > never_learned * initial_loss
+    some_term_learned = lowest_term_ratio is not None and lowest_term_ratio < learned_term
+    stuck = loss > never_learned * initial_loss and not some_term_learned
     too_early = progress < 0.5 and loss > early_decay_loss * initial_loss
     if not (negligible and (stuck or too_early)):
         return None

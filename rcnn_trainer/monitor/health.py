@@ -9,10 +9,11 @@ plain dict saved in checkpoints, so a resumed run raises the same alarms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rcnn_trainer.config import Config
-from rcnn_trainer.losses.weighting import loss_weights
+from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
 
@@ -74,6 +75,7 @@ class HealthMonitor:
     def first_step(self, record: dict) -> list[Alarm]:
         s = self.settings
         self.state["initial_loss"] = record.get("loss")
+        self.state["initial_terms"] = {n: record[n] for n in LOSS_NAMES if math.isfinite(record.get(n, math.nan))}
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
         found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
@@ -101,7 +103,7 @@ class HealthMonitor:
             checks.check_foreground_starvation(history, sustain=s.sustain),
             checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
                                        st["initial_loss"] or 0.0, progress=iteration / max(max_iters, 1),
-                                       past_warmup=past_warmup),
+                                       past_warmup=past_warmup, lowest_term_ratio=lowest_term_ratio(mean, st)),
             checks.check_gradients(norms, past, mean.get("clipped", 0.0),
                                    sum(1 for r in records if r.get("nonfinite"))),
             checks.check_loss_scale(st["scales"]),
@@ -131,3 +133,11 @@ class HealthMonitor:
 
     def summary(self) -> dict:
         return dict(self.state["counts"])
+
+
+def lowest_term_ratio(mean: dict, state: dict) -> float | None:
+    """The smallest (period mean / first-step value) over the unweighted loss terms: below
+    ~0.5 some term has clearly learned, whatever the weighted total does."""
+    first = state.get("initial_terms") or {}  # absent in monitor states saved before it existed
+    ratios = [mean[n] / first[n] for n in LOSS_NAMES if first.get(n, 0.0) > 0 and math.isfinite(mean.get(n, math.nan))]
+    return min(ratios) if ratios else None
