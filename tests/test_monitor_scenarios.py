@@ -55,6 +55,10 @@ def test_vanishing_lr(tmp_path):
     alarm = named(alarms, "vanishing_lr")
     assert "(base 1.00e-09)" in alarm["seen"] and alarm["change"][0].startswith("solver.lr: raise it")
     assert "ALARM [vanishing_lr] again" in out  # rate-limited: summarised, not reprinted
+    # the cause is named, not its symptoms: no "classes confused" etc. in the same judgment
+    from rcnn_trainer.monitor.health import SYMPTOMS_OF_NO_LEARNING
+    lr_iters = {a["iter"] for a in alarms if a["name"] == "vanishing_lr"}
+    assert not [a for a in alarms if a["iter"] in lr_iters and a["name"] in SYMPTOMS_OF_NO_LEARNING]
 
 
 def test_constant_regressor(tmp_path, monkeypatch):

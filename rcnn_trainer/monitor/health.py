@@ -54,6 +54,11 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
         repeat_every=m.repeat_every))
 
 
+# what a model that does not learn shows anyway; reported only when the lr is not the cause
+SYMPTOMS_OF_NO_LEARNING = {"class_confusion", "low_confidence", "collapse", "regressor_collapse", "flat_loss",
+                           "proposal_iou_flat"}
+
+
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
@@ -119,7 +124,12 @@ class HealthMonitor:
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
             found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],
                                                min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
-        return [a for a in found if a is not None]
+        found = [a for a in found if a is not None]
+        # a model whose lr is negligible before it learned shows every symptom of not learning;
+        # name the cause only (the lr_far_too_low run raised class_confusion and regressor_collapse too)
+        if any(a.name == "vanishing_lr" for a in found):
+            found = [a for a in found if a.name not in SYMPTOMS_OF_NO_LEARNING]
+        return found
 
     def should_print_in_full(self, alarm: Alarm) -> bool:
         """Count the alarm; False when the same alarm was shown in the last repeat_every checks."""
