@@ -320,7 +320,7 @@ def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: fl
     """lr negligible (under 1% of the base, or below 1e-6) while the model has not learned.
     A planned decay at the end of a schedule is not an alarm; it is one when the loss is still
     above `never_learned` x its value at the first step and no loss term has fallen below
-    `learned_term` x its own first value (`lowest_term_ratio`: a heavily weighted term can
+    `learned_term` x its first judgment's mean (`lowest_term_ratio`: a heavily weighted term can
     hold the total up while the others learned), or when the lr is already negligible in the
     first half of the run (`progress` < 0.5) with the loss above `early_decay_loss` x it."""
     if not past_warmup or initial_loss <= 0:

@@ -80,7 +80,6 @@ class HealthMonitor:
     def first_step(self, record: dict) -> list[Alarm]:
         s = self.settings
         self.state["initial_loss"] = record.get("loss")
-        self.state["initial_terms"] = {n: record[n] for n in LOSS_NAMES if math.isfinite(record.get(n, math.nan))}
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
         found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
@@ -146,8 +145,10 @@ class HealthMonitor:
 
 
 def lowest_term_ratio(mean: dict, state: dict) -> float | None:
-    """The smallest (period mean / first-step value) over the unweighted loss terms: below
-    ~0.5 some term has clearly learned, whatever the weighted total does."""
-    first = state.get("initial_terms") or {}  # absent in monitor states saved before it existed
+    """The smallest (period mean / first judgment's mean) over the unweighted loss terms: below
+    ~0.5 some term has clearly learned, whatever the weighted total does. Against the first
+    judgment, not the first step: one batch's box term is noisy enough to halve by chance
+    (seen with lr 1e-8, where nothing learns)."""
+    first = state["history"][0] if state["history"] else {}
     ratios = [mean[n] / first[n] for n in LOSS_NAMES if first.get(n, 0.0) > 0 and math.isfinite(mean.get(n, math.nan))]
     return min(ratios) if ratios else None
