@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -339,7 +340,11 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
             metrics.write({"type": "nonfinite", "iter": it + 1, "terms": bad})
             record["nonfinite"] = True
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule follows iterations, skipped ones included; torch warns when the first
+            # steps were skipped (fp16 overflow while the GradScaler finds its scale): expected here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
         state.iteration = it + 1
 
         if state.nonfinite_in_row >= cfg.solver.max_nonfinite_steps:
