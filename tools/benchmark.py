@@ -113,7 +113,7 @@ def training_setup(cfg, which: str, device):
         model.use_channels_last()
     # torchvision's reference scripts construct the optimizer with torch's defaults (per-tensor
     # updates on CPU); ours steps with the fused kernel, as the trainer does
-    optimizer = build_optimizer(model, cfg.solver, fused=which == "rcnn_trainer" and not scaler.is_enabled())
+    optimizer = build_optimizer(model, cfg.solver, grad_scaler=scaler.is_enabled(), fused=which == "rcnn_trainer")
     weights = loss_weights(cfg.model)
 
     def train_step(batch) -> None:

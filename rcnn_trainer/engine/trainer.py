@@ -202,7 +202,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
         say(amp_summary(device, amp, cfg.solver.amp_dtype, scaler.is_enabled()))
     if use_channels_last(device, cfg.train.channels_last, amp_dtype(device, amp, cfg.solver.amp_dtype)):
         model.use_channels_last()
-    optimizer = build_optimizer(model, cfg.solver, fused=not scaler.is_enabled())
+    optimizer = build_optimizer(model, cfg.solver, grad_scaler=scaler.is_enabled())
     scheduler = build_scheduler(optimizer, cfg.solver)
     state = TrainState()
     health = build_health_monitor(cfg, info.world_size)

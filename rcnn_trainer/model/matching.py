@@ -57,6 +57,12 @@ def match_boxes(gt: torch.Tensor, gt_valid: torch.Tensor, boxes: torch.Tensor, *
                       for i in range(0, gt.shape[0], per_chunk)])
 
 
+def match_with(matcher, gt: torch.Tensor, gt_valid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`match_boxes` with the thresholds of a torchvision `Matcher` (the RPN's or the RoI head's)."""
+    return match_boxes(gt, gt_valid, boxes, high=matcher.high_threshold, low=matcher.low_threshold,
+                       allow_low_quality=matcher.allow_low_quality_matches)
+
+
 def match(iou: torch.Tensor, gt_valid: torch.Tensor, *, high: float, low: float,
           allow_low_quality: bool) -> torch.Tensor:
     """Matched GT index per box [N, M] (or BELOW / BETWEEN) from IoU [N, G, M]; padded GT

@@ -21,7 +21,7 @@ from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.matching import BELOW, BETWEEN, match_boxes, pad_boxes, sample_balanced
+from rcnn_trainer.model.matching import BELOW, BETWEEN, match_with, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
 
 
@@ -78,9 +78,7 @@ class BoxHeads(RoIHeads):
         gt, gt_valid = pad_boxes(gt_boxes)
         gt_classes = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
         gt_classes[gt_valid] = torch.cat([t["labels"] for t in targets]).to(torch.int64)
-        matcher = self.proposal_matcher
-        matches = match_boxes(gt, gt_valid, padded, high=matcher.high_threshold, low=matcher.low_threshold,
-                              allow_low_quality=matcher.allow_low_quality_matches)
+        matches = match_with(self.proposal_matcher, gt, gt_valid, padded)
         matched_idxs = matches.clamp(min=0)
         labels = gt_classes.gather(1, matched_idxs) if gt.shape[1] else torch.zeros_like(matches)
         labels = labels.masked_fill(matches == BELOW, 0).masked_fill(matches == BETWEEN, -1)

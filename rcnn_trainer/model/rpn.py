@@ -20,7 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.matching import BETWEEN, match_boxes, pad_boxes, sample_balanced
+from rcnn_trainer.model.matching import BETWEEN, match_with, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import refined_box_iou
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
@@ -62,7 +62,8 @@ class RPN(RegionProposalNetwork):
             return boxes, {}, {}
         if targets is None:
             raise ValueError("the RPN needs targets in training mode")
-        gt_labels, matched_gt_boxes = self.assign_targets(torch.stack(anchors), targets)
+        anchors = torch.stack(anchors)  # [N, A, 4]: every image has the same anchors
+        gt_labels, matched_gt_boxes = self.assign_targets(anchors, targets)
         losses, stats = self._losses(objectness.flatten(), pred_deltas, gt_labels, matched_gt_boxes, anchors)
         return boxes, losses, stats
 
@@ -70,9 +71,7 @@ class RPN(RegionProposalNetwork):
         """torchvision's assign_targets_to_anchors for the whole batch at once: labels [N, A]
         (1 fg, 0 bg, -1 ignored) and matched GT boxes [N, A, 4] of anchors [N, A, 4]."""
         gt, gt_valid = pad_boxes([t["boxes"].to(anchors.dtype) for t in targets])
-        matcher = self.proposal_matcher
-        matches = match_boxes(gt, gt_valid, anchors, high=matcher.high_threshold, low=matcher.low_threshold,
-                              allow_low_quality=matcher.allow_low_quality_matches)
+        matches = match_with(self.proposal_matcher, gt, gt_valid, anchors)
         labels = (matches >= 0).to(anchors.dtype).masked_fill(matches == BETWEEN, -1.0)
         if gt.shape[1] == 0:  # no GT in the whole batch: every anchor is background
             return labels, torch.zeros_like(anchors)
@@ -87,7 +86,7 @@ class RPN(RegionProposalNetwork):
         neg = torch.where(neg_mask.flatten())[0]
         sampled = torch.cat([pos, neg])
         labels = gt_labels.flatten()
-        anchors = torch.cat(anchors)
+        anchors = anchors.reshape(-1, 4)
         matched_gt_boxes = matched_gt_boxes.reshape(-1, 4)
 
         cls, cls_factor = loss_rpn_cls(objectness[sampled], labels[sampled], **self.cls_loss)
