@@ -197,3 +197,16 @@ def test_class_confusion_is_told_apart():
     assert checks.check_low_confidence(learning, sustain=3) is None
     rising_fg = [probe_check(5.0, 0.0, fg_mass=m) for m in (0.1, 0.2, 0.3)]
     assert checks.check_low_confidence(rising_fg, sustain=3) is None
+
+
+def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.monitor.health import build_health_monitor
+
+    monitor = build_health_monitor(load_config("config.yaml", ["model.num_classes=3"]))
+    history = [period(loss=1.0 - 0.1 * i) for i in range(5)]
+    # checkpoints written before the index existed kept the judgments after warmup as a copy
+    monitor.load_state_dict({"history": history, "after_warmup": history[2:], "checks": 5})
+    assert monitor.state["warmup_end"] == 2
+    assert history[monitor.state["warmup_end"]:] == history[2:]
+    assert "after_warmup" not in monitor.state

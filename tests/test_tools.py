@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,21 @@ def test_step_profile_charges_backward_ops_to_their_component(tmp_path, roi_alig
     backward = {k: v for k, v in ms.items() if k.endswith(" bwd")}
     assert all(v > 0 for k, v in backward.items() if k.split(" ")[0] in ("RoIAlign", "backbone+FPN", "box", "RPN")), ms
     assert ms["backward outside components"] < 0.2 * sum(backward.values()), ms
+
+
+def test_bench_dataset_variant_is_deterministic_and_follows_its_spec(tmp_path):
+    sys.path.insert(0, str(TOOLS))
+    import bench_datasets
+
+    spec = bench_datasets.SPECS["digits_large"]
+    first = bench_datasets.ensure("digits_large", tmp_path / "a", num_train=6, num_val=2, seed=3)
+    second = bench_datasets.ensure("digits_large", tmp_path / "b", num_train=6, num_val=2, seed=3)
+    assert (first / "train.json").read_bytes() == (second / "train.json").read_bytes()
+    assert (first / "images" / "train_00004.png").read_bytes() == (second / "images" / "train_00004.png").read_bytes()
+    data = json.loads((first / "train.json").read_text())
+    assert [c["id"] for c in data["categories"]] == list(range(1, spec.classes + 1))
+    assert data["annotations"], "six images of 1-5 objects hold some"
+    heights = [a["bbox"][3] for a in data["annotations"]]
+    assert spec.heights[0] - 1 <= min(heights) and max(heights) <= spec.heights[1]
+    per_image = [sum(a["image_id"] == im["id"] for a in data["annotations"]) for im in data["images"]]
+    assert max(per_image) <= spec.max_objects

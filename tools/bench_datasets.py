@@ -2,6 +2,7 @@
 
   python tools/bench_datasets.py digits --out data/bench/digits      # needs scikit-learn (".[bench]")
   python tools/bench_datasets.py glyphs --out data/bench/glyphs      # needs a TrueType font (DejaVu)
+  python tools/bench_datasets.py digits_large --out data/bench/digits_large
 
 - digits: scikit-learn's bundled handwritten digits (1797 real 8x8 scans, 10 classes), upscaled
   to 12-56 px and pasted in random colours onto textured backgrounds; train and val images use
@@ -10,6 +11,9 @@
 - glyphs: 26 capital letters rendered from the installed TrueType fonts (several faces: sans,
   serif, mono, bold, oblique), 8-150 px tall, rotated up to 15 degrees, 0-20 per image, Zipf
   class frequencies (A about 20x as frequent as Z). Boxes are the ink's tight box.
+- digits_large, glyphs_large: the same content, easier: the first 5 digits / 6 letters, objects
+  28-84 / 24-100 px, at most 5 / 8 per image. A recipe learns them within a few hundred
+  iterations on a CPU, so they serve as healthy runs (tools/pathology_suite.py) on real content.
 
 Both are deterministic from --seed (same seed, same bytes). The built-in synthetic shapes
 (data.synthetic in config.yaml) are the third dataset of tools/recipe_bench.py.
@@ -21,6 +25,7 @@ import argparse
 import json
 import string
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,23 @@ from rcnn_trainer.data.synthetic import overlap_share, textured_background
 
 FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype"), Path("/usr/share/fonts"),
              Path("/usr/local/share/fonts"), Path.home() / ".fonts"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    content: str  # "digits" (scikit-learn scans) or "glyphs" (TrueType letters)
+    size: int  # image side in pixels
+    classes: int  # the first N digits / letters
+    heights: tuple  # object height range in pixels (digits: uniform; glyphs: log-uniform)
+    max_objects: int  # per image
+
+
+SPECS = {
+    "digits": Spec("digits", 320, 10, (12, 56), 8),
+    "glyphs": Spec("glyphs", 256, 26, (8, 150), 20),
+    "digits_large": Spec("digits", 256, 5, (28, 84), 5),
+    "glyphs_large": Spec("glyphs", 256, 6, (24, 100), 8),
+}
 
 
 def write_split(out: Path, split: str, images: list, annotations: list, categories: list) -> None:
@@ -87,7 +109,7 @@ def tight(mask: Image.Image) -> Image.Image:
 
 
 # --------------------------------------------------------------------------- digits
-def make_digits(out: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
+def make_digits(out: Path, num_train: int, num_val: int, size: int, seed: int, spec: Spec) -> None:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -97,15 +119,16 @@ def make_digits(out: Path, num_train: int, num_val: int, size: int, seed: int) -
     order = rng.permutation(len(digits.target))
     cut = int(0.75 * len(order))
     pools = {"train": order[:cut], "val": order[cut:]}  # disjoint scans for train and val
-    by_class = {split: [[i for i in pool if digits.target[i] == c] for c in range(10)] for split, pool in pools.items()}
-    categories = [{"id": c + 1, "name": str(c)} for c in range(10)]
-    frequencies = 0.8 ** np.arange(10)
+    by_class = {split: [[i for i in pool if digits.target[i] == c] for c in range(spec.classes)]
+                for split, pool in pools.items()}
+    categories = [{"id": c + 1, "name": str(c)} for c in range(spec.classes)]
+    frequencies = 0.8 ** np.arange(spec.classes)
     frequencies /= frequencies.sum()
 
     def renderer(split):
         def render(label, rng):
             scan = digits.images[rng.choice(by_class[split][label])] / 16.0
-            height = int(rng.uniform(12, 56))
+            height = int(rng.uniform(*spec.heights))
             width = max(6, int(height * rng.uniform(0.7, 1.0)))
             mask = Image.fromarray((scan * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
             return tight(mask)
@@ -113,7 +136,7 @@ def make_digits(out: Path, num_train: int, num_val: int, size: int, seed: int) -
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", num_train), ("val", num_val)):
-        compose(out, split, count, size, rng, categories, frequencies, lambda r: int(r.integers(1, 9)),
+        compose(out, split, count, size, rng, categories, frequencies, lambda r: int(r.integers(1, spec.max_objects + 1)),
                 renderer(split), empty_share=0.08)
 
 
@@ -128,21 +151,21 @@ def find_fonts() -> list[Path]:
     return sorted(set(found))[:12]
 
 
-def make_glyphs(out: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
+def make_glyphs(out: Path, num_train: int, num_val: int, size: int, seed: int, spec: Spec) -> None:
     fonts = find_fonts()
     if not fonts:
         sys.exit("error: no TrueType font found under " + ", ".join(str(d) for d in FONT_DIRS)
                  + "; install one (Debian: apt-get install fonts-dejavu-core) or skip the glyphs dataset.")
     print(f"[glyphs] {len(fonts)} fonts: {', '.join(f.stem for f in fonts)}")
     rng = np.random.default_rng(seed)
-    letters = string.ascii_uppercase
+    letters = string.ascii_uppercase[:spec.classes]
     categories = [{"id": 100 + 3 * i, "name": c} for i, c in enumerate(letters)]  # non-contiguous ids
     frequencies = 1.0 / np.arange(1, len(letters) + 1) ** 0.9
     frequencies /= frequencies.sum()
     cache: dict = {}
 
     def render(label, rng):
-        height = int(np.exp(rng.uniform(np.log(8), np.log(150))))  # log-uniform: many small objects
+        height = int(np.exp(rng.uniform(*np.log(spec.heights))))  # log-uniform: many small objects
         font_path = fonts[int(rng.integers(len(fonts)))]
         key = (font_path, label)
         if key not in cache:  # render once large, then scale: fast and the same shape at every size
@@ -158,32 +181,34 @@ def make_glyphs(out: Path, num_train: int, num_val: int, size: int, seed: int) -
     (out / "images").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", num_train), ("val", num_val)):
         compose(out, split, count, size, rng, categories, frequencies,
-                lambda r: int(min(20, r.geometric(0.15))), render, empty_share=0.05)
+                lambda r: int(min(spec.max_objects, r.geometric(0.15))), render, empty_share=0.05)
 
 
-MAKERS = {"digits": (make_digits, 320), "glyphs": (make_glyphs, 256)}
+MAKERS = {"digits": make_digits, "glyphs": make_glyphs}
 
 
 def ensure(name: str, out: Path, num_train: int = 400, num_val: int = 100, size: int | None = None,
            seed: int = 0) -> Path:
     """Generate once; a `done` file with the parameters marks a complete dataset."""
-    maker, default_size = MAKERS[name]
-    params = {"name": name, "num_train": num_train, "num_val": num_val, "size": size or default_size, "seed": seed}
+    spec = SPECS[name]
+    params = {"name": name, "num_train": num_train, "num_val": num_val, "size": size or spec.size, "seed": seed}
+    if name not in ("digits", "glyphs"):  # the first two keep their original marker
+        params["spec"] = json.loads(json.dumps(asdict(spec)))
     done = out / "done"
     if done.is_file() and json.loads(done.read_text()) == params:
         return out
-    maker(out, num_train, num_val, params["size"], seed)
+    MAKERS[spec.content](out, num_train, num_val, params["size"], seed, spec)
     done.write_text(json.dumps(params))
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=sorted(MAKERS))
+    p.add_argument("name", choices=sorted(SPECS))
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--num-train", type=int, default=400)
     p.add_argument("--num-val", type=int, default=100)
-    p.add_argument("--size", type=int, help="image side in pixels (digits 320, glyphs 256 by default)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the dataset's, e.g. digits 320)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     folder = ensure(args.name, args.out, args.num_train, args.num_val, args.size, args.seed)

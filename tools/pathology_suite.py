@@ -34,7 +34,7 @@ class Scenario:
     expected: str | None  # the alarm it should raise; None: a healthy run that must raise nothing
     overrides: list[str] = field(default_factory=list)
     # "config": the recipe's own data (config.yaml: the built-in synthetic shapes);
-    # "digits" / "glyphs": tools/bench_datasets.py at its size, batch 4;
+    # "digits", "glyphs", "digits_large", "glyphs_large": tools/bench_datasets.py at its size, batch 4;
     # "shuffled_labels": config.yaml's synthetic images with every training label drawn at random
     dataset: str = "config"
     recipe: str = DEFAULT_RECIPE
@@ -42,8 +42,9 @@ class Scenario:
 
 SCENARIOS = {
     "healthy": Scenario(None),
-    "healthy@glyphs": Scenario(None, dataset="glyphs", recipe=MANY_CLASSES_RECIPE),
-    "healthy@digits": Scenario(None, dataset="digits", recipe=MANY_CLASSES_RECIPE),
+    # real content (handwriting scans, TrueType letters) that config.yaml learns within 300 iterations
+    "healthy@digits_large": Scenario(None, dataset="digits_large"),
+    "healthy@glyphs_large": Scenario(None, dataset="glyphs_large"),
     "old_default_head@digits": Scenario("class_confusion", ["model.backbone.fpn_channels=64",
                                                             "model.roi.representation_size=256"], dataset="digits"),
     "background_wins": Scenario("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",

@@ -62,13 +62,17 @@ SYMPTOMS_OF_NO_LEARNING = {"class_confusion", "low_confidence", "collapse", "reg
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
-        self.state = {"history": [], "after_warmup": [], "grad_norms": [], "scales": [], "probe": [], "checks": 0,
+        self.state = {"history": [], "warmup_end": None, "grad_norms": [], "scales": [], "probe": [], "checks": 0,
                       "initial_loss": None, "last_shown": {}, "counts": {}}
 
     def state_dict(self) -> dict:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        older = state.pop("after_warmup", None)  # older checkpoints kept a copy of the judgments after warmup
+        if older and state.get("warmup_end") is None:
+            state["warmup_end"] = len(state.get("history", [])) - len(older)
         self.state = {**self.state, **state}
 
     def at_start(self) -> list[Alarm]:
@@ -113,11 +117,13 @@ class HealthMonitor:
             checks.check_loss_scale(st["scales"]),
         ]
         if past_warmup:
-            st["after_warmup"].append(mean)
-            found.append(checks.check_regressor_collapse(st["after_warmup"], sustain=s.sustain))
-            found.append(checks.check_flat_term(st["after_warmup"], window=s.flat_window, first=history[0]))
+            if st["warmup_end"] is None:  # the index of the first judgment after warmup
+                st["warmup_end"] = len(history) - 1
+            after_warmup = history[st["warmup_end"]:]
+            found.append(checks.check_regressor_collapse(after_warmup, sustain=s.sustain))
+            found.append(checks.check_flat_term(after_warmup, window=s.flat_window, first=history[0]))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
-            found.append(checks.check_proposal_iou_not_rising(st["after_warmup"]))
+            found.append(checks.check_proposal_iou_not_rising(after_warmup))
             st["probe"].append({**probe["counts"], **probe["classes"]})
             found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
