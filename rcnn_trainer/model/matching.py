@@ -17,18 +17,16 @@ proposals, padded).
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 BELOW, BETWEEN = -1, -2  # torchvision's Matcher.BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS
 
 
 def pad_boxes(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, max count, 4] zero-padded boxes and the [N, max count] mask of real ones."""
-    count = max((b.shape[0] for b in boxes), default=0)
-    padded = boxes[0].new_zeros((len(boxes), count, 4))
-    valid = torch.zeros((len(boxes), count), dtype=torch.bool, device=boxes[0].device)
-    for i, b in enumerate(boxes):
-        padded[i, :b.shape[0]] = b
-        valid[i, :b.shape[0]] = True
+    padded = pad_sequence(boxes, batch_first=True)
+    counts = torch.tensor([b.shape[0] for b in boxes], device=padded.device)
+    valid = torch.arange(padded.shape[1], device=padded.device) < counts[:, None]
     return padded, valid
 
 
