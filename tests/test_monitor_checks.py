@@ -192,6 +192,9 @@ def test_class_confusion_is_told_apart():
     assert alarm.name == "class_confusion" and "only 25%, 25%, 25% of it to the true class" in alarm.seen
     assert alarm.change[0].startswith("model.roi.representation_size")
     assert not any("cls_pos_weight: raise" in c for c in alarm.change)
+    # with flip augmentation on, mirrored classes come first (digits, letters)
+    with_flips = checks.check_low_confidence(confused, sustain=3, flips=True)
+    assert with_flips.change[0].startswith("data.hflip_prob: 0") and with_flips.change[1:] == alarm.change
     # the same low scores while the true class's share rises: a model still learning, no alarm
     learning = [probe_check(45.0, 0.0, fg_mass=0.8, correct=c) for c in (0.25, 0.35, 0.45)]
     assert checks.check_low_confidence(learning, sustain=3) is None

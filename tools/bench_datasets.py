@@ -44,6 +44,9 @@ class Spec:
     classes: int  # the first N digits / letters
     heights: tuple  # object height range in pixels (digits: uniform; glyphs: log-uniform)
     max_objects: int  # per image
+    # Digits and letters are not left-right symmetric: a mirrored "2" is no digit (and a
+    # mirrored "J" looks like an "L"). Flip augmentation teaches the wrong thing there.
+    mirror_safe: bool = False
 
 
 SPECS = {

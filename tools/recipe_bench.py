@@ -53,6 +53,8 @@ def data_overrides(name: str, data_dir: Path, batch: int, iters: int, seed: int)
               f"solver.max_iters={iters}", f"seed={seed}"]
     if name == "synthetic":
         return ["data.synthetic={num_train: 300, num_val: 60, image_size: 128, seed: 0}", *common]
+    if not bench_datasets.SPECS[name].mirror_safe:  # both sides: what a user of such data would set
+        common.append("data.hflip_prob=0")
     folder = bench_datasets.ensure(name, data_dir / name)
     return [f"data.train={{ann_file: '{folder / 'train.json'}', img_dir: '{folder / 'images'}'}}",
             f"data.val={{ann_file: '{folder / 'val.json'}', img_dir: '{folder / 'images'}'}}", *common]
@@ -194,7 +196,9 @@ def main() -> None:
     for name in args.datasets:
         overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed)
         shared = resolved_model_settings(args.recipe, overrides + args.overrides)
-        key = f"{name}/iters={args.iters}/batch={args.batch}/seed={args.seed}/threads={args.threads}/{shared[0]}"
+        # every setting torchvision's run depends on (not the data paths: the dataset's name says it)
+        settings = [o for o in overrides + shared if not o.startswith(("data.train=", "data.val="))]
+        key = f"{name}/threads={args.threads}/" + " ".join(settings)
         if args.only != "torchvision":
             with tempfile.TemporaryDirectory() as tmp:
                 ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))

@@ -37,6 +37,7 @@ class HealthSettings:
     collapse_min_ratio: float = 0.1
     collapse_patience: int = 3
     repeat_every: int = 5
+    flips: bool = False  # training images are mirrored (data.hflip_prob > 0)
 
 
 def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
@@ -51,7 +52,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
         base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
         warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), dominant_share=m.dominant_share, sustain=m.sustain,
         flat_window=m.flat_window, collapse_min_ratio=m.collapse.min_ratio, collapse_patience=m.collapse.patience,
-        repeat_every=m.repeat_every))
+        repeat_every=m.repeat_every, flips=cfg.data.hflip_prob > 0))
 
 
 # what a model that does not learn shows anyway; reported only when the lr is not the cause
@@ -125,7 +126,7 @@ class HealthMonitor:
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
             found.append(checks.check_proposal_iou_not_rising(after_warmup))
             st["probe"].append({**probe["counts"], **probe["classes"]})
-            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain))
+            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain, flips=s.flips))
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
             found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],
                                                min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
