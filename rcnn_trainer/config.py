@@ -208,10 +208,6 @@ class ROIConfig(Strict):
     sampler: Literal["random", "ohem"] = Field(
         "random", description="random (torchvision) or ohem: the highest-loss RoIs of each image, with the same "
         "positive_fraction and batch_size_per_image (costs a no-grad head pass over all proposals).")
-    gt_jitter: int = Field(
-        0, ge=0, le=64, description="Training: also add this many randomly shifted and scaled copies of each GT box "
-        "to the proposals (most overlap it by IoU >= 0.5), so the box head gets positives from the first step "
-        "while the RPN still proposes noise (0 = torchvision: the GT boxes only).")
     cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="ce"))
     box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
     bbox_reg_weights: list[float] = Field(

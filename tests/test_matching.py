@@ -105,25 +105,3 @@ def test_sample_balanced_counts_and_uniformity():
     share = counts / 600
     assert abs(share.mean() - 16 / 300) < 1e-6 and share.min() > 0.02 and share.max() < 0.10
 
-
-def test_gt_jitter_adds_positive_rois_that_do_not_count_as_rpn_proposals(tmp_path):
-    from rcnn_trainer.model.roi_heads import jittered_copies
-
-    gts, _ = batch([4, 0, 3], 1, seed=6)
-    copies = jittered_copies(gts[0], 50, (120, 120))
-    assert copies.shape == (200, 4)
-    assert copies.min() >= 0 and copies.max() <= 120
-    best = box_iou(copies, gts[0]).max(dim=1).values
-    assert 0.6 < (best >= 0.5).float().mean() < 0.95  # mostly positives, some near misses
-
-    room = {"batch_size_per_image": 10_000, "positive_fraction": 1.0}
-    plain = build_model(tiny_config(tmp_path, model={"roi": room}).model).train().roi_heads
-    jitter = build_model(tiny_config(tmp_path, model={"roi": {**room, "gt_jitter": 8}}).model).train().roi_heads
-    g = torch.Generator().manual_seed(7)
-    proposals = [random_boxes(n, generator=g) for n in (30, 20, 40)]
-    targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in gts]
-    shapes = [(120, 120)] * 3
-    _, plain_labels, _, plain_rpn = plain._sample(proposals, targets, None, shapes)
-    _, labels, _, from_rpn = jitter._sample(proposals, targets, None, shapes)
-    assert int((labels > 0).sum()) > int((plain_labels > 0).sum()) + 7 * 8 * 0.6
-    assert int(from_rpn.sum()) == int(plain_rpn.sum())  # the copies are not RPN proposals

@@ -49,8 +49,7 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img,
         cls_loss_type=o.cls_loss.type, cls_pos_weight=o.cls_pos_weight, focal_gamma=o.cls_loss.gamma,
         cls_avg_factor=o.cls_loss.avg_factor, box_loss_type=o.box_loss.type, box_beta=o.box_loss.beta,
-        box_avg_factor=o.box_loss.avg_factor, wiou=_wiou_args(o.box_loss), sampler=o.sampler,
-        gt_jitter=o.gt_jitter)
+        box_avg_factor=o.box_loss.avg_factor, wiou=_wiou_args(o.box_loss), sampler=o.sampler)
     return TwoStageDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads)
 
 

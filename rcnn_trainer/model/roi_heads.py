@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import clip_boxes_to_image
 
 from rcnn_trainer.losses.box import box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi
@@ -33,14 +32,13 @@ class BoxHeads(RoIHeads):
                  cls_loss_type: str = "ce", cls_pos_weight: float = 1.0, focal_gamma: float = 2.0,
                  cls_avg_factor: str = "sampled", box_loss_type: str = "smooth_l1",
                  box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled",
-                 wiou: dict | None = None, sampler: str = "random", gt_jitter: int = 0):
+                 wiou: dict | None = None, sampler: str = "random"):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
         if sampler not in ("random", "ohem"):
             raise ValueError(f"unknown RoI sampler '{sampler}' (random | ohem)")
         self.sampler = sampler
-        self.gt_jitter = gt_jitter
         self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, gamma=focal_gamma,
                              avg_factor_mode=cls_avg_factor)
         # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
@@ -76,9 +74,6 @@ class BoxHeads(RoIHeads):
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         num_rpn = torch.tensor([p.shape[0] for p in proposals], device=proposals[0].device)
         proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
-        if self.gt_jitter:  # appended after the GT: not "from the RPN" for the statistics either
-            proposals = [torch.cat([p, jittered_copies(g, self.gt_jitter, shape)])
-                         for p, g, shape in zip(proposals, gt_boxes, image_shapes)]
         padded, valid = pad_boxes(proposals)
         gt, gt_valid = pad_boxes(gt_boxes)
         gt_classes = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
@@ -173,19 +168,3 @@ def select_hardest(losses: torch.Tensor, labels: torch.Tensor, num: int, positiv
     top_pos = pos[losses[pos].topk(num_pos).indices]
     top_neg = neg[losses[neg].topk(num_neg).indices]
     return torch.cat([top_pos, top_neg])
-
-
-def jittered_copies(boxes: torch.Tensor, copies: int, image_shape: tuple[int, int], shift: float = 0.25,
-                    log_scale: float = 0.4) -> torch.Tensor:
-    """`copies` random variations of each xyxy box, [len(boxes) * copies, 4]: the centre moved
-    by up to `shift` of the box's width/height, width and height each scaled by a factor in
-    exp(+-log_scale), clipped to the image. About three in four overlap their box by IoU >= 0.5
-    (positives); the rest are negatives right beside an object."""
-    repeated = boxes.repeat_interleave(copies, dim=0)
-    width, height = repeated[:, 2] - repeated[:, 0], repeated[:, 3] - repeated[:, 1]
-    noise = torch.rand((repeated.shape[0], 4), dtype=boxes.dtype, device=boxes.device) * 2 - 1
-    cx = (repeated[:, 0] + repeated[:, 2]) / 2 + noise[:, 0] * shift * width
-    cy = (repeated[:, 1] + repeated[:, 3]) / 2 + noise[:, 1] * shift * height
-    half_w = width * torch.exp(noise[:, 2] * log_scale) / 2
-    half_h = height * torch.exp(noise[:, 3] * log_scale) / 2
-    return clip_boxes_to_image(torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1), image_shape)
