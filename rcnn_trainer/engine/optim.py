@@ -32,7 +32,8 @@ def build_optimizer(model: nn.Module, solver: SolverConfig, *, grad_scaler: bool
             (no_decay if is_norm_or_bias and not solver.weight_decay_norm_and_bias else decay).append(param)
     groups = [{"params": decay, "weight_decay": solver.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = fused and not grad_scaler and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    fused = fused and not grad_scaler and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                              for p in decay + no_decay)
     if solver.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum, nesterov=solver.nesterov, fused=fused)
     return torch.optim.AdamW(groups, lr=solver.lr, fused=fused)
