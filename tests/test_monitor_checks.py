@@ -186,6 +186,21 @@ def test_low_confidence_background_wins():
                                        sustain=3) is None
 
 
+def test_low_confidence_waits_while_the_rpn_still_feeds_more_positives():
+    low = [probe_check(30.0, 0.0, fg_mass=m) for m in (0.42, 0.32, 0.29)]
+    # RoI positives per image of a healthy digits run (judgments 30-105): the RPN is still
+    # learning to propose the objects, the head's foreground follows later
+    growing = [5.2, 6.1, 7.2, 10.9, 8.6, 12.6]
+    assert checks.check_low_confidence(low, sustain=3, roi_positives=growing) is None
+    # starved sampling: positives flat at what positive_fraction allows
+    flat = [1.7, 1.8, 1.8, 1.8, 1.8, 1.8]
+    assert checks.check_low_confidence(low, sustain=3, roi_positives=flat).name == "low_confidence"
+    # too short a series to compare two windows: judged on the probe alone
+    assert checks.check_low_confidence(low, sustain=3, roi_positives=growing[:4]).name == "low_confidence"
+    assert checks.positives_growing([1.0, 1.0, 1.0, 1.2, 1.2, 1.2], 3, 1.2)
+    assert not checks.positives_growing([1.0, 1.0, 1.0, 1.1, 1.1, 1.1], 3, 1.2)
+
+
 def test_class_confusion_is_told_apart():
     confused = [probe_check(45.0, 0.0, fg_mass=0.8, correct=0.25)] * 3
     alarm = checks.check_low_confidence(confused, sustain=3)
@@ -200,6 +215,10 @@ def test_class_confusion_is_told_apart():
     assert checks.check_low_confidence(learning, sustain=3) is None
     rising_fg = [probe_check(5.0, 0.0, fg_mass=m) for m in (0.1, 0.2, 0.3)]
     assert checks.check_low_confidence(rising_fg, sustain=3) is None
+    # foreground still rising past 0.5 while the classes are flat: foreground comes first, the
+    # classes after (healthy digits run: 0.25 -> 0.49 -> 0.60, then the true class's share rose)
+    finding_fg = [probe_check(45.0, 0.0, fg_mass=m, correct=0.27) for m in (0.25, 0.49, 0.60)]
+    assert checks.check_low_confidence(finding_fg, sustain=3) is None
 
 
 def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():

@@ -225,17 +225,23 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
                 "solver.lr: check it is not too low"])
 
 
-def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float = 0.1,
-                         fg_mass_split: float = 0.5, min_progress: float = 0.05,
-                         flips: bool = False) -> Alarm | None:
+def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: list[float] | None = None,
+                         min_ratio: float = 0.1, fg_mass_split: float = 0.5, min_progress: float = 0.05,
+                         min_growth: float = 1.2, flips: bool = False) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
     `sustain` checks in a row, while the classifier makes no progress on the GT boxes over
     those checks (a model still learning is left alone), told apart by what it says there:
     - foreground probability (1 - p(background)) below `fg_mass_split` and not rising by
-      `min_progress`: background wins (alarm `low_confidence`: positive weights and sampling);
-    - foreground found, but the true class's share of it not rising by `min_progress`:
-      `class_confusion` (capacity, lr and iterations, class balance; flip augmentation when
-      `flips`, since mirrored digits and letters are other classes or none)."""
+      `min_progress`: background wins (alarm `low_confidence`: positive weights and sampling).
+      Not while the RoI head's positives per image (`roi_positives`, one per judgment since
+      the start) still grow by `min_growth` x from one `sustain` window to the next: the RPN
+      is still learning to propose the objects, so the balance the head learns from is still
+      shifting (healthy digits: 11 -> 18 positives/image while foreground sat at 0.3 for 60
+      iterations, then rose to 0.9; starved sampling stays flat at 1.8);
+    - foreground found, but neither the true class's share of it nor the foreground itself
+      rising by `min_progress`: `class_confusion` (capacity, lr and iterations, class balance;
+      flip augmentation when `flips`, since mirrored digits and letters are other classes or
+      none)."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -254,6 +260,8 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
     if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
         if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
             return None  # foreground scores are rising: still learning
+        if positives_growing(roi_positives or [], sustain, min_growth):
+            return None
         return Alarm(
             name="low_confidence",
             seen=f"{dets}; on the GT boxes themselves the head gives foreground probability "
@@ -264,8 +272,8 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
             change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
                     "model.roi.positive_fraction: raise toward 0.25-0.5",
                     "model.rpn.positive_fraction: raise toward 0.5"])
-    if correct[-1] > correct[0] + min_progress:
-        return None  # classes are separating: still learning
+    if correct[-1] > correct[0] + min_progress or mass[-1] > mass[0] + min_progress:
+        return None  # classes are separating, or foreground is still being found: still learning
     accuracy = [h["accuracy"] for h in recent]
     mirrored = ["data.hflip_prob: 0 if the classes are not left-right symmetric (digits, letters, arrows, "
                 "left/right parts): flipped images teach mirrored shapes (real digits, 300 iterations: AP 0.10 "
@@ -287,6 +295,16 @@ def check_low_confidence(history: list[dict], *, sustain: int, min_ratio: float 
                 "data.train.ann_file: look at a few training images with their labels to rule out wrong category ids "
                 "(rcnn-eval --visualize 8 data.val.ann_file=<the training file> data.val.img_dir=<its images>)",
                 "model.roi.cls_pos_weight: leave it; raising it does not separate classes"])
+
+
+def positives_growing(positives: list[float], window: int, min_growth: float) -> bool:
+    """The mean of the last `window` values at least `min_growth` x the mean of the `window`
+    before them (False with fewer than 2 x window values, or none before)."""
+    values = [v for v in positives if math.isfinite(v)]
+    if len(values) < 2 * window:
+        return False
+    before = statistics.fmean(values[-2 * window:-window])
+    return before > 0 and statistics.fmean(values[-window:]) >= min_growth * before
 
 
 def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio: float = 0.1,

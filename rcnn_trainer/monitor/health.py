@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
+from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
 
@@ -126,7 +127,9 @@ class HealthMonitor:
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
             found.append(checks.check_proposal_iou_not_rising(after_warmup))
             st["probe"].append({**probe["counts"], **probe["classes"]})
-            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain, flips=s.flips))
+            roi_positives = [checks.history_value(h, S.ROI_POS) for h in history]
+            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain, roi_positives=roi_positives,
+                                                     flips=s.flips))
             lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
             found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],
                                                min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
