@@ -75,6 +75,10 @@ class DataConfig(Strict):
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (train).")
     aspect_ratio_grouping: bool = Field(
         True, description="Batch landscape and portrait images separately (less padding).")
+    repeat_factor_threshold: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="Repeat-factor sampling for rare classes (LVIS): an image "
+        "whose rarest class is in a fraction f < t of the training images is drawn sqrt(t/f) times "
+        "per epoch. null = every image once. LVIS uses 0.001; tens of classes with a long tail: 0.1-0.3.")
     bad_records: BadRecordPolicy = Field(default_factory=BadRecordPolicy)
 
     @model_validator(mode="after")

@@ -100,7 +100,7 @@ def test_sampler_yields_when_the_dataset_is_smaller_than_a_batch(num_images, bat
     for _ in range(5):
         for stream in streams:
             got = next(stream)
-            assert len(got) == batch and all(0 <= index < num_images for index, _ in got)
+            assert len(got) == batch and all(0 <= index < num_images for index, *_ in got)
 
 
 def test_sampler_with_aspect_groups_smaller_than_the_batch():
@@ -108,8 +108,8 @@ def test_sampler_with_aspect_groups_smaller_than_the_batch():
     stream = iter(TrainBatchSampler(ratios, 4, seed=0, group_by_aspect=True))
     seen = [next(stream) for _ in range(6)]
     for batch in seen:
-        assert len({ratios[i] >= 1.0 for i, _ in batch}) == 1  # one orientation per batch
-    assert {ratios[i] >= 1.0 for b in seen for i, _ in b} == {True, False}  # both groups get batches
+        assert len({ratios[i] >= 1.0 for i, *_ in batch}) == 1  # one orientation per batch
+    assert {ratios[i] >= 1.0 for b in seen for i, *_ in b} == {True, False}  # both groups get batches
 
 
 def test_small_dataset_trains_end_to_end(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import ann, image, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import train_main
+from rcnn_trainer.config_loader import validate_config
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import hflip_boxes, resize_scale, build_transforms
@@ -138,3 +139,56 @@ def test_truncated_image_in_worker_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "im20.png" in err and "could not be read" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_repeat_factors_follow_the_rarest_class():
+    from rcnn_trainer.data.repeat_factors import repeat_factors
+
+    labels = [np.array([1]), np.array([1, 1]), np.array([1]), np.array([1, 2]), np.array([], dtype=np.int64)]
+    # class 1 in 4 of 5 images: sqrt(0.5 / 0.8) < 1 -> 1; class 2 in 1 of 5: sqrt(0.5 / 0.2)
+    factors = repeat_factors(labels, threshold=0.5)
+    assert factors[:3] == [1.0, 1.0, 1.0] and factors[4] == 1.0
+    assert abs(factors[3] - (0.5 / 0.2) ** 0.5) < 1e-9
+
+
+def test_repeat_factor_sampling_draws_rare_images_more_and_varies_their_augmentation():
+    from rcnn_trainer.data.loader import TrainBatchSampler
+
+    factors = [1.0, 1.0, 1.0, 2.5]
+    sampler = TrainBatchSampler([1.0] * 4, 2, seed=0, group_by_aspect=False, repeat_factors=factors)
+    epochs = [sampler.epoch_draws(e) for e in range(400)]
+    per_epoch = [sum(1 for index, *_ in draws if index == 3) for draws in epochs]
+    assert set(per_epoch) == {2, 3} and abs(sum(per_epoch) / len(per_epoch) - 2.5) < 0.1
+    assert all(sum(1 for index, *_ in draws if index == 0) == 1 for draws in epochs)
+    # each repeat is its own draw: distinct copy numbers, so distinct augmentation seeds
+    assert all(len({d for d in draws if d[0] == 3}) == count for draws, count in zip(epochs, per_epoch))
+    # a function of (seed, epoch): a resumed run draws the same
+    again = TrainBatchSampler([1.0] * 4, 2, seed=0, group_by_aspect=False, repeat_factors=factors)
+    assert [again.epoch_draws(e) for e in range(5)] == epochs[:5]
+    # without repeat factors: each image once per epoch, in the order earlier versions drew
+    plain = TrainBatchSampler([1.0] * 4, 2, seed=0, group_by_aspect=False)
+    assert [d[0] for d in plain.epoch_draws(3)] == torch.randperm(4, generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def test_repeated_copies_get_their_own_flip(tmp_path):
+    ann_file = write_coco(tmp_path, [image(1, 64, 48)], [ann(1, 1, 7, [2, 4, 10, 12])])
+    dataset = CocoDetection(ann_file, tmp_path, transforms=build_transforms(48, 64, 0.5, train=True))
+    boxes = {tuple(dataset[(0, 0, copy)][1]["boxes"][0].tolist()) for copy in range(12)}
+    assert len(boxes) == 2  # flipped and not, over the copies of one epoch
+    assert dataset[(0, 0, 0)][1]["boxes"].tolist() == dataset[(0, 0)][1]["boxes"].tolist()
+
+
+def test_train_loader_with_repeat_factors(tmp_path):
+    from rcnn_trainer.data.loader import build_train_loader
+
+    images = [image(i, 64, 48) for i in range(1, 5)]
+    anns = [ann(i, i, 7, [2, 4, 10, 12]) for i in range(1, 4)] + [ann(4, 4, 3, [2, 4, 10, 12])]
+    split = {"ann_file": str(write_coco(tmp_path, images, anns)), "img_dir": str(tmp_path)}
+    raw = tiny_dict(tmp_path, data={"train": split, "val": split, "batch_size": 2, "num_workers": 0,
+                                    "repeat_factor_threshold": 0.5})
+    raw["data"].pop("synthetic")
+    cfg = validate_config(raw, source="test")
+    loader = build_train_loader(cfg, CocoDetection(split["ann_file"], tmp_path))
+    assert loader.batch_sampler.repeat_factors == [1.0, 1.0, 1.0, 2 ** 0.5]  # 'b' is in 1 of 4 images
+    images_, targets = next(iter(loader))
+    assert len(images_) == 2 and all(t["boxes"].shape == (1, 4) for t in targets)

@@ -99,6 +99,7 @@ def test_class_imbalance_warning(tmp_path):
     ds = CocoDetection(write_coco(tmp_path, images, anns), tmp_path)
     f = findings(run_preflight(ds, "train", **ANCHORS))["class_imbalance"]
     assert "b (1)" in f.alarm.seen and "model.roi.cls_loss.type: focal" in f.alarm.change
+    assert f.alarm.change[0].startswith("data.repeat_factor_threshold")
 
 
 def test_narrow_head_warning_from_ten_classes(tmp_path):

@@ -83,8 +83,8 @@ def read_coco_json(ann_file: Path) -> dict:
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO split. Items are (image float tensor [3, H, W] in [0, 1], target dict).
 
-    Indexing takes an int, or an (index, epoch) pair from the training sampler so that random
-    augmentations are a function of (seed, epoch, index): identical after a resume.
+    Indexing takes an int, or an (index, epoch[, copy]) tuple from the training sampler so that
+    random augmentations are a function of (seed, epoch, index, copy): identical after a resume.
     """
 
     def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
@@ -243,7 +243,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, copy = (*key, 0)[:3] if isinstance(key, tuple) else (key, 0, 0)
         record = self.records[index]
         try:
             with Image.open(record.path) as img:
@@ -260,7 +260,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }
-        rng = np.random.default_rng((self.seed, epoch, index))
+        # an image's repeats within an epoch (repeat-factor sampling) each draw their own
+        rng = np.random.default_rng((self.seed, epoch, index) if copy == 0 else (self.seed, epoch, index, copy))
         image, target = self.transforms(image, target, rng)
         return image, target
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.repeat_factors import epoch_copies, repeat_factors
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.errors import UserError
@@ -27,29 +28,41 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 
 
 class TrainBatchSampler:
-    """Yields lists of (index, epoch) for one rank, forever, starting at `start_iter`."""
+    """Yields lists of (index, epoch, copy) for one rank, forever, starting at `start_iter`.
+    `repeat_factors` (one per image, >= 1): repeat-factor sampling; None draws each image once
+    per epoch."""
 
     def __init__(self, aspect_ratios: list[float], batch_size: int, seed: int, group_by_aspect: bool,
-                 start_iter: int = 0, rank: int = 0, world_size: int = 1):
+                 start_iter: int = 0, rank: int = 0, world_size: int = 1,
+                 repeat_factors: list[float] | None = None):
         if not aspect_ratios:
             raise UserError(f"no training image is left to sample batches from (0 images kept; data.batch_size "
                             f"{batch_size} x {world_size} processes): check data.train and the dropped-record summary.")
         self.groups = [0 if ar >= 1.0 else 1 for ar in aspect_ratios] if group_by_aspect else [0] * len(aspect_ratios)
         self.batch_size, self.seed = batch_size, seed
         self.start_iter, self.rank, self.world_size = start_iter, rank, world_size
+        self.repeat_factors = repeat_factors
 
-    def global_batches(self) -> Iterator[list[tuple[int, int]]]:
-        """Every epoch adds each image once to its aspect-ratio bucket; a full bucket is a batch.
-        Leftovers carry into the next epoch, so a dataset (or a group) smaller than the global
-        batch still yields: its images repeat within a batch, each with its own augmentation."""
+    def epoch_draws(self, epoch: int) -> list[tuple[int, int, int]]:
+        """This epoch's (index, epoch, copy) items in random order; copy numbers an image's
+        repeats so that each gets its own augmentation."""
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        copies = [1] * len(self.groups) if self.repeat_factors is None else epoch_copies(self.repeat_factors, generator)
+        draws = [(index, epoch, copy) for index, count in enumerate(copies) for copy in range(count)]
+        return [draws[i] for i in torch.randperm(len(draws), generator=generator).tolist()]
+
+    def global_batches(self) -> Iterator[list[tuple[int, int, int]]]:
+        """Every epoch adds each image (once, or as many times as its repeat factor draws) to
+        its aspect-ratio bucket; a full bucket is a batch. Leftovers carry into the next epoch,
+        so a dataset (or a group) smaller than the global batch still yields: its images repeat
+        within a batch, each with its own augmentation."""
         global_size = self.batch_size * self.world_size
         buckets: dict[int, list] = {}
         epoch = 0
         while True:
-            order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            for index in order.tolist():
-                bucket = buckets.setdefault(self.groups[index], [])
-                bucket.append((index, epoch))
+            for draw in self.epoch_draws(epoch):
+                bucket = buckets.setdefault(self.groups[draw[0]], [])
+                bucket.append(draw)
                 if len(bucket) == global_size:
                     yield list(bucket)
                     bucket.clear()
@@ -89,9 +102,11 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
 
 def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
                        rank: int = 0, world_size: int = 1) -> DataLoader:
+    threshold = cfg.data.repeat_factor_threshold
     sampler = TrainBatchSampler(
         [r.width / r.height for r in dataset.records], cfg.data.batch_size, cfg.seed,
-        cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size)
+        cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size,
+        repeat_factors=None if threshold is None else repeat_factors([r.labels for r in dataset.records], threshold))
     # An own generator: creating the loader must not draw from the global torch RNG, or a
     # resumed run would sample differently from an uninterrupted one.
     workers = cfg.data.num_workers

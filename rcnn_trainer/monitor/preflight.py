@@ -126,7 +126,8 @@ def _check_counts(report, dataset, per_image, counts_raw, counts_loaded) -> None
             "class_imbalance", f"class imbalance {n['imbalance']:.0f}:1; rare classes: "
             + ", ".join(f"{c} ({present[c]})" for c in rare),
             "rare classes get few positive RoIs and are swamped by frequent ones and background",
-            ["model.roi.cls_loss.type: focal", "model.roi.cls_pos_weight: raise it (2-5)"]))
+            ["data.repeat_factor_threshold: 0.1-0.3 (images of rare classes are drawn more often)",
+             "model.roi.cls_loss.type: focal", "model.roi.cls_pos_weight: raise it (2-5)"]))
 
 
 def _check_head_capacity(report, num_classes: int, head: dict[str, int]) -> None:
