@@ -8,7 +8,7 @@ keyword arguments. Loading YAML, `_base_` inheritance and overrides live in conf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -107,7 +107,9 @@ class BackboneConfig(Strict):
     norm: Literal["frozen_bn", "bn", "gn", "syncbn"] = Field(
         "frozen_bn", description="Backbone normalization. frozen_bn suits pretrained weights; "
         "with weights: null it is an identity, so from-scratch runs need bn or gn.")
-    fpn_channels: int = Field(256, ge=8, description="FPN output channels (256 in the literature).")
+    fpn_channels: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
+        256, description="FPN output channels (256 in the literature); auto = sized for the number of classes "
+        "(rcnn_trainer/model/head_size.py: 64 below 10 classes, 128 from 10).")
 
     @field_validator("weights")
     @classmethod
@@ -206,7 +208,9 @@ class RPNConfig(Strict):
 class ROIConfig(Strict):
     fg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU >= this: foreground.")
     bg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU < this: background.")
-    batch_size_per_image: int = Field(512, ge=1, description="RoIs sampled per image for the loss.")
+    batch_size_per_image: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        512, description="RoIs sampled per image for the loss; auto = sized for the number of classes "
+        "(64 below 10 classes, 128 from 10).")
     positive_fraction: float = Field(0.25, gt=0.0, le=1.0, description="Target share of positive RoIs.")
     cls_pos_weight: float = Field(1.0, gt=0.0, description="CE weight of every foreground class vs background (1.0).")
     sampler: Literal["random", "ohem"] = Field(
@@ -216,7 +220,9 @@ class ROIConfig(Strict):
     box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
     bbox_reg_weights: list[float] = Field(
         default_factory=lambda: [10.0, 10.0, 5.0, 5.0], description="Box coder weights (wx, wy, ww, wh).")
-    representation_size: int = Field(1024, ge=8, description="Width of the two-FC box head.")
+    representation_size: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
+        1024, description="Width of the two-FC box head; auto = sized for the number of classes "
+        "(256 below 10 classes, 1024 from 10).")
     pool_size: int = Field(7, ge=1, description="RoIAlign output size.")
     sampling_ratio: int = Field(2, ge=0, description="RoIAlign sampling points per bin (0 = adaptive).")
     roi_align: Literal["auto", "torchvision"] = Field(

@@ -10,7 +10,9 @@ from rcnn_trainer.cli import train_main
 from rcnn_trainer.config_loader import load_config, validate_config
 from rcnn_trainer.data.loader import TrainBatchSampler, build_dataset
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint, resolve_from_data
+from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.anchors import best_anchor_ious, fit_anchor_sizes, resized_boxes
+from rcnn_trainer.model.build import build_model
 
 
 def coco_split(folder, categories, sizes=(12, 20, 30, 48), count=8):
@@ -74,6 +76,51 @@ def test_eval_takes_auto_settings_from_the_checkpoint(tmp_path):
     cfg = validate_config(coco_config(tmp_path, NON_CONTIGUOUS), source="test")
     resolve_from_checkpoint(cfg, {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]}}})
     assert cfg.model.num_classes == 3 and cfg.model.anchors.sizes[0] == [8]
+
+
+def head_of(cfg) -> tuple:
+    return cfg.model.backbone.fpn_channels, cfg.model.roi.representation_size, cfg.model.roi.batch_size_per_image
+
+
+@pytest.mark.parametrize("num_categories, expected", [(3, (64, 256, 64)), (9, (64, 256, 64)), (10, (128, 1024, 128)),
+                                                      (26, (128, 1024, 128))])
+def test_head_size_auto_follows_the_number_of_classes(tmp_path, num_categories, expected):
+    categories = [{"id": 100 + 3 * i, "name": f"c{i}"} for i in range(num_categories)]
+    raw = coco_config(tmp_path, categories, backbone={"fpn_channels": "auto"},
+                      roi={"representation_size": "auto", "batch_size_per_image": "auto"})
+    cfg = validate_config(raw, source="test")
+    lines = []
+    resolve_from_data(cfg, build_dataset(cfg, "train"), lines.append)
+    assert head_of(cfg) == expected
+    head_line = next(line for line in lines if "fpn_channels" in line)
+    assert f"model.backbone.fpn_channels: {expected[0]}" in head_line and f"for {num_categories} classes" in head_line
+    # explicit numbers stay as given
+    explicit = validate_config(coco_config(tmp_path, categories, backbone={"fpn_channels": 32},
+                                           roi={"representation_size": 48, "batch_size_per_image": 16}), source="test")
+    resolve_from_data(explicit, build_dataset(explicit, "train"), lines.append)
+    assert head_of(explicit) == (32, 48, 16)
+
+
+def test_config_yaml_sizes_its_head_from_the_classes():
+    cfg = load_config("config.yaml")
+    assert head_of(cfg) == ("auto", "auto", "auto")
+    with pytest.raises(ValueError, match="model.backbone.fpn_channels, model.roi.representation_size, "
+                                         "model.roi.batch_size_per_image still 'auto'"):
+        build_model(load_config("config.yaml", ["model.num_classes=3", "model.anchors.sizes=[[8],[16],[32],[64],[128]]"]).model)
+
+
+def test_eval_takes_the_head_size_from_the_checkpoint_or_says_what_is_missing(tmp_path):
+    raw = coco_config(tmp_path, NON_CONTIGUOUS, backbone={"fpn_channels": "auto"},
+                      roi={"representation_size": "auto", "batch_size_per_image": "auto"})
+    cfg = validate_config(raw, source="test")
+    saved = {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]},
+                       "backbone": {"fpn_channels": 128}, "roi": {"representation_size": 1024, "batch_size_per_image": 128}}}
+    resolve_from_checkpoint(cfg, saved)
+    assert head_of(cfg) == (128, 1024, 128)
+    older = validate_config(raw, source="test")
+    with pytest.raises(UserError, match="no resolved model.backbone.fpn_channels, model.roi.representation_size"):
+        resolve_from_checkpoint(older, {"model": {"num_classes": 3, "anchors": {"sizes": [[8]] * 5},
+                                                  "backbone": {"fpn_channels": "auto"}}})
 
 
 def test_user_data_replaces_synthetic_of_the_base(tmp_path):

@@ -182,7 +182,8 @@ def test_autocast_heads_hand_fp32_to_decoding_and_losses():
     """Under bf16 autocast the RPN and box predictor answer in bf16; proposals, losses and
     detections must still come out in fp32 (bf16 has 8 mantissa bits: 2 px steps at 256-512 px)."""
     cfg = load_config("config.yaml", ["model.num_classes=3", "model.anchors.sizes=[[16],[32],[64],[128],[256]]",
-                             "model.backbone.fpn_channels=16", "model.roi.representation_size=32"])
+                             "model.backbone.fpn_channels=16", "model.roi.representation_size=32",
+                             "model.roi.batch_size_per_image=64"])
     model = build_model(cfg.model).use_channels_last()
     images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])}] * 2

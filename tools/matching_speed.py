@@ -19,6 +19,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 from rcnn_trainer.config_loader import load_config
+from rcnn_trainer.engine.data_settings import resolve_head_size
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.matching import sample_balanced
 
@@ -60,6 +61,7 @@ def main() -> None:
         cfg = load_config("config.yaml", overrides + [f"data.min_size={side}", f"data.max_size={side}",
                                                       "model.num_classes=4",
                                                       "model.anchors.sizes=[[16],[32],[64],[128],[256]]"])
+        resolve_head_size(cfg, lambda _: None)  # config.yaml's head sizes are `auto`
         model = build_model(cfg.model).train()
         rpn, heads = model.rpn, model.roi_heads
         images = ImageList(torch.zeros(batch, 3, side, side), [(side, side)] * batch)

@@ -50,7 +50,8 @@ SCENARIOS = {
     "healthy@glyphs_large": Scenario(None, dataset="glyphs_large"),
     "healthy@digits_large": Scenario(None, dataset="digits_large", recipe=MANY_CLASSES_RECIPE),
     "old_default_head@digits": Scenario("class_confusion", ["model.backbone.fpn_channels=64",
-                                                            "model.roi.representation_size=256"], dataset="digits"),
+                                                            "model.roi.representation_size=256",
+                                                            "model.roi.batch_size_per_image=64"], dataset="digits"),
     "background_wins": Scenario("low_confidence", ["model.rpn.positive_fraction=0.02", "model.roi.positive_fraction=0.01",
                                                    "model.roi.batch_size_per_image=256"]),
     # foreground is learnable (boxes are right) but the classes carry no signal

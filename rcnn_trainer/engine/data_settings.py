@@ -11,6 +11,7 @@ from typing import Callable
 from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.anchors import fit_anchor_sizes, fpn_strides
+from rcnn_trainer.model.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, head_for
 
 TORCHVISION_ANCHOR_BASE = 32.0  # used when the training split has no boxes to fit to
 
@@ -24,6 +25,7 @@ def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> Non
                             f"count; add a 'categories' list to the file.")
         names = ", ".join(train_set.class_names[:12]) + (", ..." if model.num_classes > 12 else "")
         say(f"[auto] model.num_classes: {model.num_classes} (the categories of '{train_set.ann_file}': {names})")
+    resolve_head_size(cfg, say)
     if model.anchors.sizes == "auto":
         strides = fpn_strides(model.backbone.name)
         try:
@@ -41,13 +43,48 @@ def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> Non
         model.anchors.sizes = sizes
 
 
+def resolve_head_size(cfg: Config, say: Callable[[str], None]) -> None:
+    """FPN width, box-head width and RoIs per image left at `auto`: by the number of classes."""
+    model = cfg.model
+    head = head_for(model.num_classes)
+    fields = {"backbone.fpn_channels": (model.backbone, "fpn_channels", head["fpn_channels"]),
+              "roi.representation_size": (model.roi, "representation_size", head["representation_size"]),
+              "roi.batch_size_per_image": (model.roi, "batch_size_per_image", head["roi_batch_size_per_image"])}
+    chosen = []
+    for key, (section, name, value) in fields.items():
+        if getattr(section, name) == "auto":
+            setattr(section, name, value)
+            chosen.append(f"model.{key}: {value}")
+    if chosen:
+        wide = head is WIDE_HEAD
+        say(f"[auto] {', '.join(chosen)}: the {'wide' if wide else 'light'} head for {model.num_classes} classes "
+            f"({'>=' if wide else '<'} {MANY_CLASSES}; light {LIGHT_HEAD['fpn_channels']}/"
+            f"{LIGHT_HEAD['representation_size']}/{LIGHT_HEAD['roi_batch_size_per_image']}, wide "
+            f"{WIDE_HEAD['fpn_channels']}/{WIDE_HEAD['representation_size']}/{WIDE_HEAD['roi_batch_size_per_image']})")
+
+
+def auto_fields(cfg: Config) -> dict[str, tuple]:
+    """The `auto`-able settings: dotted name -> (section, attribute)."""
+    model = cfg.model
+    return {"num_classes": (model, "num_classes"), "anchors.sizes": (model.anchors, "sizes"),
+            "backbone.fpn_channels": (model.backbone, "fpn_channels"),
+            "roi.representation_size": (model.roi, "representation_size"),
+            "roi.batch_size_per_image": (model.roi, "batch_size_per_image")}
+
+
 def resolve_from_checkpoint(cfg: Config, saved_config: dict) -> None:
     """`auto` settings take the values the checkpoint was trained with."""
-    saved = saved_config.get("model", {})
-    if cfg.model.num_classes == "auto" and isinstance(saved.get("num_classes"), int):
-        cfg.model.num_classes = saved["num_classes"]
-    if cfg.model.anchors.sizes == "auto" and isinstance(saved.get("anchors", {}).get("sizes"), list):
-        cfg.model.anchors.sizes = saved["anchors"]["sizes"]
-    if cfg.model.num_classes == "auto" or cfg.model.anchors.sizes == "auto":
-        raise UserError("the checkpoint holds no resolved model.num_classes / model.anchors.sizes for the 'auto' "
-                        "settings of the config; give them explicitly (the training run folder's config.yaml has them).")
+    missing = []
+    for key, (section, name) in auto_fields(cfg).items():
+        if getattr(section, name) != "auto":
+            continue
+        value = saved_config.get("model", {})
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, list)) and not isinstance(value, bool):
+            setattr(section, name, value)
+        else:
+            missing.append(f"model.{key}")
+    if missing:
+        raise UserError(f"the checkpoint holds no resolved {', '.join(missing)} for the 'auto' settings of the "
+                        f"config; give them explicitly (the training run folder's config.yaml has them).")

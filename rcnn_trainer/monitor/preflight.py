@@ -17,14 +17,11 @@ import torch
 
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.model.anchors import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
+from rcnn_trainer.model.head_size import MANY_CLASSES, WIDE_HEAD
 from rcnn_trainer.monitor.alarms import Alarm
 
 SIZE_BUCKETS = [("small", 0, 32), ("medium", 32, 96), ("large", 96, float("inf"))]
 IMBALANCE_LIMIT = 50.0
-# From this many classes the light head of config.yaml (FPN 64, 2-FC 256) confused the classes
-# on real digits (10 classes): tools/recipe_bench.py, README "Recipes on data this project did not draw".
-MANY_CLASSES = 10
-WIDE_HEAD = {"representation_size": 1024, "fpn_channels": 128}
 
 
 @dataclass
@@ -137,7 +134,9 @@ def _check_head_capacity(report, num_classes: int, head: dict[str, int]) -> None
             "narrow_head", f"{num_classes} classes with " + ", ".join(f"{k} {v}" for k, v in narrow.items()),
             "on 10-class real data this head found the objects but confused their classes (AP 0.066 vs 0.102 with "
             "the wider head of configs/many_classes.yaml, same 300 iterations; ~2x the time per iteration)",
-            ["_base_: configs/many_classes.yaml (or model.roi.representation_size=1024 "
+            ["model.backbone.fpn_channels, model.roi.representation_size, model.roi.batch_size_per_image: auto "
+             "(the wide head from 10 classes, as config.yaml does)",
+             "_base_: configs/many_classes.yaml (or model.roi.representation_size=1024 "
              "model.backbone.fpn_channels=128 model.roi.batch_size_per_image=128)"]))
 
 
