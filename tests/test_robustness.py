@@ -338,7 +338,7 @@ def test_data_watchdog_stops_a_stalled_worker_and_keeps_progress(tmp_path, capsy
     real_getitem = CocoDetection.__getitem__
 
     def stall_after_first_epoch(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch = key[:2] if isinstance(key, tuple) else (key, 0)
         if epoch >= 1:
             _time.sleep(60)
         return real_getitem(self, key)
