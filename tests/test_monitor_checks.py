@@ -117,6 +117,11 @@ def test_regressor_collapse():
     # healthy default config (600 iterations, period 30; iters 30 and 60): the spread widens
     # before the correlation appears
     assert checks.check_regressor_collapse(trace([(0.051, -0.021), (0.076, -0.005)]), sustain=2) is None
+    # healthy default config at 200 iterations (period 10, iters 60-80): the spread holds while
+    # the correlation is still ~0; it rose to 0.30 at 100
+    assert checks.check_regressor_collapse(trace([(0.053, -0.018), (0.049, -0.003), (0.058, 0.063)]), sustain=3) is None
+    # a dip and a recovery is not shrinking at every period
+    assert checks.check_regressor_collapse(trace([(0.06, 0.0), (0.04, 0.0), (0.05, 0.0)]), sustain=3) is None
 
 
 def test_learning_rate_checks():
