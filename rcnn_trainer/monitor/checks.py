@@ -238,10 +238,11 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
       is still learning to propose the objects, so the balance the head learns from is still
       shifting (healthy digits: 11 -> 18 positives/image while foreground sat at 0.3 for 60
       iterations, then rose to 0.9; starved sampling stays flat at 1.8);
-    - foreground found, but neither the true class's share of it nor the foreground itself
-      rising by `min_progress`: `class_confusion` (capacity, lr and iterations, class balance;
-      flip augmentation when `flips`, since mirrored digits and letters are other classes or
-      none)."""
+    - foreground found, but the true class's share of it not rising by `min_progress`:
+      `class_confusion` (capacity, lr and iterations, class balance; flip augmentation when
+      `flips`, since mirrored digits and letters are other classes or none). Rising foreground
+      does not hold it back: with shuffled labels foreground rises (0.46 -> 0.78) while the
+      true class stays at chance, as it does early in a slow healthy run."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -272,8 +273,8 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
             change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
                     "model.roi.positive_fraction: raise toward 0.25-0.5",
                     "model.rpn.positive_fraction: raise toward 0.5"])
-    if correct[-1] > correct[0] + min_progress or mass[-1] > mass[0] + min_progress:
-        return None  # classes are separating, or foreground is still being found: still learning
+    if correct[-1] > correct[0] + min_progress:
+        return None  # classes are separating: still learning
     accuracy = [h["accuracy"] for h in recent]
     mirrored = ["data.hflip_prob: 0 if the classes are not left-right symmetric (digits, letters, arrows, "
                 "left/right parts): flipped images teach mirrored shapes (real digits, 300 iterations: AP 0.10 "
