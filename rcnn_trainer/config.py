@@ -8,7 +8,7 @@ keyword arguments. Loading YAML, `_base_` inheritance and overrides live in conf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -274,6 +274,23 @@ class ModelConfig(Strict):
     def num_levels(self) -> int:
         """FPN levels with anchors: 4 backbone levels + a max-pool level for resnets, 3 for mobilenet."""
         return 3 if self.backbone.name.startswith("mobilenet") else 5
+
+    # the settings that may be `auto` (resolved from the data before the model is built)
+    AUTO_SETTINGS: ClassVar[tuple[str, ...]] = ("num_classes", "anchors.sizes", "backbone.fpn_channels",
+                                              "roi.representation_size",
+                                              "roi.batch_size_per_image")
+
+    def setting(self, dotted: str):
+        section, _, name = dotted.rpartition(".")
+        return getattr(getattr(self, section) if section else self, name)
+
+    def set_setting(self, dotted: str, value) -> None:
+        section, _, name = dotted.rpartition(".")
+        setattr(getattr(self, section) if section else self, name, value)
+
+    def unresolved(self) -> list[str]:
+        """The AUTO_SETTINGS still at `auto`."""
+        return [key for key in self.AUTO_SETTINGS if self.setting(key) == "auto"]
 
 
 # --------------------------------------------------------------------------- solver

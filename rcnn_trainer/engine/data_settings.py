@@ -14,6 +14,9 @@ from rcnn_trainer.model.anchors import fit_anchor_sizes, fpn_strides
 from rcnn_trainer.model.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, head_for
 
 TORCHVISION_ANCHOR_BASE = 32.0  # used when the training split has no boxes to fit to
+# the `auto` head settings -> their key in head_size's LIGHT_HEAD / WIDE_HEAD
+HEAD_SETTINGS = {"backbone.fpn_channels": "fpn_channels", "roi.representation_size": "representation_size",
+                 "roi.batch_size_per_image": "roi_batch_size_per_image"}
 
 
 def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> None:
@@ -47,42 +50,27 @@ def resolve_head_size(cfg: Config, say: Callable[[str], None]) -> None:
     """FPN width, box-head width and RoIs per image left at `auto`: by the number of classes."""
     model = cfg.model
     head = head_for(model.num_classes)
-    fields = {"backbone.fpn_channels": (model.backbone, "fpn_channels", head["fpn_channels"]),
-              "roi.representation_size": (model.roi, "representation_size", head["representation_size"]),
-              "roi.batch_size_per_image": (model.roi, "batch_size_per_image", head["roi_batch_size_per_image"])}
     chosen = []
-    for key, (section, name, value) in fields.items():
-        if getattr(section, name) == "auto":
-            setattr(section, name, value)
-            chosen.append(f"model.{key}: {value}")
+    for key, head_key in HEAD_SETTINGS.items():
+        if model.setting(key) == "auto":
+            model.set_setting(key, head[head_key])
+            chosen.append(f"model.{key}: {head[head_key]}")
     if chosen:
         wide = head is WIDE_HEAD
+        light_sizes, wide_sizes = ("/".join(str(h[k]) for k in HEAD_SETTINGS.values()) for h in (LIGHT_HEAD, WIDE_HEAD))
         say(f"[auto] {', '.join(chosen)}: the {'wide' if wide else 'light'} head for {model.num_classes} classes "
-            f"({'>=' if wide else '<'} {MANY_CLASSES}; light {LIGHT_HEAD['fpn_channels']}/"
-            f"{LIGHT_HEAD['representation_size']}/{LIGHT_HEAD['roi_batch_size_per_image']}, wide "
-            f"{WIDE_HEAD['fpn_channels']}/{WIDE_HEAD['representation_size']}/{WIDE_HEAD['roi_batch_size_per_image']})")
-
-
-def auto_fields(cfg: Config) -> dict[str, tuple]:
-    """The `auto`-able settings: dotted name -> (section, attribute)."""
-    model = cfg.model
-    return {"num_classes": (model, "num_classes"), "anchors.sizes": (model.anchors, "sizes"),
-            "backbone.fpn_channels": (model.backbone, "fpn_channels"),
-            "roi.representation_size": (model.roi, "representation_size"),
-            "roi.batch_size_per_image": (model.roi, "batch_size_per_image")}
+            f"({'>=' if wide else '<'} {MANY_CLASSES}; light {light_sizes}, wide {wide_sizes})")
 
 
 def resolve_from_checkpoint(cfg: Config, saved_config: dict) -> None:
     """`auto` settings take the values the checkpoint was trained with."""
     missing = []
-    for key, (section, name) in auto_fields(cfg).items():
-        if getattr(section, name) != "auto":
-            continue
+    for key in cfg.model.unresolved():
         value = saved_config.get("model", {})
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, (int, list)) and not isinstance(value, bool):
-            setattr(section, name, value)
+            cfg.model.set_setting(key, value)
         else:
             missing.append(f"model.{key}")
     if missing:

@@ -16,14 +16,9 @@ from rcnn_trainer.model.rpn import RPN
 
 
 def build_model(cfg: ModelConfig) -> TwoStageDetector:
-    settings = {"num_classes": cfg.num_classes, "anchors.sizes": cfg.anchors.sizes,
-                "backbone.fpn_channels": cfg.backbone.fpn_channels,
-                "roi.representation_size": cfg.roi.representation_size,
-                "roi.batch_size_per_image": cfg.roi.batch_size_per_image}
-    unresolved = [f"model.{key}" for key, value in settings.items() if value == "auto"]
-    if unresolved:
-        raise ValueError(f"{', '.join(unresolved)} still 'auto': resolve them from the data first "
-                         f"(rcnn_trainer/engine/data_settings.py)")
+    if cfg.unresolved():
+        raise ValueError(f"{', '.join('model.' + key for key in cfg.unresolved())} still 'auto': resolve them "
+                         f"from the data first (rcnn_trainer/engine/data_settings.py)")
     b = cfg.backbone
     backbone = build_backbone(b.name, weights=b.weights, trainable_layers=b.trainable_layers,
                               norm=b.norm, fpn_channels=b.fpn_channels)
