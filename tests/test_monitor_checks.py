@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
@@ -183,9 +184,26 @@ def test_weight_ratio():
     assert alarm and "model.roi.box_loss.weight = 7.5 is 15x model.roi.cls_loss.weight = 0.5" in alarm.seen
 
 
-def probe_check(low, mid, fg_mass=0.2, correct=0.3):
+def probe_check(low, mid, fg_mass=0.2, correct=0.3, spread=0.2):
     return {"dets@0.05": low, "dets@0.3": mid, "dets@0.5": mid, "dets@0.7": 0.0, "gt_per_image": 3.0,
-            "fg_mass": fg_mass, "correct": correct, "accuracy": correct, "margin": 0.05}
+            "fg_mass": fg_mass, "correct": correct, "accuracy": correct, "margin": 0.05, "spread": spread}
+
+
+def test_class_diagnosis_spread_measures_whether_the_class_distribution_follows_the_object():
+    from rcnn_trainer.monitor.dashboard import class_diagnosis
+    labels = torch.tensor([1, 2, 3, 4])
+    # the class prior for every box, whatever its foreground mass: nothing learned from the image
+    prior = torch.tensor([0.1, 0.4, 0.3, 0.1, 0.1])
+    same = torch.stack([prior, prior * 0.5 + torch.tensor([0.5, 0, 0, 0, 0]), prior, prior])
+    d = class_diagnosis(same, labels)
+    assert d["spread"] == pytest.approx(0.0, abs=1e-6) and d["fg_mass"] == pytest.approx((0.9 * 3 + 0.45) / 4)
+    # each box its own class: as far from the mean (0.25 each) as 4 classes allow
+    own = torch.cat([torch.zeros(4, 1), torch.eye(4)], dim=1)
+    d = class_diagnosis(own, labels)
+    assert d["spread"] == pytest.approx(0.75) and d["correct"] == pytest.approx(1.0) and d["accuracy"] == 1.0
+    # confidently wrong but different per box (a head at chance that does look at the image)
+    assert class_diagnosis(own, torch.tensor([2, 3, 4, 1]))["spread"] == pytest.approx(0.75)
+    assert math.isnan(class_diagnosis(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))["spread"])
 
 
 def test_low_confidence_background_wins():
@@ -232,6 +250,30 @@ def test_class_confusion_is_told_apart():
     assert checks.check_low_confidence(arriving, sustain=3) is None
     shuffled = [probe_check(45.0, 0.0, fg_mass=m, correct=c) for m, c in ((0.66, 0.27), (0.76, 0.25), (0.78, 0.26))]
     assert checks.check_low_confidence(shuffled, sustain=3).name == "class_confusion"
+
+
+def test_class_confusion_when_every_object_gets_the_same_class_distribution():
+    """Shuffled labels (4 classes, judgments 60-90 of tools/pathology_suite.py): foreground
+    still arriving, but the head gives every GT box the class prior. A slow healthy run at the
+    same point (the same shapes with true labels, 45-75) is at chance too, but its class
+    distribution follows the box."""
+    series = ((0.174, 0.278, 0.039), (0.372, 0.252, 0.017), (0.459, 0.249, 0.032))
+    shuffled = [probe_check(40.0, 0.0, fg_mass=m, correct=c, spread=s) for m, c, s in series]
+    alarm = checks.check_low_confidence(shuffled, sustain=3)
+    assert alarm.name == "class_confusion" and "same class distribution" in alarm.seen
+    assert "0.039, 0.017, 0.032" in alarm.seen and alarm.change[0].startswith("data.train.ann_file")
+    assert not any("cls_pos_weight: raise" in c for c in alarm.change)
+    # without the spread, the same probe says: foreground still rising, wait
+    assert checks.check_low_confidence([{**h, "spread": 0.2} for h in shuffled], sustain=3) is None
+    healthy = [probe_check(40.0, 0.0, fg_mass=m, correct=c, spread=s)
+               for m, c, s in ((0.123, 0.295, 0.069), (0.147, 0.317, 0.067), (0.573, 0.308, 0.075))]
+    assert checks.check_low_confidence(healthy, sustain=3) is None
+    # the class prior on boxes the head calls background: background wins, not confusion
+    starved = [probe_check(5.0, 0.0, fg_mass=m, spread=0.01) for m in (0.02, 0.05, 0.03)]
+    assert checks.check_low_confidence(starved, sustain=3).name == "low_confidence"
+    # the true class's share rising: learning, whatever the spread
+    rising = [probe_check(40.0, 0.0, fg_mass=m, correct=c, spread=0.03) for m, c in ((0.3, 0.25), (0.4, 0.3), (0.5, 0.35))]
+    assert checks.check_low_confidence(rising, sustain=3) is None
 
 
 def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():

@@ -97,16 +97,17 @@ def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path,
     """One scenario; its metrics.jsonl is kept as keep/<name>.metrics.jsonl (the probe series
     behind every alarm, for a look after the run)."""
     overrides = data_overrides(scenario, iters, data_dir) + scenario.overrides
+    kept = keep / f"{name}.metrics.jsonl"
+    kept.unlink(missing_ok=True)  # never read an earlier run's series as this one's
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name.replace("@", "_")
         cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", scenario.recipe, "--output-dir",
                str(out), "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-            if (out / "metrics.jsonl").is_file() else []
-        if lines:
+        if (out / "metrics.jsonl").is_file():
             keep.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / "metrics.jsonl", keep / f"{name}.metrics.jsonl")
+            shutil.copyfile(out / "metrics.jsonl", kept)
+    lines = [json.loads(l) for l in kept.read_text().splitlines() if l.strip()] if kept.is_file() else []
     alarms = [(l["name"], l["iter"]) for l in lines if l["type"] in ("alarm", "preflight")]
     final = [l for l in lines if l["type"] == "summary"]
     return {"exit": proc.returncode, "alarms": alarms, "AP": final[-1]["AP"] if final else None,

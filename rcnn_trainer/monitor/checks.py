@@ -230,7 +230,8 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
 
 def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: list[float] | None = None,
                          min_ratio: float = 0.1, fg_mass_split: float = 0.5, min_progress: float = 0.05,
-                         min_growth: float = 1.2, flips: bool = False) -> Alarm | None:
+                         min_growth: float = 1.2, flips: bool = False, found_mass: float = 0.25,
+                         flat_spread: float = 0.045) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
     `sustain` checks in a row, while the classifier makes no progress on the GT boxes over
     those checks (a model still learning is left alone), told apart by what it says there:
@@ -246,7 +247,15 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
       `flips`, since mirrored digits and letters are other classes or none). Judged once the
       foreground has been found at every one of the `sustain` checks: early in a slow healthy
       run the true class sits at chance while foreground is still rising, exactly as with
-      shuffled labels; only the shuffled ones stay there."""
+      shuffled labels; only the shuffled ones stay there;
+    - foreground being found (mean over the window >= `found_mass`) and the head giving every
+      GT box the same class distribution (mean `spread` over the window below `flat_spread`)
+      with the true class's share not rising: `class_confusion` at once, labels first. It has
+      learned the class prior and nothing from the image. Shuffled labels (synthetic shapes):
+      spread 0.039, 0.017, 0.032 (mean 0.029) while foreground rose 0.17 -> 0.46 at 60-90 of
+      300 iterations. Healthy runs while still at chance: the same shapes 0.069, 0.067, 0.075
+      at 45-75 (mean 0.070); letters and handwriting, lowest window means 0.084: their class
+      distributions follow the box."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -262,6 +271,11 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
             f"{recent[-1]['gt_per_image']:.2f} GT objects per image")
     mass = [h["fg_mass"] for h in recent]
     correct = [h.get("correct", float("nan")) for h in recent]
+    # NaN, not an error, for judgments restored from a checkpoint written before `spread` existed
+    spread = [h.get("spread", float("nan")) for h in recent]
+    if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= found_mass
+            and statistics.fmean(spread) < flat_spread and not correct[-1] > correct[0] + min_progress):
+        return class_confusion(recent, dets, flips, same_for_every_object=True)
     if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
         if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
             return None  # foreground scores are rising: still learning
@@ -281,27 +295,50 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
         return None  # foreground only just found: the classes separate after it (healthy digits: 0.45 -> 0.60 -> 0.54 at chance, then 0.79 and rising)
     if correct[-1] > correct[0] + min_progress:
         return None  # classes are separating: still learning
+    return class_confusion(recent, dets, flips, same_for_every_object=False)
+
+
+def class_confusion(recent: list[dict], dets: str, flips: bool, *, same_for_every_object: bool) -> Alarm:
+    """The `class_confusion` alarm. `same_for_every_object`: the head gives every GT box the
+    same class distribution (spread ~0), i.e. it learned the class prior and nothing from the
+    image; labels that carry no signal do exactly that, so checking them comes first."""
+    mass = [h["fg_mass"] for h in recent]
+    correct = [h["correct"] for h in recent]
     accuracy = [h["accuracy"] for h in recent]
+    spreads = [h.get("spread", float("nan")) for h in recent]
+    seen = (f"{dets}; on the GT boxes the head gives foreground probability {', '.join(f'{m:.2f}' for m in mass)} "
+            f"but only {', '.join(f'{100 * c:.0f}%' for c in correct)} of it to the true class (top-1 "
+            f"{', '.join(f'{100 * a:.0f}%' for a in accuracy)}, margin to the second class "
+            f"{recent[-1]['margin']:.2f}")
     mirrored = ["data.hflip_prob: 0 if the classes are not left-right symmetric (digits, letters, arrows, "
                 "left/right parts): flipped images teach mirrored shapes (real digits, 300 iterations: AP 0.10 "
                 "with flips, 0.15 without)"] if flips else []
+    look_at_labels = ("data.train.ann_file: look at a few training images with their labels to rule out wrong "
+                      "category ids (rcnn-eval --visualize 8 data.val.ann_file=<the training file> "
+                      "data.val.img_dir=<its images>)")
+    capacity = ["model.roi.representation_size: raise it (e.g. 1024)",
+                "model.backbone.fpn_channels: raise it (e.g. 128-256)",
+                "solver.max_iters: train longer (or solver.lr higher if the loss falls slowly)",
+                "data.min_size: larger inputs if objects are small"]
+    leave = "model.roi.cls_pos_weight: leave it; raising it does not separate classes"
+    if same_for_every_object:
+        return Alarm(
+            name="class_confusion",
+            seen=f"{seen}; every box gets the same class distribution: spread between boxes "
+                 f"{', '.join(f'{s:.3f}' for s in spreads)})",
+            why="foreground is found but the head gives every object the same class distribution: it has learned how "
+                "often each class occurs and nothing about which class an object is. Labels that do not follow the "
+                "images (a wrong or shuffled category mapping, categories merged from several files) do exactly "
+                "this; a head without the capacity to see the difference comes second",
+            change=[look_at_labels, *mirrored, *capacity, leave])
     return Alarm(
         name="class_confusion",
-        seen=f"{dets}; on the GT boxes the head gives foreground probability {', '.join(f'{m:.2f}' for m in mass)} "
-             f"but only {', '.join(f'{100 * c:.0f}%' for c in correct)} of it to the true class (top-1 "
-             f"{', '.join(f'{100 * a:.0f}%' for a in accuracy)}, margin to the second class "
-             f"{recent[-1]['margin']:.2f})",
+        seen=f"{seen})",
         why="foreground is found but the classes are confused: the foreground mass is spread over several classes, "
             "so no single class reaches a confident score. The box head lacks capacity or resolution for these "
             "classes, or needs more steps or a higher lr; rare classes stay confused longest. If the true class stays "
             "at chance for long, check the labels themselves: a shuffled category mapping looks exactly like this",
-        change=[*mirrored, "model.roi.representation_size: raise it (e.g. 1024)",
-                "model.backbone.fpn_channels: raise it (e.g. 128-256)",
-                "solver.max_iters: train longer (or solver.lr higher if the loss falls slowly)",
-                "data.min_size: larger inputs if objects are small",
-                "data.train.ann_file: look at a few training images with their labels to rule out wrong category ids "
-                "(rcnn-eval --visualize 8 data.val.ann_file=<the training file> data.val.img_dir=<its images>)",
-                "model.roi.cls_pos_weight: leave it; raising it does not separate classes"])
+        change=[*mirrored, *capacity, look_at_labels, leave])
 
 
 def positives_growing(positives: list[float], window: int, min_growth: float) -> bool:

@@ -17,18 +17,24 @@ def class_diagnosis(probabilities: torch.Tensor, labels: torch.Tensor) -> dict:
     correct      mean p(true class) / fg_mass: of the foreground mass, how much is on the right class
     accuracy     share of boxes whose top foreground class is the true class
     margin       mean gap between the two highest foreground probabilities, over fg_mass
-    (NaN without boxes; with one foreground class `correct` and `accuracy` are 1)."""
+    spread       mean total-variation distance between each box's class distribution (its
+                 foreground probabilities over fg_mass) and their mean over all boxes: ~0 when
+                 the head gives every object the same class distribution (it has learned the
+                 class prior and nothing from the image, as with labels that carry no signal)
+    (NaN without boxes; with one foreground class `correct` and `accuracy` are 1, `spread` 0)."""
     if not len(labels):
         nan = float("nan")
-        return {"fg_mass": nan, "correct": nan, "accuracy": nan, "margin": nan}
+        return {"fg_mass": nan, "correct": nan, "accuracy": nan, "margin": nan, "spread": nan}
     fg = probabilities[:, 1:]
     mass = fg.sum(dim=1).clamp(min=1e-12)
     true = fg.gather(1, (labels - 1).long()[:, None]).squeeze(1)
     top2 = fg.topk(min(2, fg.shape[1]), dim=1).values
     margin = top2[:, 0] - top2[:, 1] if fg.shape[1] > 1 else top2[:, 0]
+    shares = fg / mass[:, None]
+    spread = 0.5 * (shares - shares.mean(dim=0)).abs().sum(dim=1)
     return {"fg_mass": float(mass.mean()), "correct": float((true / mass).mean()),
             "accuracy": float((fg.argmax(dim=1) == labels - 1).float().mean()),
-            "margin": float((margin / mass).mean())}
+            "margin": float((margin / mass).mean()), "spread": float(spread.mean())}
 
 
 @torch.no_grad()
@@ -65,7 +71,8 @@ def format_dashboard(iteration: int, max_iters: int, window: dict, seen: dict) -
         f"  IoU: proposals {window[S.ROI_PROPOSAL_IOU]:.2f}  refined {window[S.ROI_PRED_IOU]:.2f}"
         f"  regressor std ratio {window[S.ROI_DELTA_STD_RATIO]:.2f} corr {window[S.ROI_DELTA_CORR]:.2f}",
         f"  on GT boxes: foreground prob {c['fg_mass']:.2f}  true class {100 * c['correct']:.0f}% of it"
-        f"  top-1 {100 * c['accuracy']:.0f}%  margin {c['margin']:.2f}",
+        f"  top-1 {100 * c['accuracy']:.0f}%  margin {c['margin']:.2f}"
+        f"  spread {c['spread']:.2f}",
         format_threshold_table(seen["counts"]),
     ]
     return "\n".join(lines)
