@@ -122,6 +122,8 @@ def test_regressor_collapse():
     assert checks.check_regressor_collapse(trace([(0.042, -0.006), (0.033, -0.006), (0.030, 0.06)]), sustain=3)
     # the same scenario, another run: not shrinking at every period, but barely moving any box
     assert checks.check_regressor_collapse(trace([(0.038, -0.014), (0.031, 0.033), (0.032, 0.023)]), sustain=3)
+    # a constant head (zero weights): float noise that "widens" is no spread
+    assert checks.check_regressor_collapse(trace([(3e-9, 0.0), (1e-8, 0.0), (2.6e-8, 0.0)]), sustain=3)
     # healthy synthetic shapes at 45-75: the spread holds above that while the correlation is ~0
     assert checks.check_regressor_collapse(trace([(0.070, 0.02), (0.070, 0.03), (0.086, 0.06)]), sustain=3) is None
     # healthy default config (600 iterations, period 30; iters 30 and 60): the spread widens
@@ -272,6 +274,10 @@ def test_class_confusion_when_every_object_gets_the_same_class_distribution():
     healthy = [probe_check(40.0, 0.0, fg_mass=m, correct=c, spread=s)
                for m, c, s in ((0.123, 0.295, 0.069), (0.147, 0.317, 0.067), (0.573, 0.308, 0.075))]
     assert checks.check_low_confidence(healthy, sustain=3) is None
+    # an untrained head: the same uniform distribution for every box, foreground C/(C+1) fading
+    # is not named "every object the same distribution" (the >= 0.5 foreground rule still judges it)
+    untrained = [probe_check(100.0, 0.0, fg_mass=m, correct=0.25, spread=0.004) for m in (0.78, 0.74, 0.69)]
+    assert "same class distribution" not in checks.check_low_confidence(untrained, sustain=3).seen
     # the class prior on boxes the head calls background: background wins, not confusion
     starved = [probe_check(5.0, 0.0, fg_mass=m, spread=0.01) for m in (0.02, 0.05, 0.03)]
     assert checks.check_low_confidence(starved, sustain=3).name == "low_confidence"

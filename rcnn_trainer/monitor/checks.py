@@ -248,7 +248,7 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
       foreground has been found at every one of the `sustain` checks: early in a slow healthy
       run the true class sits at chance while foreground is still rising, exactly as with
       shuffled labels; only the shuffled ones stay there;
-    - foreground being found (mean over the window >= `found_mass`) and the head giving every
+    - foreground being found (mean over the window >= `found_mass`, not falling) and the head giving every
       GT box the same class distribution (mean `spread` over the window below `flat_spread`)
       with the true class's share not rising: `class_confusion` at once, labels first. It has
       learned the class prior and nothing from the image. Shuffled labels (synthetic shapes):
@@ -273,8 +273,11 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
     correct = [h.get("correct", float("nan")) for h in recent]
     # NaN, not an error, for judgments restored from a checkpoint written before `spread` existed
     spread = [h.get("spread", float("nan")) for h in recent]
+    # foreground found and not fading: an untrained head also gives every box the same
+    # (uniform) distribution, with foreground C/(C+1) falling as it learns background
     if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= found_mass
-            and statistics.fmean(spread) < flat_spread and not correct[-1] > correct[0] + min_progress):
+            and mass[-1] >= mass[0] and statistics.fmean(spread) < flat_spread
+            and not correct[-1] > correct[0] + min_progress):
         return class_confusion(recent, dets, flips, same_for_every_object=True)
     if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
         if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
@@ -355,13 +358,14 @@ def positives_growing(positives: list[float], window: int, min_growth: float) ->
 
 def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio: float = 0.1,
                              min_corr: float = 0.1, shrink: float = 0.9, small: float = 0.05,
-                             widen: float = 1.5) -> Alarm | None:
+                             widen: float = 1.5, constant: float = 0.005) -> Alarm | None:
     """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
     (std below `max_std_ratio` x the target deltas' std) and do not follow the targets
     (correlation below `min_corr`) for `sustain` periods, while their spread is either below
     `small` at every one of them (the regressor barely moves any box) or shrinking at every
-    period, by at least 1 - `shrink` over the window, and not widening by `widen` x over it:
-    the regressor is heading to a constant.
+    period, by at least 1 - `shrink` over the window, and not widening by `widen` x over it
+    (to `constant` at least: a spread of 1e-8 that doubles is still none): the regressor is
+    heading to a constant.
     Measured, 300-iteration runs after warmup (iterations 60-90): box loss weight 0 (no signal)
     0.038, 0.031, 0.032 and 0.042, 0.033, 0.030 (weight decay pulls the outputs in); healthy
     regressors hold or widen their spread before the correlation appears: synthetic shapes
@@ -378,7 +382,7 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio
     shrinking = all(b <= a for a, b in zip(ratio, ratio[1:])) and ratio[-1] <= shrink * ratio[0]
     if max(ratio) >= small and not shrinking:
         return None  # still moving the boxes, and not pulled in: learning, the correlation comes next
-    if ratio[-1] > widen * ratio[0]:
+    if ratio[-1] > max(widen * ratio[0], constant):
         return None  # small, but widening fast from its initialization: starting to learn
     return Alarm(
         name="regressor_collapse",
