@@ -253,8 +253,8 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
       with the true class's share not rising: `class_confusion` at once, labels first. It has
       learned the class prior and nothing from the image. Shuffled labels (synthetic shapes):
       spread 0.039, 0.017, 0.032 (mean 0.029) while foreground rose 0.17 -> 0.46 at 60-90 of
-      300 iterations. Healthy runs while still at chance: the same shapes 0.069, 0.067, 0.075
-      at 45-75 (mean 0.070); letters and handwriting, lowest window means 0.084: their class
+      300 iterations. Healthy runs, lowest window mean after warmup: shapes 0.104, letters
+      0.121, handwriting 0.084 (the shapes at 45-75, true class at chance: 0.070): their class
       distributions follow the box."""
     if len(history) < sustain:
         return None
@@ -369,7 +369,7 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio
     Measured, 300-iteration runs after warmup (iterations 60-90): box loss weight 0 (no signal)
     0.038, 0.031, 0.032 and 0.042, 0.033, 0.030 (weight decay pulls the outputs in); healthy
     regressors hold or widen their spread before the correlation appears: synthetic shapes
-    0.070, 0.070, 0.086 (corr 0.14 at 90), the same at 200 iterations 0.053, 0.049, 0.058 (corr
+    0.070, 0.086, 0.099 (corr 0.14 at 90), the same at 200 iterations 0.053, 0.049, 0.058 (corr
     0.30 ten iterations later), letters and handwriting 0.15-0.29."""
     # judgments with nothing to compare (NaN: no positive whose targets vary) do not count
     pairs = [(history_value(h, S.ROI_DELTA_STD_RATIO), history_value(h, S.ROI_DELTA_CORR)) for h in history]
