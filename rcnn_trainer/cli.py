@@ -71,13 +71,12 @@ def _run_train(argv) -> int:
     args = _train_parser().parse_intermixed_args(argv)
     cfg = _load(args, output_dir=args.output_dir)
     if args.preflight:
-        from rcnn_trainer.data.loader import build_dataset
         from rcnn_trainer.data.summary import format_summary, summarize_dataset
+        from rcnn_trainer.engine.data_settings import prepare_datasets
         from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 
         reports = []
-        for split in ("train", "val"):
-            dataset = build_dataset(cfg, split)
+        for split, dataset in zip(("train", "val"), prepare_datasets(cfg, print)):
             print(format_summary(summarize_dataset(dataset, split), dataset))
             reports.append(preflight_from_config(cfg, dataset, split))
             print(reports[-1].format())

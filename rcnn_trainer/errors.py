@@ -21,3 +21,7 @@ class TrainingStopped(Exception):
 class WriteFailed(TrainingStopped):
     """A file could not be written (disk full, permissions). What was written before is intact;
     exit code 1 with the message, no traceback."""
+
+
+class UnsafeFile(UserError):
+    """A file that would run code when read (a pickle payload in a checkpoint): refused, exit 2."""

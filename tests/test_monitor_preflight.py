@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import numpy as np
+import yaml
 
 from conftest import ann, image, tiny_config, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import train_main
@@ -117,3 +117,25 @@ def test_narrow_head_warning_from_ten_classes(tmp_path):
     few = CocoDetection(write_coco(tmp_path / "few", few_images, few_anns), tmp_path / "few")
     assert "narrow_head" not in findings(run_preflight(few, "train", head={"representation_size": 256,
                                                                             "fpn_channels": 64}, **ANCHORS))
+
+
+def test_preflight_at_80_classes_resolves_auto_like_training(tmp_path, capsys):
+    # config.yaml's `auto` head and anchors on an 80-class file: once a traceback comparing 'auto' with 128
+    images, anns = coco_scene(tmp_path, 4, n=6)
+    categories = [{"id": 1 + i, "name": f"class{i}"} for i in range(80)]
+    for i, a in enumerate(anns):
+        a["category_id"] = 1 + (7 * i) % 80
+    path = write_coco(tmp_path, images, anns, categories=categories)
+    raw = yaml.safe_load(open("config.yaml"))
+    raw.pop("_base_", None)
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["data"] = {"train": {"ann_file": str(path), "img_dir": str(tmp_path)},
+                   "val": {"ann_file": str(path), "img_dir": str(tmp_path)}, "num_workers": 0,
+                   "min_size": 64, "max_size": 64}
+    assert raw["model"].get("num_classes", "auto") == "auto" and raw["model"]["roi"]["representation_size"] == "auto"
+    code = train_main(["--config", str(write_yaml(tmp_path / "c.yaml", raw)), "--preflight"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[auto] model.num_classes: 80" in out and "model.roi.representation_size: 1024" in out
+    assert "the wide head for 80 classes" in out and "[preflight] no errors." in out
+    assert "narrow_head" not in out  # the resolved wide head is what the check saw

@@ -1,7 +1,10 @@
 """Checkpoints: one plain dict, written atomically, read with a fallback.
 
 A checkpoint holds model, optimizer, scheduler, scaler, iteration, RNG states and the
-resolved config. It is written to a temporary file, fsynced and renamed, so a process killed
+resolved config, all as tensors and plain Python values, so every file is read with
+`torch.load(weights_only=True)`: a checkpoint is data, and one that would need to run code to be
+unpickled (a file from a colleague or a web page can carry such a payload) is refused, never
+unpickled. It is written to a temporary file, fsynced and renamed, so a process killed
 at any moment (SIGKILL included) leaves either the old set of files or the new one: never a
 truncated file under a checkpoint's name.
 """
@@ -16,20 +19,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcnn_trainer.errors import UserError, WriteFailed
+from rcnn_trainer.errors import UnsafeFile, UserError, WriteFailed
+from rcnn_trainer.safe_load import load_weights_only
 
 PERIODIC = re.compile(r"^ckpt_(\d{7})\.pth$")
 KILL_DURING_WRITE_ENV = "RCNN_TRAINER_TEST_KILL_DURING_CHECKPOINT"  # test hook: SIGKILL mid-write
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state as plain values and tensors (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -58,15 +72,9 @@ def atomic_save(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load one checkpoint; a truncated or foreign file becomes a UserError naming it."""
+    """Load one checkpoint; a truncated, foreign or code-carrying file becomes a UserError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own files: RNG states need pickle
-    except Exception as err:  # noqa: BLE001 - any failure to read is a corrupt file
-        raise UserError(f"checkpoint '{path}' is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
-                        f"{str(err)[:200]}).") from None
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint '{path}' is not an rcnn_trainer checkpoint (no 'model' entry).")
     return ckpt
@@ -85,6 +93,8 @@ def load_latest(folder: Path, log=print) -> tuple[dict, Path] | None:
     for path in periodic_checkpoints(folder):
         try:
             return load_checkpoint(path), path
+        except UnsafeFile:
+            raise  # a planted file in the run folder is not a crash to recover from
         except UserError as err:
             log(f"[resume] WARNING {err} Falling back to the previous checkpoint.")
     return None

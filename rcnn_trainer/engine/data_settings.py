@@ -19,6 +19,25 @@ HEAD_SETTINGS = {"backbone.fpn_channels": "fpn_channels", "roi.representation_si
                  "roi.batch_size_per_image": "roi_batch_size_per_image"}
 
 
+def prepare_datasets(cfg: Config, say: Callable[[str], None]):
+    """Both splits, with the `auto` settings resolved from the training one: the one path that
+    training and `rcnn-train --preflight` share, so the preflight checks what training will run."""
+    from rcnn_trainer.data.loader import build_dataset
+
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    resolve_from_data(cfg, train_set, say)
+    check_dataset_fits_model(cfg, train_set)
+    check_dataset_fits_model(cfg, val_set)
+    return train_set, val_set
+
+
+def check_dataset_fits_model(cfg: Config, dataset) -> None:
+    if dataset.num_classes != cfg.model.num_classes:
+        raise UserError(f"model.num_classes is {cfg.model.num_classes} but '{dataset.ann_file}' has "
+                        f"{dataset.num_classes} categories ({', '.join(dataset.class_names[:10])}); "
+                        f"set model.num_classes={dataset.num_classes} (or auto).")
+
+
 def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> None:
     model = cfg.model
     if model.num_classes == "auto":

@@ -17,7 +17,8 @@ from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
-from rcnn_trainer.engine.trainer import check_dataset_fits_model, flatten
+from rcnn_trainer.engine.data_settings import check_dataset_fits_model
+from rcnn_trainer.engine.trainer import flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict, save_config
-from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+from rcnn_trainer.data.loader import build_eval_loader, build_train_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.data_settings import resolve_from_data
+from rcnn_trainer.engine.data_settings import prepare_datasets
 from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
                                         pick_device, to_device, use_channels_last)
 from rcnn_trainer.engine.distributed import (all_gather_objects, broadcast_from_main, init_distributed,
@@ -134,13 +134,6 @@ def compare_resume_config(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def check_dataset_fits_model(cfg: Config, dataset) -> None:
-    if dataset.num_classes != cfg.model.num_classes:
-        raise UserError(f"model.num_classes is {cfg.model.num_classes} but '{dataset.ann_file}' has "
-                        f"{dataset.num_classes} categories ({', '.join(dataset.class_names[:10])}); "
-                        f"set model.num_classes={dataset.num_classes} (or auto).")
-
-
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
           after_forward: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
     """Train as configured; returns the final evaluation metrics. The writing process (rank 0)
@@ -166,10 +159,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
         raise UserError(f"output dir '{out}' already holds checkpoints from an earlier run. Pass --resume to "
                         f"continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
 
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    resolve_from_data(cfg, train_set, say)
-    check_dataset_fits_model(cfg, train_set)
-    check_dataset_fits_model(cfg, val_set)
+    train_set, val_set = prepare_datasets(cfg, say)
     for name, dataset in (("train", train_set), ("val", val_set)):
         say(format_summary(summarize_dataset(dataset, name), dataset))
     report = preflight_from_config(cfg, train_set, "train")

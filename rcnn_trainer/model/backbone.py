@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.safe_load import load_weights_only
 
 RESNET_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]  # top first, as trainable_layers counts
 
@@ -56,10 +57,7 @@ def _load_classifier_weights(classifier: nn.Module, name: str, weights: str, nor
         state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True)
         source = f"torchvision {name} ImageNet weights"
     else:
-        try:
-            state = torch.load(Path(weights), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"model.backbone.weights: '{weights}' is not a loadable state dict: {err}") from None
+        state = load_weights_only(Path(weights), what="model.backbone.weights")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         source = f"'{weights}'"
