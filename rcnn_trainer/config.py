@@ -80,6 +80,17 @@ class DataConfig(Strict):
         "whose rarest class is in a fraction f < t of the training images is drawn sqrt(t/f) times "
         "per epoch. null = every image once. LVIS uses 0.001; tens of classes with a long tail: 0.1-0.3.")
     bad_records: BadRecordPolicy = Field(default_factory=BadRecordPolicy)
+    check_images: Union[Literal["all"], int] = Field(
+        256, description="Image files whose header is read when the dataset is indexed: a seeded sample "
+        "of this many, or `all` (118,000 COCO images: ~44 s here, far more on network storage). Every "
+        "image is checked anyway when it is first loaded, under bad_records.missing_image.")
+
+    @field_validator("check_images")
+    @classmethod
+    def _check_images_count(cls, value):
+        if isinstance(value, int) and (isinstance(value, bool) or value < 0):
+            raise ValueError("data.check_images must be `all` or a count >= 0")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

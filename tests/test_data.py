@@ -192,3 +192,66 @@ def test_train_loader_with_repeat_factors(tmp_path):
     assert loader.batch_sampler.repeat_factors == [1.0, 1.0, 1.0, 2 ** 0.5]  # 'b' is in 1 of 4 images
     images_, targets = next(iter(loader))
     assert len(images_) == 2 and all(t["boxes"].shape == (1, 4) for t in targets)
+
+
+def _png_header_only(path, width, height):
+    """A PNG of a few bytes whose header claims width x height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("check_images", ["all", 0])
+def test_decompression_bomb_and_lying_header_are_refused_naming_the_record(tmp_path, check_images):
+    path = write_coco(tmp_path, [image(1), image(2), image(3)], [ann(1, 1, 7, [1, 1, 5, 5])])
+    _png_header_only(tmp_path / "im2.png", 30000, 30000)  # a bomb: 900 M pixels declared in ~100 bytes
+    _png_header_only(tmp_path / "im3.png", 4000, 3000)  # the header says 4000x3000, the file says 40x30
+    assert (tmp_path / "im2.png").stat().st_size < 1000
+    if check_images == "all":  # checked at indexing
+        with pytest.raises(UserError, match=r"image id 2 .*im2.png.*too large to decode safely"):
+            CocoDetection(path, tmp_path, check_images="all")
+        ds = CocoDetection(path, tmp_path, missing_image="drop", check_images="all")
+        assert len(ds) == 1 and ds.report.counts["missing_image"] == 2
+        assert any("im3.png" in e for e in ds.report.examples["missing_image"])
+    else:  # not read at indexing: refused when first loaded, with the same message
+        ds = CocoDetection(path, tmp_path, check_images=0)
+        assert len(ds) == 3
+        ds[0]
+        with pytest.raises(UserError, match=r"image id 2 .*im2.png.*too large to decode safely"):
+            ds[1]
+        with pytest.raises(UserError, match=r"image id 3 .*im3.png.*4000x3000 but the annotation says 40x30"):
+            ds[2]
+        dropping = CocoDetection(path, tmp_path, check_images=0, missing_image="drop")
+        _, target = dropping[1]  # dropped at load: the next good image comes instead (3 is bad too), counted
+        assert dropping.report.counts["missing_image"] == 2 and target["image_id"] == 1
+
+
+def test_vectorized_index_equals_the_per_record_checks(tmp_path):
+    # the fast path and the per-record path must build identical records on a file with every kind of box
+    images = [image(i, 50, 40) for i in range(1, 5)]
+    boxes = [[1, 1, 5, 5], [45, 35, 10, 10], [-3, 2, 6, 6], [0, 0, 0, 4], [49.5, 1, 3, 3], [60, 60, 5, 5],
+             [2, 2, 3.5, 7.25], [-0.5, -0.5, 10, 10]]
+    anns = [ann(k + 1, 1 + k % 4, (7, 3)[k % 2], b) for k, b in enumerate(boxes * 3)]
+    anns[5]["iscrowd"] = 1
+    path = write_coco(tmp_path, images, anns)
+    fast = CocoDetection(path, tmp_path)
+    slow_file = write_coco(tmp_path, images, anns + [{"id": 99, "image_id": 1, "category_id": 7, "bbox": [1, 1, 2, 2],
+                                                      "note": {"nested": True}}], name="slow.json", make_files=False)
+    import rcnn_trainer.data.coco as coco_module
+    original = coco_module._annotation_columns
+    coco_module._annotation_columns = lambda anns: None  # force the per-record path
+    try:
+        slow = CocoDetection(slow_file, tmp_path)
+    finally:
+        coco_module._annotation_columns = original
+    assert [r.image_id for r in fast.records] == [r.image_id for r in slow.records]
+    for a, b in zip(fast.records, slow.records):
+        extra = 1 if a.image_id == 1 else 0
+        assert np.allclose(a.boxes, b.boxes[:len(b.boxes) - extra]) and (a.labels == b.labels[:len(b.labels) - extra]).all()
+        assert a.num_crowd == b.num_crowd
+    assert fast.report.counts == slow.report.counts

@@ -91,7 +91,7 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
         ann_file, img_dir,
         missing_image=policy.missing_image, unknown_category=policy.unknown_category,
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
-        non_finite_box=policy.non_finite_box,
+        non_finite_box=policy.non_finite_box, check_images=cfg.data.check_images,
         transforms=build_transforms(cfg.data.min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
         seed=cfg.seed)
     if not dataset.records:
