@@ -80,6 +80,15 @@ def read_coco_json(ann_file: Path) -> dict:
                             f"is missing or not a list (found keys: {sorted(data)}).")
     if not data["categories"]:
         raise UserError(f"annotation file '{ann_file}': 'categories' is empty; a detector needs at least one class.")
+    seen = set()
+    for index, category in enumerate(data["categories"]):
+        cat_id = category.get("id") if isinstance(category, dict) else None
+        if type(cat_id) is not int or not -2**62 < cat_id < 2**62:
+            raise UserError(f"annotation file '{ann_file}': categories[{index}] needs an integer 'id', got "
+                            f"{category!r:.200}.")
+        if cat_id in seen:
+            raise UserError(f"annotation file '{ann_file}': categories[{index}]: duplicate category id {cat_id}.")
+        seen.add(cat_id)
     return data
 
 
@@ -135,17 +144,18 @@ class CocoDetection(torch.utils.data.Dataset):
         derived from segmentations; records the loader rejected (bad boxes) left out."""
         anns, seen, fixed = [], set(), 0
         for ann in self.raw["annotations"]:
-            if not isinstance(ann, dict):
-                continue
+            if not isinstance(ann, dict) or any(isinstance(ann.get(k), (bool, list, dict))
+                                                for k in ("image_id", "category_id")):
+                continue  # the loader reported these (unknown image or category)
             bbox = ann.get("bbox") or _bbox_from_segmentation(ann.get("segmentation"), None, None, None)
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(
                     isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 continue
             ann = dict(ann, bbox=bbox, iscrowd=ann.get("iscrowd", 0) or 0)
             ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
-            if ann.get("id") is None or ann["id"] in seen:
-                fixed += 1
-            seen.add(ann.get("id"))
+            if ann.get("id") is None or _hashable(ann["id"]) in seen or type(ann["id"]) is not int:
+                fixed += 1  # pycocotools needs unique plain ids
+            seen.add(_hashable(ann.get("id")))
             anns.append(ann)
         if fixed:  # counted in the load report (see _build_records)
             anns = [dict(a, id=i + 1) for i, a in enumerate(anns)]
@@ -171,7 +181,11 @@ class CocoDetection(torch.utils.data.Dataset):
         anns = self.raw["annotations"]
         ids = [a.get("id") for a in anns if isinstance(a, dict)]
         named = [i for i in ids if i is not None]
-        bad_ids = len(ids) - len(named) + len(named) - len(set(_hashable(i) for i in named))
+        try:
+            distinct = len(set(named))
+        except TypeError:  # a list or dict as an id
+            distinct = len(set(_hashable(i) for i in named))
+        bad_ids = len(ids) - distinct
         if bad_ids:
             self.report.add("annotation ids renumbered for evaluation", f"{bad_ids} missing or duplicate ids")
         columns = _annotation_columns(anns)
@@ -208,7 +222,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
                     raise UserError(f"{self.ann_file}: {where}: {key} must be a positive number of pixels, "
                                     f"got {value!r:.100}.")
-            key = _hashable(image["id"])
+            if isinstance(image["id"], bool) or not isinstance(image["id"], (int, str)):
+                raise UserError(f"{self.ann_file}: {where}: id must be an integer (or a string), "
+                                f"got {image['id']!r:.100}.")
+            key = image["id"]
             if key in images:
                 raise UserError(f"{self.ann_file}: {where}: duplicate image id {image['id']!r:.100}.")
             images[key] = image

@@ -1,0 +1,110 @@
+"""Generated bad input for the real loaders: COCO files and configs mutated at random.
+
+Each case must either load or raise UserError (exit 2 with a message); anything else is a bug.
+Shared by the fixed-seed subset in tests/test_fuzz.py and by tools/fuzz_inputs.py (thousands).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ODD_VALUES = [None, "x", "", "ünïcødé", -1, 0, 1, 2**63, -2**63, 1e308, -1e308, math.nan, math.inf, True, False,
+              [], {}, [1, 2], {"a": 1}, [[1, 2, 3]], 0.5, "7", [None] * 4]
+
+
+def valid_coco(folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in (1, 2, 3):
+        if not (folder / f"im{i}.png").exists():
+            Image.fromarray(np.full((30, 40, 3), 100, np.uint8)).save(folder / f"im{i}.png")
+    return {
+        "images": [{"id": i, "file_name": f"im{i}.png", "width": 40, "height": 30} for i in (1, 2, 3)],
+        "annotations": [{"id": k, "image_id": 1 + k % 3, "category_id": (7, 3)[k % 2], "bbox": [2, 3, 10, 8],
+                         "area": 80, "iscrowd": 0, "segmentation": [[2, 3, 12, 3, 12, 11]]} for k in range(1, 7)],
+        "categories": [{"id": 7, "name": "a", "supercategory": "s"}, {"id": 3, "name": "b", "supercategory": "s"}],
+    }
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def mutate(data, rng: random.Random, steps: int):
+    """`steps` random edits: replace a value, delete a key or item, add a key, duplicate an item, nest."""
+    data = copy.deepcopy(data)
+    for _ in range(steps):
+        paths = list(_paths(data))
+        path = rng.choice(paths)
+        if not path:
+            continue
+        parent = data
+        for part in path[:-1]:
+            parent = parent[part]
+        key = path[-1]
+        op = rng.randrange(5)
+        if op == 0:
+            parent[key] = copy.deepcopy(rng.choice(ODD_VALUES))
+        elif op == 1:
+            del parent[key]
+        elif op == 2 and isinstance(parent, dict):
+            parent[rng.choice(["extra", "id", "bbox", "ü"])] = copy.deepcopy(rng.choice(ODD_VALUES))
+        elif op == 3 and isinstance(parent, list):
+            parent.append(copy.deepcopy(parent[key]))
+        else:
+            parent[key] = [parent[key]] if rng.random() < 0.5 else {"v": parent[key]}
+    return data
+
+
+def try_coco(data, folder: Path) -> str:
+    """'loaded' or 'user_error'; any other exception propagates (a bug)."""
+    from rcnn_trainer.data.coco import CocoDetection
+    from rcnn_trainer.errors import UserError
+
+    path = folder / "fuzz.json"
+    path.write_text(json.dumps(data, allow_nan=True) if not isinstance(data, str) else data)
+    try:
+        dataset = CocoDetection(path, folder, check_images="all")
+        for i in range(len(dataset)):
+            dataset[i]
+        dataset.coco_api()  # what evaluation builds from the file
+    except UserError:
+        return "user_error"
+    return "loaded"
+
+
+def valid_config(folder: Path) -> dict:
+    import yaml
+
+    raw = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("config.yaml").read_text())
+    raw["output_dir"] = str(folder / "run")
+    return raw
+
+
+def try_config(raw, folder: Path) -> str:
+    """Write the config as YAML and load it through load_config: 'loaded' or 'user_error'."""
+    import yaml
+
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.errors import UserError
+
+    path = folder / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        cfg = load_config(path)
+        cfg.model_dump()
+    except UserError:
+        return "user_error"
+    return "loaded"
