@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.atomic_io import atomic_write_text
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), log: Callable[[str], None] | None = None) -> Config:
@@ -38,8 +39,7 @@ def validate_config(raw: dict, source: str) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -49,7 +49,7 @@ def load_weights_only(path: Path, what: str = "checkpoint"):
 
 
 def _corrupt(path: Path, what: str, err: Exception) -> UserError:
-    return UserError(f"{what} '{path}' is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
+    return UserError(f"{what} '{path}' is corrupt or truncated: not a loadable state dict or checkpoint ({type(err).__name__}: "
                      f"{str(err)[:200]}).")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from rcnn_trainer.atomic_io import atomic_save_image
+
 MIN_DRAWN_SIDE = 512   # short side of the drawing; small inputs are upscaled to it
 MAX_UPSCALE = 8
 GT_COLOUR, PRED_COLOUR = (0, 220, 0), (230, 30, 30)
@@ -40,5 +42,4 @@ def draw_detections(image: Image.Image, gt_boxes: list, predictions: list[tuple[
         ty = y0 - th - 2 * width if y0 - th - 2 * width >= 0 else y0  # above the box, or inside at the top
         draw.rectangle([x0, ty, x0 + tw + 2 * width, ty + th + 2 * width], fill=PRED_COLOUR)
         draw.text((x0 + width - left, ty + width - top), text, fill=(255, 255, 255), font=font)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    atomic_save_image(image, out)

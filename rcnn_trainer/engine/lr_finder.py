@@ -27,6 +27,7 @@ from rcnn_trainer.engine.optim import build_optimizer
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.engine.data_settings import resolve_from_data
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.atomic_io import atomic_save_image, atomic_write_text
 
 SMOOTHING = 0.9
 DIVERGE_FACTOR = 4.0
@@ -102,7 +103,7 @@ def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"suggested_lr": suggestion, "rule": "lr at the lowest smoothed loss / 10", "points": points}
-    (out / "lr_find.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "lr_find.json", json.dumps(result, indent=1))
     picture = _plot(points, suggestion, out / "lr_find.png")
     log(f"[lr-find] wrote {out / 'lr_find.json'}" + (f" and {picture}" if picture else
                                                       " (install matplotlib for lr_find.png)"))
@@ -127,6 +128,6 @@ def _plot(points: list[dict], suggestion: float | None, path: Path) -> Path | No
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_save_image(fig, path)
     plt.close(fig)
     return path

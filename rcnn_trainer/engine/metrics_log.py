@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from rcnn_trainer.atomic_io import append_line, atomic_write_text
 
 
 def _plain(value):
@@ -36,8 +37,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({k: _plain(v) for k, v in record.items()})
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        append_line(self.path, line)
 
     def truncate_after(self, iteration: int) -> None:
         """On resume: drop lines logged after the checkpoint, so the log matches an uninterrupted run."""
@@ -50,9 +50,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def read(self) -> list[dict]:
         """Every complete line; a line cut by a killed process is skipped."""

@@ -24,6 +24,7 @@ from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.run_eval import load_model_weights
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.atomic_io import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -131,7 +132,7 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     bar.close()
     if not done:
         raise UserError(f"none of the {len(paths)} input images could be read; first problem: {skipped[0]}")
-    (out / "predictions.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))
     summary = {"images": done, "skipped": len(skipped), "detections": len(results), "score_thresh": score_thresh}
     log(f"[predict] {done} images, {len(results)} detections with score >= {score_thresh:g}"
         + (f", {len(skipped)} unreadable images skipped" if skipped else "")

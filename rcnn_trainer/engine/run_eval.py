@@ -21,6 +21,7 @@ from rcnn_trainer.engine.data_settings import check_dataset_fits_model
 from rcnn_trainer.engine.trainer import flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.atomic_io import atomic_write_text
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Path) -> None:
@@ -49,8 +50,8 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coco_results.json").write_text(json.dumps(results))
-    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=1))
+    atomic_write_text(out / "coco_results.json", json.dumps(results))
+    atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=1))
     print(f"[eval] {checkpoint} on {len(val_set)} images of {val_set.ann_file}")
     print(format_metrics(metrics))
     print(format_threshold_table(metrics["threshold_counts"]))

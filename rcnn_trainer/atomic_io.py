@@ -1,0 +1,61 @@
+"""Writing files so that a process killed at any moment (SIGKILL included) leaves each one either
+complete or absent: never a truncated file under its final name.
+
+A whole file goes to a hidden temporary beside it, is fsynced and renamed over the name (rename is
+atomic on POSIX). A log line is appended with one write() to an O_APPEND descriptor: a kill cannot
+stop a single write to a local file half way (the kernel finishes it), so a line is whole or
+missing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_image(image, path: Path) -> None:
+    """A PIL image (format from the suffix) or a matplotlib figure, written atomically."""
+    buffer = io.BytesIO()
+    if hasattr(image, "savefig"):
+        image.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=90)
+    else:
+        image.save(buffer, format=image_format(path))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def image_format(path: Path) -> str:
+    """PIL's format name for the common suffixes."""
+    suffix = Path(path).suffix.lower()
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}.get(suffix, "PNG")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write() (see the module docstring)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # only on a full disk or a signal; the reader skips a cut line
+            written += os.write(fd, data[written:])
+    finally:
+        os.close(fd)
