@@ -31,6 +31,8 @@ def scalars_to_floats(values: dict) -> dict[str, float]:
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        # where this process's lines start: a resume that finds no checkpoint drops what came before
+        self._start = self.path.stat().st_size if enabled and self.path.is_file() else 0
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -51,6 +53,17 @@ class MetricsLog:
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def discard_earlier_runs(self) -> None:
+        """Keep only the lines this process wrote (a run killed before its first checkpoint
+        starts over from iteration 0, so its lines would otherwise appear twice)."""
+        if not self.enabled or not self.path.is_file() or not self._start:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._start)
+            mine = f.read()
+        atomic_write_text(self.path, mine.decode("utf-8"))
+        self._start = 0
 
     def read(self) -> list[dict]:
         """Every complete line; a line cut by a killed process is skipped."""

@@ -201,6 +201,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None],
         found = ckpt_io.load_latest(ckpt_dir, log=say)
         if found is None:
             say(f"[resume] no loadable checkpoint in '{ckpt_dir}': starting from iteration 0.")
+            metrics.discard_earlier_runs()
         else:
             ckpt, path = found
             for line in compare_resume_config(ckpt["config"], config_to_dict(cfg)):
