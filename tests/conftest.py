@@ -41,6 +41,17 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config path, model_final.pth) of one tiny run, shared by a test module."""
+    from rcnn_trainer.cli import train_main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    config = write_yaml(tmp / "c.yaml", tiny_dict(tmp))
+    assert train_main(["--config", str(config), "--no-progress"]) == 0
+    return config, tmp / "run" / "model_final.pth"
+
+
 def tiny_dict(tmp_path: Path, **updates) -> dict:
     raw = deep_merge(copy.deepcopy(TINY), {"output_dir": str(tmp_path / "run")})
     return deep_merge(raw, updates)

@@ -17,14 +17,6 @@ from rcnn_trainer.cli import predict_main, train_main
 from rcnn_trainer.engine.run_lock import RunLock
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trained")
-    config = write_yaml(tmp / "c.yaml", tiny_dict(tmp))
-    assert train_main(["--config", str(config), "--no-progress"]) == 0
-    return config, tmp / "run" / "model_final.pth"
-
-
 def test_predict_on_files_folders_and_globs(trained, tmp_path, capsys):
     config, checkpoint = trained
     folder = tmp_path / "imgs"

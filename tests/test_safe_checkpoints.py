@@ -27,14 +27,6 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("safe")
-    config = write_yaml(tmp / "c.yaml", tiny_dict(tmp))
-    assert train_main(["--config", str(config), "--no-progress"]) == 0
-    return config, tmp / "run" / "model_final.pth"
-
-
 def hostile_copy(source, path, marker):
     ckpt = torch.load(source, weights_only=True)
     ckpt["extra"] = Payload(marker)
