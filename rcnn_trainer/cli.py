@@ -75,8 +75,9 @@ def _run_train(argv) -> int:
         from rcnn_trainer.engine.data_settings import prepare_datasets
         from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 
+        cfg, train_set, val_set = prepare_datasets(cfg, print)
         reports = []
-        for split, dataset in zip(("train", "val"), prepare_datasets(cfg, print)):
+        for split, dataset in (("train", train_set), ("val", val_set)):
             print(format_summary(summarize_dataset(dataset, split), dataset))
             reports.append(preflight_from_config(cfg, dataset, split))
             print(reports[-1].format())

@@ -295,10 +295,6 @@ class ModelConfig(Strict):
         section, _, name = dotted.rpartition(".")
         return getattr(getattr(self, section) if section else self, name)
 
-    def set_setting(self, dotted: str, value) -> None:
-        section, _, name = dotted.rpartition(".")
-        setattr(getattr(self, section) if section else self, name, value)
-
     def unresolved(self) -> list[str]:
         """The AUTO_SETTINGS still at `auto`."""
         return [key for key in self.AUTO_SETTINGS if self.setting(key) == "auto"]
@@ -407,4 +403,16 @@ class Config(Strict):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    def with_settings(self, updates: dict) -> "Config":
+        """A new, validated config with the dotted keys of `updates` set ("model.num_classes": 3);
+        this one is left as it is (the user's config is never changed after validation)."""
+        data = self.model_dump(mode="json")
+        for dotted, value in updates.items():
+            *sections, name = dotted.split(".")
+            node = data
+            for section in sections:
+                node = node[section]
+            node[name] = value
+        return type(self).model_validate(data)
 

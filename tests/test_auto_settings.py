@@ -43,7 +43,10 @@ def test_num_classes_and_anchors_auto_from_non_contiguous_ids(tmp_path):
     assert cfg.model.num_classes == "auto" and cfg.model.anchors.sizes == "auto"
     lines = []
     dataset = build_dataset(cfg, "train")
-    resolve_from_data(cfg, dataset, lines.append)
+    user_config = cfg.model_dump()
+    resolved = resolve_from_data(cfg, dataset, lines.append)
+    assert cfg.model_dump() == user_config  # the user's config object is never changed
+    cfg = resolved
     assert cfg.model.num_classes == 3
     assert "model.num_classes: 3" in lines[0] and "dog, cat, bird" in lines[0]  # sorted by category id
     sizes = cfg.model.anchors.sizes
@@ -74,7 +77,7 @@ def test_explicit_num_classes_that_disagrees_is_exit_2(tmp_path, capsys):
 
 def test_eval_takes_auto_settings_from_the_checkpoint(tmp_path):
     cfg = validate_config(coco_config(tmp_path, NON_CONTIGUOUS), source="test")
-    resolve_from_checkpoint(cfg, {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]}}})
+    cfg = resolve_from_checkpoint(cfg, {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]}}})
     assert cfg.model.num_classes == 3 and cfg.model.anchors.sizes[0] == [8]
 
 
@@ -90,14 +93,14 @@ def test_head_size_auto_follows_the_number_of_classes(tmp_path, num_categories, 
                       roi={"representation_size": "auto", "batch_size_per_image": "auto"})
     cfg = validate_config(raw, source="test")
     lines = []
-    resolve_from_data(cfg, build_dataset(cfg, "train"), lines.append)
+    cfg = resolve_from_data(cfg, build_dataset(cfg, "train"), lines.append)
     assert head_of(cfg) == expected
     head_line = next(line for line in lines if "fpn_channels" in line)
     assert f"model.backbone.fpn_channels: {expected[0]}" in head_line and f"for {num_categories} classes" in head_line
     # explicit numbers stay as given
     explicit = validate_config(coco_config(tmp_path, categories, backbone={"fpn_channels": 32},
                                            roi={"representation_size": 48, "batch_size_per_image": 16}), source="test")
-    resolve_from_data(explicit, build_dataset(explicit, "train"), lines.append)
+    explicit = resolve_from_data(explicit, build_dataset(explicit, "train"), lines.append)
     assert head_of(explicit) == (32, 48, 16)
 
 
@@ -115,7 +118,7 @@ def test_eval_takes_the_head_size_from_the_checkpoint_or_says_what_is_missing(tm
     cfg = validate_config(raw, source="test")
     saved = {"model": {"num_classes": 3, "anchors": {"sizes": [[8], [16], [32], [64], [128]]},
                        "backbone": {"fpn_channels": 128}, "roi": {"representation_size": 1024, "batch_size_per_image": 128}}}
-    resolve_from_checkpoint(cfg, saved)
+    cfg = resolve_from_checkpoint(cfg, saved)
     assert head_of(cfg) == (128, 1024, 128)
     older = validate_config(raw, source="test")
     with pytest.raises(UserError, match="no resolved model.backbone.fpn_channels, model.roi.representation_size"):

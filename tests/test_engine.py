@@ -221,7 +221,7 @@ def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path, monkeypatch
     """fp16 autocast + GradScaler on CPU, the CUDA AMP path: a scaler that starts far too high
     overflows for many steps in a row while it finds its scale. Those steps are skipped by the
     scaler and logged as amp_overflow; they never count as non-finite nor stop the run."""
-    import rcnn_trainer.engine.trainer as trainer_module
+    import rcnn_trainer.engine.run_setup as trainer_module
 
     monkeypatch.setattr(trainer_module, "grad_scaler_for",
                         lambda device, enabled, setting: torch.amp.GradScaler(device.type, init_scale=2.0 ** 28))

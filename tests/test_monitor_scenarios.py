@@ -64,7 +64,7 @@ def test_vanishing_lr(tmp_path):
 def test_constant_regressor(tmp_path, monkeypatch):
     """A real constant box head (zero weights, frozen, a constant bias): its deltas do not depend
     on the RoI, so the regressor_collapse check must fire; nothing downstream is patched."""
-    import rcnn_trainer.engine.trainer as trainer_module
+    import rcnn_trainer.engine.run_setup as trainer_module
 
     real_build = trainer_module.build_model
 

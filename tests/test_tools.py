@@ -124,7 +124,7 @@ def test_step_profile_charges_backward_ops_to_their_component(tmp_path, roi_alig
 
     cfg = tiny_config(tmp_path, model={"roi": {"roi_align": roi_align}})
     dataset = build_dataset(cfg, "train")
-    resolve_from_data(cfg, dataset, lambda _: None)
+    cfg = resolve_from_data(cfg, dataset, lambda _: None)
     model = build_model(cfg.model).train()
     weights = loss_weights(cfg.model)
 

@@ -90,7 +90,7 @@ class TorchvisionFasterRCNN(nn.Module):
 
 
 def build(cfg, which: str) -> nn.Module:
-    resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)  # model.*: auto settings
+    cfg = resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)  # model.*: auto settings
     torch.manual_seed(cfg.seed)  # both start from the same weights
     ours = build_model(cfg.model)
     return ours if which == "rcnn_trainer" else TorchvisionFasterRCNN(ours, cfg)

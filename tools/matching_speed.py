@@ -61,7 +61,7 @@ def main() -> None:
         cfg = load_config("config.yaml", overrides + [f"data.min_size={side}", f"data.max_size={side}",
                                                       "model.num_classes=4",
                                                       "model.anchors.sizes=[[16],[32],[64],[128],[256]]"])
-        resolve_head_size(cfg, lambda _: None)  # config.yaml's head sizes are `auto`
+        cfg = resolve_head_size(cfg, lambda _: None)  # config.yaml's head sizes are `auto`
         model = build_model(cfg.model).train()
         rpn, heads = model.rpn, model.roi_heads
         images = ImageList(torch.zeros(batch, 3, side, side), [(side, side)] * batch)

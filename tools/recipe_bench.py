@@ -68,7 +68,7 @@ def resolved_model_settings(recipe: str, overrides: list[str]) -> list[str]:
     from rcnn_trainer.engine.data_settings import resolve_from_data
 
     cfg = load_config(recipe, overrides)
-    resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)
+    cfg = resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)
     return [f"model.anchors.sizes={cfg.model.anchors.sizes}", f"model.num_classes={cfg.model.num_classes}"]
 
 

@@ -19,16 +19,18 @@ HEAD_SETTINGS = {"backbone.fpn_channels": "fpn_channels", "roi.representation_si
                  "roi.batch_size_per_image": "roi_batch_size_per_image"}
 
 
-def prepare_datasets(cfg: Config, say: Callable[[str], None]):
-    """Both splits, with the `auto` settings resolved from the training one: the one path that
-    training and `rcnn-train --preflight` share, so the preflight checks what training will run."""
+def prepare_datasets(cfg: Config, say: Callable[[str], None], world_size: int = 1):
+    """The resolved config and both splits, with the `auto` settings and `solver.max_epochs`
+    resolved from the training split: the one path that training and `rcnn-train --preflight`
+    share, so the preflight checks what training will run. `cfg` itself is not changed."""
     from rcnn_trainer.data.loader import build_dataset
 
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    resolve_from_data(cfg, train_set, say)
-    check_dataset_fits_model(cfg, train_set)
-    check_dataset_fits_model(cfg, val_set)
-    return train_set, val_set
+    resolved = resolve_from_data(cfg, train_set, say)
+    resolved = resolve_max_epochs(resolved, len(train_set), world_size, say)
+    check_dataset_fits_model(resolved, train_set)
+    check_dataset_fits_model(resolved, val_set)
+    return resolved, train_set, val_set
 
 
 def check_dataset_fits_model(cfg: Config, dataset) -> None:
@@ -38,60 +40,85 @@ def check_dataset_fits_model(cfg: Config, dataset) -> None:
                         f"set model.num_classes={dataset.num_classes} (or auto).")
 
 
-def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> None:
+def resolve_max_epochs(cfg: Config, train_images: int, world_size: int, say: Callable[[str], None]) -> Config:
+    """`solver.max_epochs` as iterations: epochs x (training images // global batch)."""
+    epochs = cfg.solver.max_epochs
+    if epochs is None:
+        return cfg
+    per_epoch = max(1, train_images // (cfg.data.batch_size * world_size))
+    iterations = epochs * per_epoch
+    if cfg.solver.steps and cfg.solver.steps[-1] >= iterations:
+        raise UserError(f"solver.max_epochs={epochs} gives {iterations} iterations ({per_epoch} per epoch) but "
+                        f"solver.steps {cfg.solver.steps} go beyond; give steps below {iterations}.")
+    say(f"solver.max_epochs={epochs}: {per_epoch} iterations per epoch, max_iters={iterations}")
+    return cfg.with_settings({"solver.max_iters": iterations})
+
+
+def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> Config:
+    """A new config with the model's `auto` settings fitted to the training split."""
     model = cfg.model
-    if model.num_classes == "auto":
-        model.num_classes = train_set.num_classes
-        if model.num_classes < 1:
+    updates: dict = {}
+    num_classes = model.num_classes
+    if num_classes == "auto":
+        num_classes = updates["model.num_classes"] = train_set.num_classes
+        if num_classes < 1:
             raise UserError(f"'{train_set.ann_file}' has no categories, so model.num_classes: auto has nothing to "
                             f"count; add a 'categories' list to the file.")
-        names = ", ".join(train_set.class_names[:12]) + (", ..." if model.num_classes > 12 else "")
-        say(f"[auto] model.num_classes: {model.num_classes} (the categories of '{train_set.ann_file}': {names})")
-    resolve_head_size(cfg, say)
+        names = ", ".join(train_set.class_names[:12]) + (", ..." if num_classes > 12 else "")
+        say(f"[auto] model.num_classes: {num_classes} (the categories of '{train_set.ann_file}': {names})")
+    updates.update(head_size_settings(model, num_classes, say))
     if model.anchors.sizes == "auto":
-        strides = fpn_strides(model.backbone.name)
-        try:
-            sizes, reach = fit_anchor_sizes(
-                train_set.records, levels=model.num_levels, aspect_ratios=model.anchors.aspect_ratios,
-                strides=strides, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
-                fg_iou_thresh=model.rpn.fg_iou_thresh, seed=cfg.seed)
-        except ValueError:
-            sizes = [[TORCHVISION_ANCHOR_BASE * 2 ** level] for level in range(model.num_levels)]
-            say(f"[auto] model.anchors.sizes: {sizes} (torchvision's; the training split has no boxes to fit to)")
-        else:
-            say(f"[auto] model.anchors.sizes: {sizes}, fitted to {reach['boxes']} training boxes after resize "
-                f"(median side {reach['median_side']:.0f} px): {100 * reach['above_0.5']:.0f}% have an anchor with "
-                f"IoU >= 0.5, {100 * reach['above_fg']:.0f}% >= rpn.fg_iou_thresh {model.rpn.fg_iou_thresh}")
-        model.anchors.sizes = sizes
+        updates["model.anchors.sizes"] = fitted_anchor_sizes(cfg, train_set, say)
+    return cfg.with_settings(updates) if updates else cfg
 
 
-def resolve_head_size(cfg: Config, say: Callable[[str], None]) -> None:
-    """FPN width, box-head width and RoIs per image left at `auto`: by the number of classes."""
+def fitted_anchor_sizes(cfg: Config, train_set, say: Callable[[str], None]) -> list[list[float]]:
     model = cfg.model
-    head = head_for(model.num_classes)
-    chosen = []
-    for key, head_key in HEAD_SETTINGS.items():
-        if model.setting(key) == "auto":
-            model.set_setting(key, head[head_key])
-            chosen.append(f"model.{key}: {head[head_key]}")
+    try:
+        sizes, reach = fit_anchor_sizes(
+            train_set.records, levels=model.num_levels, aspect_ratios=model.anchors.aspect_ratios,
+            strides=fpn_strides(model.backbone.name), min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+            fg_iou_thresh=model.rpn.fg_iou_thresh, seed=cfg.seed)
+    except ValueError:
+        sizes = [[TORCHVISION_ANCHOR_BASE * 2 ** level] for level in range(model.num_levels)]
+        say(f"[auto] model.anchors.sizes: {sizes} (torchvision's; the training split has no boxes to fit to)")
+        return sizes
+    say(f"[auto] model.anchors.sizes: {sizes}, fitted to {reach['boxes']} training boxes after resize "
+        f"(median side {reach['median_side']:.0f} px): {100 * reach['above_0.5']:.0f}% have an anchor with "
+        f"IoU >= 0.5, {100 * reach['above_fg']:.0f}% >= rpn.fg_iou_thresh {model.rpn.fg_iou_thresh}")
+    return sizes
+
+
+def head_size_settings(model, num_classes: int, say: Callable[[str], None]) -> dict:
+    """FPN width, box-head width and RoIs per image left at `auto`: by the number of classes."""
+    head = head_for(num_classes)
+    chosen = {f"model.{key}": head[head_key] for key, head_key in HEAD_SETTINGS.items()
+              if model.setting(key) == "auto"}
     if chosen:
         wide = head is WIDE_HEAD
         light_sizes, wide_sizes = ("/".join(str(h[k]) for k in HEAD_SETTINGS.values()) for h in (LIGHT_HEAD, WIDE_HEAD))
-        say(f"[auto] {', '.join(chosen)}: the {'wide' if wide else 'light'} head for {model.num_classes} classes "
-            f"({'>=' if wide else '<'} {MANY_CLASSES}; light {light_sizes}, wide {wide_sizes})")
+        say(f"[auto] {', '.join(f'{k}: {v}' for k, v in chosen.items())}: the {'wide' if wide else 'light'} head "
+            f"for {num_classes} classes ({'>=' if wide else '<'} {MANY_CLASSES}; light {light_sizes}, "
+            f"wide {wide_sizes})")
+    return chosen
 
 
-def resolve_from_checkpoint(cfg: Config, saved_config: dict) -> None:
-    """`auto` settings take the values the checkpoint was trained with."""
-    missing = []
+def resolve_head_size(cfg: Config, say: Callable[[str], None]) -> Config:
+    return cfg.with_settings(head_size_settings(cfg.model, cfg.model.num_classes, say))
+
+
+def resolve_from_checkpoint(cfg: Config, saved_config: dict) -> Config:
+    """A new config whose `auto` settings take the values the checkpoint was trained with."""
+    updates, missing = {}, []
     for key in cfg.model.unresolved():
         value = saved_config.get("model", {})
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, (int, list)) and not isinstance(value, bool):
-            cfg.model.set_setting(key, value)
+            updates[f"model.{key}"] = value
         else:
             missing.append(f"model.{key}")
     if missing:
         raise UserError(f"the checkpoint holds no resolved {', '.join(missing)} for the 'auto' settings of the "
                         f"config; give them explicitly (the training run folder's config.yaml has them).")
+    return cfg.with_settings(updates) if updates else cfg

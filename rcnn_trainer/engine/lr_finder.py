@@ -86,7 +86,7 @@ def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.train.device)
     train_set = build_dataset(cfg, "train")
-    resolve_from_data(cfg, train_set, log)
+    cfg = resolve_from_data(cfg, train_set, log)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.solver)
     batches = iter(build_train_loader(cfg, train_set))

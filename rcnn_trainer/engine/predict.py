@@ -89,7 +89,7 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
         raise UserError(f"no image found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     prepare_output_dir(out)
     ckpt = load_checkpoint(checkpoint)
-    resolve_from_checkpoint(cfg, ckpt.get("config", {}))
+    cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
     model = build_model(cfg.model).to(device).eval()
     load_model_weights(model, ckpt, cfg, checkpoint)

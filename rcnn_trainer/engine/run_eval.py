@@ -18,7 +18,7 @@ from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.engine.data_settings import check_dataset_fits_model
-from rcnn_trainer.engine.trainer import flatten
+from rcnn_trainer.engine.resume import flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.atomic_io import atomic_write_text
@@ -42,7 +42,7 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     device = pick_device(cfg.train.device)
     val_set = build_dataset(cfg, "val")
     ckpt = load_checkpoint(checkpoint)
-    resolve_from_checkpoint(cfg, ckpt.get("config", {}))
+    cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
     model = build_model(cfg.model).to(device)
     load_model_weights(model, ckpt, cfg, checkpoint)

@@ -1,0 +1,219 @@
+"""Building a training run: datasets and their `auto` settings, preflight, model, AMP,
+optimizer, resume and the probe set, gathered in one `Run` that the loop in trainer.py reads.
+
+The user's config is not changed: `Run.cfg` is the resolved copy (auto settings and
+`solver.max_epochs` filled in), saved as the run folder's config.yaml and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from rcnn_trainer.config import Config
+from rcnn_trainer.config_loader import config_to_dict, save_config
+from rcnn_trainer.data.loader import build_eval_loader
+from rcnn_trainer.data.summary import format_summary, summarize_dataset
+from rcnn_trainer.engine import checkpoint as ckpt_io
+from rcnn_trainer.engine.data_settings import prepare_datasets
+from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
+                                        pick_device, use_channels_last)
+from rcnn_trainer.engine.distributed import DistInfo, all_gather_objects, init_distributed
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
+from rcnn_trainer.engine.resume import compare_resume_config
+from rcnn_trainer.errors import UserError
+from rcnn_trainer.model.build import build_model
+from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.health import HealthMonitor, build_health_monitor
+from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
+from rcnn_trainer.monitor.threshold_counts import format_threshold_table
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries about the loop itself (saved as a plain dict)."""
+    iteration: int = 0
+    best_ap: float = -1.0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    amp_overflows: int = 0  # fp16 steps the GradScaler skipped (normal; not non-finite)
+    first_nonfinite_term: Optional[str] = None
+    window: list = field(default_factory=list)  # per-iteration records since the last monitor judgment
+
+
+@dataclass
+class Run:
+    cfg: Config  # resolved
+    info: DistInfo
+    device: torch.device
+    out: Path
+    say: Callable[[str], None]
+    progress: bool
+    metrics: MetricsLog
+    train_set: object
+    val_set: object
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel with more than one rank
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    autocast: Callable
+    health: HealthMonitor
+    state: TrainState
+    probe_images: list
+    probe_targets: list
+    val_loader: object
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self, path: Path) -> None:
+        """A collective: every rank calls it (their RNG states are gathered); rank 0 writes."""
+        rng_states = all_gather_objects(ckpt_io.rng_state())
+        if self.info.is_main:
+            ckpt_io.atomic_save({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "iteration": self.state.iteration, "train_state": self.state.__dict__.copy(),
+                "health": self.health.state_dict(), "rng": rng_states, "config": config_to_dict(self.cfg),
+                "class_names": self.train_set.class_names, "label_to_cat_id": self.train_set.label_to_cat_id,
+            }, path)
+
+    def evaluate(self) -> dict:
+        result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
+                             progress=self.progress and self.info.is_main, autocast=self.autocast)
+        self.metrics.write({"type": "eval", "iter": self.state.iteration,
+                            **{k: v for k, v in result.items() if k not in ("per_class_AP", "threshold_counts")},
+                            **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
+                            **result["threshold_counts"]})
+        self.say(f"[eval @ iter {self.state.iteration}]\n{format_metrics(result)}\n"
+                 f"{format_threshold_table(result['threshold_counts'])}")
+        return result
+
+    def evaluate_and_keep_best(self) -> dict:
+        result = self.evaluate()
+        if result["AP"] > self.state.best_ap:
+            self.state.best_ap = result["AP"]
+            self.save_checkpoint(self.out / "model_best.pth")
+        return result
+
+    def report_alarm(self, alarm: Alarm) -> None:
+        self.metrics.write({"type": "alarm", "iter": self.state.iteration, **alarm.to_record()})
+        if self.health.should_print_in_full(alarm):
+            self.say(alarm.format())
+        else:
+            self.say(f"ALARM [{alarm.name}] again at iter {self.state.iteration} ({self.health.summary()[alarm.name]} "
+                     f"times so far; details above and in metrics.jsonl)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progress: bool) -> Run:
+    info = init_distributed(device_kind(user_cfg.train.device))
+    device = pick_device(user_cfg.train.device, info)
+    say = log if info.is_main else (lambda _msg: None)
+    if user_cfg.train.threads:
+        torch.set_num_threads(user_cfg.train.threads)
+    seed_everything(user_cfg.seed + info.rank)
+    out = Path(user_cfg.output_dir)
+    if not resume and ckpt_io.periodic_checkpoints(out / "checkpoints"):
+        raise UserError(f"output dir '{out}' already holds checkpoints from an earlier run. Pass --resume to "
+                        f"continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
+    cfg, train_set, val_set, findings = prepare_checked_data(user_cfg, say, info.world_size, metrics)
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    run = Run(cfg, info, device, out, say, progress, metrics, train_set, val_set,
+              val_loader=build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size))),
+              health=build_health_monitor(cfg, info.world_size), state=TrainState(),
+              **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
+    if resume:
+        resume_from_latest(run)
+    if run.state.iteration == 0:  # a resumed run has these lines from its first start
+        log_findings(metrics, findings)
+    if info.world_size > 1:
+        run.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def log_findings(metrics: MetricsLog, findings: list) -> None:
+    for finding in findings:
+        metrics.write({"type": "preflight", "iter": 0, "severity": finding.severity, **finding.alarm.to_record()})
+
+
+def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_size: int, metrics: MetricsLog):
+    """The resolved config, both splits and the preflight findings (errors are logged and stop here)."""
+    cfg, train_set, val_set = prepare_datasets(user_cfg, say, world_size)
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        say(format_summary(summarize_dataset(dataset, name), dataset))
+    report = preflight_from_config(cfg, train_set, "train")
+    say(report.format())
+    if report.errors:
+        log_findings(metrics, report.findings)
+        raise_on_errors(report)
+    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
+        say("WARNING model.backbone.weights is null and model.backbone.norm is frozen_bn: frozen BatchNorm "
+            "at random init is an identity. From scratch, set model.backbone.norm to bn or gn.")
+    return cfg, train_set, val_set, report.findings
+
+
+def build_training_parts(cfg: Config, info: DistInfo, device: torch.device, say: Callable[[str], None]) -> dict:
+    model = build_model(cfg.model).to(device)
+    if cfg.model.backbone.norm == "syncbn" and info.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp, dtype = cfg.solver.amp, cfg.solver.amp_dtype
+    scaler = grad_scaler_for(device, amp, dtype)
+    if amp:
+        say(amp_summary(device, amp, dtype, scaler.is_enabled()))
+    if use_channels_last(device, cfg.train.channels_last, amp_dtype(device, amp, dtype)):
+        model.use_channels_last()
+    optimizer = build_optimizer(model, cfg.solver, grad_scaler=scaler.is_enabled())
+    return dict(model=model, ddp_model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.solver),
+                scaler=scaler, autocast=autocast_for(device, amp, dtype))
+
+
+def probe_batch(cfg: Config, train_set, val_set, device: torch.device) -> dict:
+    """The training images the monitor runs inference on: the same ones every judgment (the
+    validation transforms: no flips), images with objects first, since the threshold counts
+    compare detections with ground truth."""
+    probe_set = copy.copy(train_set)
+    probe_set.transforms = val_set.transforms
+    with_objects = [i for i, r in enumerate(probe_set.records) if len(r.labels)]
+    others = [i for i, r in enumerate(probe_set.records) if not len(r.labels)]
+    items = [probe_set[i] for i in (with_objects + others)[:cfg.monitor.probe_images]]
+    return dict(probe_images=[image.to(device) for image, _ in items], probe_targets=[t for _, t in items])
+
+
+def resume_from_latest(run: Run) -> None:
+    found = ckpt_io.load_latest(run.ckpt_dir, log=run.say)
+    if found is None:
+        run.say(f"[resume] no loadable checkpoint in '{run.ckpt_dir}': starting from iteration 0.")
+        run.metrics.discard_earlier_runs()
+        return
+    ckpt, path = found
+    for line in compare_resume_config(ckpt["config"], config_to_dict(run.cfg)):
+        run.say(f"[resume] config differs from the checkpoint: {line}")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.state = TrainState(**ckpt["train_state"])
+    run.health.load_state_dict(ckpt["health"])
+    rng_states, rank = ckpt["rng"], run.info.rank
+    ckpt_io.restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+    run.metrics.truncate_after(run.state.iteration)
+    run.say(f"[resume] continuing from '{path}' at iteration {run.state.iteration}.")

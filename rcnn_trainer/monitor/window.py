@@ -1,0 +1,14 @@
+"""Means over the per-iteration records of one monitor period."""
+
+from __future__ import annotations
+
+import math
+
+
+def window_means(records: list[dict]) -> dict:
+    """Mean of every number over the records, ignoring NaN (e.g. IoU with no positives)."""
+    out = {}
+    for key in records[-1]:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        out[key] = sum(values) / len(values) if values else float("nan")
+    return out
