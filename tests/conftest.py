@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -39,6 +40,22 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
     # One synthetic cache per test session; never the user's ~/.cache.
     monkeypatch.setenv("RCNN_TRAINER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def after_forward(monkeypatch):
+    """`after_forward(fn)` makes fn(step, losses) run between each forward and the weighted sum
+    (step counts from 0 in this process): how tests inject a NaN, a crash or a normalization bug."""
+    import rcnn_trainer.engine.trainer as trainer_module
+
+    def install(fn):
+        real, steps = trainer_module.weighted_total, itertools.count()
+
+        def weighted_total(losses, weights):
+            fn(next(steps), losses)
+            return real(losses, weights)
+        monkeypatch.setattr(trainer_module, "weighted_total", weighted_total)
+    return install
 
 
 @pytest.fixture(scope="module")

@@ -70,16 +70,20 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, after_forward):
     """Interrupted at iteration 5 (last checkpoint at 3) and resumed == never interrupted."""
     settings = dict(solver={"max_iters": 6}, train={"checkpoint_period": 3})
     train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
 
+    crashed = []
+
     def crash(it, losses):
-        if it == 4:
+        if it == 4 and not crashed:
+            crashed.append(it)
             raise _Crash()
+    after_forward(crash)
     with pytest.raises(_Crash):
-        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False, after_forward=crash)
+        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False)
     train(tiny_config(tmp_path / "b", **settings), resume=True, log=quiet, progress=False)
 
     a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=False)["model"]
@@ -115,43 +119,58 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     assert any("continuing from" in m and "ckpt_0000002" in m for m in messages)
 
 
+# rcnn-train in a process whose fsync of one named temporary SIGKILLs it: the checkpoint's bytes
+# are written, not yet fsynced nor renamed
+TRAIN_KILLED_AT_FSYNC_OF = """
+import os, sys
+real_fsync = os.fsync
+def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(sys.argv[1]):
+        os.kill(os.getpid(), 9)
+    real_fsync(fd)
+os.fsync = fsync
+from rcnn_trainer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_during_checkpoint_write_leaves_loadable_newest(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path, solver={"max_iters": 6}, train={"checkpoint_period": 2}))
-    env = dict(os.environ, **{ckpt_io.KILL_DURING_WRITE_ENV: "ckpt_0000004.pth"})
-    proc = subprocess.run([sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(config), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", TRAIN_KILLED_AT_FSYNC_OF, ".ckpt_0000004.pth.tmp", "train",
+                           "--config", str(config), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "run" / "checkpoints"
     newest = ckpt_io.periodic_checkpoints(folder)[0]
     assert newest.name == "ckpt_0000002.pth"
     assert ckpt_io.load_checkpoint(newest)["iteration"] == 2
     assert list(folder.glob(".ckpt_0000004.pth.tmp-*"))  # the half-written file never took the name
-    env.pop(ckpt_io.KILL_DURING_WRITE_ENV)
     proc = subprocess.run([sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(config), "--resume",
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ckpt_io.load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 6
 
 
-def test_nonfinite_loss_skips_counts_and_stops(tmp_path):
+def test_nonfinite_loss_skips_counts_and_stops(tmp_path, after_forward):
     def inject(it, losses):
         if it >= 2:
             losses["loss_roi_box"] = losses["loss_roi_box"] * float("nan")
     cfg = tiny_config(tmp_path, solver={"max_iters": 10, "max_nonfinite_steps": 3}, train={"checkpoint_period": 2})
     with pytest.raises(TrainingStopped, match="3 non-finite steps in a row.*first term to go non-finite was loss_roi_box"):
-        train(cfg, log=quiet, progress=False, after_forward=inject)
+        after_forward(inject)
+        train(cfg, log=quiet, progress=False)
     lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
     assert [l["iter"] for l in lines if l["type"] == "nonfinite"] == [3, 4, 5]
     newest = ckpt_io.periodic_checkpoints(tmp_path / "run" / "checkpoints")[0]
     assert ckpt_io.load_checkpoint(newest)["iteration"] == 2  # the last good one, intact
 
 
-def test_single_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
+def test_single_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, after_forward):
     def inject(it, losses):
         if it == 1:
             losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * float("inf")
     cfg = tiny_config(tmp_path, solver={"max_iters": 3})
-    train(cfg, log=quiet, progress=False, after_forward=inject)
+    after_forward(inject)
+    train(cfg, log=quiet, progress=False)
     lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
     assert [l["terms"] for l in lines if l["type"] == "nonfinite"] == [["loss_rpn_cls"]]
     assert lines[-1]["type"] == "summary" and lines[-1]["nonfinite_steps"] == 1

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
+from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
+from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
 
 
 def period(**values):
@@ -191,25 +194,25 @@ def test_weight_ratio():
 
 
 def probe_check(low, mid, fg_mass=0.2, correct=0.3, spread=0.2):
-    return {"dets@0.05": low, "dets@0.3": mid, "dets@0.5": mid, "dets@0.7": 0.0, "gt_per_image": 3.0,
-            "fg_mass": fg_mass, "correct": correct, "accuracy": correct, "margin": 0.05, "spread": spread}
+    return ProbeResult(ThresholdCounts((0.05, 0.3, 0.5, 0.7), (low, mid, mid, 0.0), 3.0),
+                       ClassDiagnosis(fg_mass=fg_mass, correct=correct, accuracy=correct, margin=0.05, spread=spread))
 
 
 def test_class_diagnosis_spread_measures_whether_the_class_distribution_follows_the_object():
-    from rcnn_trainer.monitor.dashboard import class_diagnosis
+    from rcnn_trainer.monitor.probe import class_diagnosis
     labels = torch.tensor([1, 2, 3, 4])
     # the class prior for every box, whatever its foreground mass: nothing learned from the image
     prior = torch.tensor([0.1, 0.4, 0.3, 0.1, 0.1])
     same = torch.stack([prior, prior * 0.5 + torch.tensor([0.5, 0, 0, 0, 0]), prior, prior])
     d = class_diagnosis(same, labels)
-    assert d["spread"] == pytest.approx(0.0, abs=1e-6) and d["fg_mass"] == pytest.approx((0.9 * 3 + 0.45) / 4)
+    assert d.spread == pytest.approx(0.0, abs=1e-6) and d.fg_mass == pytest.approx((0.9 * 3 + 0.45) / 4)
     # each box its own class: as far from the mean (0.25 each) as 4 classes allow
     own = torch.cat([torch.zeros(4, 1), torch.eye(4)], dim=1)
     d = class_diagnosis(own, labels)
-    assert d["spread"] == pytest.approx(0.75) and d["correct"] == pytest.approx(1.0) and d["accuracy"] == 1.0
+    assert d.spread == pytest.approx(0.75) and d.correct == pytest.approx(1.0) and d.accuracy == 1.0
     # confidently wrong but different per box (a head at chance that does look at the image)
-    assert class_diagnosis(own, torch.tensor([2, 3, 4, 1]))["spread"] == pytest.approx(0.75)
-    assert math.isnan(class_diagnosis(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))["spread"])
+    assert class_diagnosis(own, torch.tensor([2, 3, 4, 1])).spread == pytest.approx(0.75)
+    assert math.isnan(class_diagnosis(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)).spread)
 
 
 def test_low_confidence_background_wins():
@@ -270,7 +273,7 @@ def test_class_confusion_when_every_object_gets_the_same_class_distribution():
     assert "0.039, 0.017, 0.032" in alarm.seen and alarm.change[0].startswith("data.train.ann_file")
     assert not any("cls_pos_weight: raise" in c for c in alarm.change)
     # without the spread, the same probe says: foreground still rising, wait
-    assert checks.check_low_confidence([{**h, "spread": 0.2} for h in shuffled], sustain=3) is None
+    assert checks.check_low_confidence([ProbeResult(h.counts, replace(h.classes, spread=0.2)) for h in shuffled], sustain=3) is None
     healthy = [probe_check(40.0, 0.0, fg_mass=m, correct=c, spread=s)
                for m, c, s in ((0.123, 0.295, 0.069), (0.147, 0.317, 0.067), (0.573, 0.308, 0.075))]
     assert checks.check_low_confidence(healthy, sustain=3) is None

@@ -17,10 +17,10 @@ SHORT = {"solver": {"max_iters": 12, "warmup_iters": 2}, "monitor": {"period": 2
          "train": {"log_period": 1, "checkpoint_period": 100}}
 
 
-def run(tmp_path, after_forward=None, **updates):
+def run(tmp_path, **updates):
     messages = []
     cfg = tiny_config(tmp_path, **{k: {**SHORT.get(k, {}), **updates.get(k, {})} for k in SHORT.keys() | updates.keys()})
-    train(cfg, log=messages.append, progress=False, after_forward=after_forward)
+    train(cfg, log=messages.append, progress=False)
     alarms = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "alarm"]
     return alarms, "\n".join(messages)
 
@@ -31,10 +31,11 @@ def named(alarms, name):
     return found[0]
 
 
-def test_injected_normalization_bug(tmp_path):
+def test_injected_normalization_bug(tmp_path, after_forward):
     def sum_instead_of_mean(it, losses):
         losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * 128  # what dividing by 1 instead of 128 anchors does
-    alarms, out = run(tmp_path, after_forward=sum_instead_of_mean, solver={"max_iters": 2})
+    after_forward(sum_instead_of_mean)
+    alarms, out = run(tmp_path, solver={"max_iters": 2})
     alarm = named(alarms, "initial_loss_scale")
     assert "loss_rpn_cls = " in alarm["seen"] and "expected about 0.69" in alarm["seen"]
     assert any(c.startswith("model.rpn.cls_loss.weight") for c in alarm["change"])

@@ -25,6 +25,8 @@ from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.roi_heads import select_hardest
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
+from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
+from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
 
 REPO = Path(__file__).resolve().parents[1]
 quiet = lambda _m: None
@@ -178,13 +180,21 @@ def every_alarm():
         checks.check_gradients([100.0], [1.0] * 20, 0.9, 1),
         checks.check_loss_scale([8.0, 4.0, 2.0, 1.0]),
         check_collapse([0.0, 0.0, 0.0], 3.0, min_ratio=0.1, patience=3),
-        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0, "fg_mass": 0.1}] * 3,
+        checks.check_low_confidence([probe_result(fg_mass=0.1, correct=nan, accuracy=nan, margin=nan)] * 3,
                                     sustain=3),
-        checks.check_low_confidence([{"dets@0.05": 5.0, "dets@0.5": 0.0, "gt_per_image": 3.0, "fg_mass": 0.9,
-                                      "correct": 0.3, "accuracy": 0.3, "margin": 0.05}] * 3, sustain=3),
+        checks.check_low_confidence([probe_result(fg_mass=0.9, correct=0.3, accuracy=0.3, margin=0.05)] * 3,
+                                    sustain=3),
     ]
     assert all(a is not None for a in alarms)
     return alarms
+
+
+nan = math.nan
+
+
+def probe_result(**classes) -> ProbeResult:
+    """5 detections/image at score >= 0.05, none at 0.5, 3 GT objects/image."""
+    return ProbeResult(ThresholdCounts((0.05, 0.5), (5.0, 0.0), 3.0), ClassDiagnosis(spread=nan, **classes))
 
 
 def preflight_alarm_changes() -> list[str]:

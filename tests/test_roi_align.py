@@ -85,6 +85,18 @@ def test_multiscale_pooler_matches_torchvision_level_assignment():
     for name in names:
         torch.testing.assert_close(leaves_b[name].grad, leaves_a[name].grad, rtol=1e-4, atol=1e-4)
     assert len(set(reference.map_levels(boxes).tolist())) == 4  # the test reached every level
+    assert sparse.scales == reference.scales  # inferred through public names only
+
+
+def test_scales_of_padded_odd_sized_maps_match_torchvision():
+    """Maps of a 1333 x 800 batch padded to 32: 25 x 42 at stride 32 is not an exact ratio."""
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict((n, torch.zeros(1, 2, 800 // 2 ** (i + 2), -(-1344 // 2 ** (i + 2))))
+                           for i, n in enumerate(names))
+    boxes = [torch.tensor([[10.0, 10.0, 300.0, 200.0]])]
+    reference, sparse = MultiScaleRoIAlign(names, 7, 2), SparseMultiScaleRoIAlign(names, 7, 2)
+    torch.testing.assert_close(sparse(features, boxes, [(800, 1333)]), reference(features, boxes, [(800, 1333)]))
+    assert sparse.scales == reference.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
 
 def test_bfloat16_features_pool_in_float32():

@@ -44,7 +44,7 @@ from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.model.build import build_model
-from rcnn_trainer.monitor.dashboard import probe
+from rcnn_trainer.monitor.probe import probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_profile  # noqa: E402  (tools/ is not a package)

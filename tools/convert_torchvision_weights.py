@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rcnn_trainer.config_loader import config_to_dict, load_config
-from rcnn_trainer.engine.checkpoint import atomic_save
+from rcnn_trainer.engine.checkpoint import write_checkpoint
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 
@@ -42,7 +42,7 @@ def convert(config: str, weights: str, out: str, overrides=()) -> None:
     except RuntimeError as err:
         raise UserError(f"'{weights}' does not fit the model of '{config}': {str(err).splitlines()[0]} "
                         f"(check model.num_classes, backbone.name, fpn_channels, roi.representation_size).") from None
-    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "iteration": 0}, Path(out))
+    write_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "iteration": 0}, Path(out))
     print(f"wrote {out}")
 
 

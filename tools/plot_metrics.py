@@ -11,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from rcnn_trainer.engine.metrics_log import MetricsLog
+import yaml
 
-LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")
+from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.losses.weighting import LOSS_NAMES, short_name
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -21,6 +22,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist: pass a run folder written by rcnn-train")
     return MetricsLog(path).read()  # skips a last line cut by a killed run
+
+
+def run_score_thresholds(run_dir: Path) -> list[float]:
+    """monitor.score_thresholds of the run's resolved config.yaml (the default when it has none)."""
+    from rcnn_trainer.config import MonitorConfig
+
+    path = run_dir / "config.yaml"
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    monitor = (saved or {}).get("monitor", {}) if isinstance(saved, dict) else {}
+    return sorted(monitor.get("score_thresholds") or MonitorConfig().score_thresholds)
 
 
 def plot(run_dir: Path, out: Path) -> Path:
@@ -33,13 +44,14 @@ def plot(run_dir: Path, out: Path) -> Path:
     train = [l for l in lines if l.get("type") == "train"]
     monitor = [l for l in lines if l.get("type") == "monitor"]
     alarms = [l for l in lines if l.get("type") == "alarm"]
+    score_thresholds = run_score_thresholds(run_dir)
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
     it = [l["iter"] for l in train]
 
     ax = axes[0][0]
     ax.plot(it, [l["loss"] for l in train], color="black", label="total (weighted)")
     for name in LOSS_NAMES:
-        ax.plot(it, [l.get(f"{name}_weighted", float("nan")) for l in train], label=name[5:])
+        ax.plot(it, [l.get(f"{name}_weighted", float("nan")) for l in train], label=short_name(name))
     ax.set_yscale("log")
     ax.set_title("losses")
     ax.legend(fontsize=7)
@@ -57,9 +69,10 @@ def plot(run_dir: Path, out: Path) -> Path:
     ax.set_xlabel("iteration")
 
     ax = axes[1][1]
-    keys = [k for k in (monitor[0] if monitor else {}) if k.startswith("dets@")]
-    for key in keys:
-        ax.plot([l["iter"] for l in monitor], [l[key] for l in monitor], marker="o", ms=3, label=f"score >= {key[5:]}")
+    for threshold in score_thresholds:
+        key = f"dets@{threshold:g}"  # the column ThresholdCounts.as_record writes
+        ax.plot([l["iter"] for l in monitor], [l.get(key, float("nan")) for l in monitor], marker="o", ms=3,
+                label=f"score >= {threshold:g}")
     if monitor:
         ax.plot([l["iter"] for l in monitor], [l["gt_per_image"] for l in monitor], "k--", label="GT objects")
     ax.set_title("detections per probe image")

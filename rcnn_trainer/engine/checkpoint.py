@@ -11,7 +11,6 @@ truncated file under a checkpoint's name.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rcnn_trainer.atomic_io import atomic_write
 from rcnn_trainer.errors import UnsafeFile, UserError, WriteFailed
 from rcnn_trainer.safe_load import load_weights_only
 
 PERIODIC = re.compile(r"^ckpt_(\d{7})\.pth$")
-KILL_DURING_WRITE_ENV = "RCNN_TRAINER_TEST_KILL_DURING_CHECKPOINT"  # test hook: SIGKILL mid-write
 
 
 def rng_state() -> dict:
@@ -49,26 +48,13 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_checkpoint(obj: dict, path: Path) -> None:
+    """torch.save through atomic_io; a full disk or unwritable folder is a WriteFailed naming the file."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            if os.environ.get(KILL_DURING_WRITE_ENV) == path.name:
-                os.kill(os.getpid(), 9)  # the file is half written and not yet renamed
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise WriteFailed(f"could not write '{path}': {err}. The files written before it are intact; free space "
                           f"or fix the folder, then continue with --resume.") from None
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: Path) -> dict:

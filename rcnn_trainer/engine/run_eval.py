@@ -51,7 +51,9 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "coco_results.json", json.dumps(results))
-    atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), **metrics,
+                                                           "threshold_counts": metrics["threshold_counts"].as_record()},
+                                                          indent=1))
     print(f"[eval] {checkpoint} on {len(val_set)} images of {val_set.ann_file}")
     print(format_metrics(metrics))
     print(format_threshold_table(metrics["threshold_counts"]))

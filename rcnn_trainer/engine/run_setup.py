@@ -80,7 +80,7 @@ class Run:
         """A collective: every rank calls it (their RNG states are gathered); rank 0 writes."""
         rng_states = all_gather_objects(ckpt_io.rng_state())
         if self.info.is_main:
-            ckpt_io.atomic_save({
+            ckpt_io.write_checkpoint({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.state.iteration, "train_state": self.state.__dict__.copy(),
@@ -94,7 +94,7 @@ class Run:
         self.metrics.write({"type": "eval", "iter": self.state.iteration,
                             **{k: v for k, v in result.items() if k not in ("per_class_AP", "threshold_counts")},
                             **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
-                            **result["threshold_counts"]})
+                            **result["threshold_counts"].as_record()})
         self.say(f"[eval @ iter {self.state.iteration}]\n{format_metrics(result)}\n"
                  f"{format_threshold_table(result['threshold_counts'])}")
         return result

@@ -4,9 +4,8 @@
   logged) -> non-finite / overflow decision -> step -> lr step -> log -> monitor / eval / checkpoint
 
 Building the run (datasets, auto settings, model, optimizer, resume, probe set) lives in
-run_setup.py; the skip decision in step_decision.py. Extension points are plain callables
-passed to `train` (e.g. `after_forward` lets a test inject a NaN). Checkpoints, metrics and
-console output happen on rank 0 only.
+run_setup.py; the skip decision in step_decision.py. Checkpoints, metrics and console output
+happen on rank 0 only.
 """
 
 from __future__ import annotations
@@ -34,17 +33,17 @@ from rcnn_trainer.engine.run_lock import RunLock
 from rcnn_trainer.engine.run_setup import Run, build_run
 from rcnn_trainer.engine.step_decision import StepDecision, StepOutcome, decide_step
 from rcnn_trainer.errors import TrainingStopped
-from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, weighted_total
+from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, short_name, weighted_total
 from rcnn_trainer.model.stats import require_stats
-from rcnn_trainer.monitor.dashboard import format_dashboard, probe
+from rcnn_trainer.monitor.dashboard import format_dashboard
+from rcnn_trainer.monitor.probe import probe
 from rcnn_trainer.monitor.window import window_means
 
 GRAD_NORM = "_grad_norm"  # a key of the per-step host copy, logged as grad_norm
-AfterForward = Optional[Callable[[int, dict], None]]
 
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.write,
-          after_forward: AfterForward = None, progress: bool = True) -> dict:
+          progress: bool = True) -> dict:
     """Train as configured; returns the final evaluation metrics. The writing process (rank 0)
     holds the run folder's lock for the whole run: a second run into it stops with exit 2.
     `cfg` is not changed; the resolved config is the run folder's config.yaml."""
@@ -52,11 +51,11 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     with RunLock(Path(cfg.output_dir)) if is_writer else contextlib.nullcontext():
         started = time.time()
         run = build_run(cfg, resume, log, progress)
-        train_loop(run, after_forward)
+        train_loop(run)
         return finish(run, started)
 
 
-def train_loop(run: Run, after_forward: AfterForward) -> None:
+def train_loop(run: Run) -> None:
     cfg, state = run.cfg, run.state
     max_iters = cfg.solver.max_iters
     loader = build_train_loader(cfg, run.train_set, start_iter=state.iteration, rank=run.info.rank,
@@ -74,7 +73,7 @@ def train_loop(run: Run, after_forward: AfterForward) -> None:
         batch = next_batch(data_iter, cfg, lambda: save_progress(run))
         images, targets = to_device(*batch, run.device)
         t_data = time.perf_counter() - t0
-        record = train_step(run, images, targets, state.iteration == first_iteration, after_forward)
+        record = train_step(run, images, targets, state.iteration == first_iteration)
         record.update(data_time=t_data, time=time.perf_counter() - t0)
         stop_on_nonfinite_streak(run)
         state.window.append(record)
@@ -97,7 +96,7 @@ def train_loop(run: Run, after_forward: AfterForward) -> None:
     bar.close()
 
 
-def train_step(run: Run, images, targets, first: bool, after_forward: AfterForward) -> dict:
+def train_step(run: Run, images, targets, first: bool) -> dict:
     """One iteration from forward to lr step; returns its record (every number it logs)."""
     it, optimizer, scaler = run.state.iteration, run.optimizer, run.scaler
     lr = optimizer.param_groups[0]["lr"]
@@ -105,8 +104,6 @@ def train_step(run: Run, images, targets, first: bool, after_forward: AfterForwa
         losses, stats = run.ddp_model(images, targets)
     if first:
         require_stats(stats)  # the monitor reads these keys: a missing one is a bug, caught here
-    if after_forward is not None:
-        after_forward(it, losses)
     weights = loss_weights(run.cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
     total, weighted = weighted_total(losses, weights)  # the one place weights are applied
     scaler.scale(total).backward()
@@ -181,7 +178,7 @@ def stop_on_nonfinite_streak(run: Run) -> None:
 def log_step(run: Run, record: dict) -> None:
     run.metrics.write({"type": "train", **record})
     run.say(f"iter {record['iter']}/{run.cfg.solver.max_iters}  loss {record['loss']:.3f}  "
-            + "  ".join(f"{n.removeprefix('loss_')} {record.get(n, 0.0):.3f}" for n in LOSS_NAMES)
+            + "  ".join(f"{short_name(n)} {record.get(n, 0.0):.3f}" for n in LOSS_NAMES)
             + f"  lr {record['lr']:.2e}  gnorm {record.get('grad_norm', float('nan')):.2f}"
             + f"  {record['time']:.2f}s/it (data {record['data_time']:.2f}s)")
 
@@ -192,8 +189,8 @@ def judge(run: Run) -> None:
     max_iters, period = cfg.solver.max_iters, cfg.monitor.period_for(cfg.solver.max_iters)
     mean = window_means(state.window)
     seen = probe(run.model, run.probe_images, run.probe_targets, cfg.monitor.score_thresholds)
-    run.metrics.write({"type": "monitor", "iter": state.iteration, **seen["counts"],
-                       **{f"probe/{k}": v for k, v in seen["classes"].items()},
+    run.metrics.write({"type": "monitor", "iter": state.iteration, **seen.counts.as_record(),
+                       **{f"probe/{k}": v for k, v in seen.classes.as_record().items()},
                        **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
     alarms = run.health.period(state.iteration, max_iters, state.window, mean, seen,
                                scaler.get_scale() if scaler.is_enabled() else None)

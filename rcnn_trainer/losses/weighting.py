@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rcnn_trainer.config import ModelConfig, WeightRamp
 
-LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the total: its key in the model's loss dict, how logs and the dashboard name
+    it, its head and the config section that sets it."""
+    name: str
+    short: str
+    head: str      # "rpn" or "roi"
+    kind: str      # "cls" or "box"
+
+    @property
+    def config_key(self) -> str:
+        return f"model.{self.head}.{self.kind}_loss"
+
+
+LOSS_TERMS = {t.name: t for t in (LossTerm("loss_rpn_cls", "rpn_cls", "rpn", "cls"),
+                                  LossTerm("loss_rpn_box", "rpn_box", "rpn", "box"),
+                                  LossTerm("loss_roi_cls", "roi_cls", "roi", "cls"),
+                                  LossTerm("loss_roi_box", "roi_box", "roi", "box"))}
+LOSS_NAMES = tuple(LOSS_TERMS)
+
+
+def short_name(loss_name: str) -> str:
+    return LOSS_TERMS[loss_name].short
 
 
 def _loss_configs(model_cfg: ModelConfig) -> dict:
-    return {"loss_rpn_cls": model_cfg.rpn.cls_loss, "loss_rpn_box": model_cfg.rpn.box_loss,
-            "loss_roi_cls": model_cfg.roi.cls_loss, "loss_roi_box": model_cfg.roi.box_loss}
+    return {name: getattr(getattr(model_cfg, t.head), f"{t.kind}_loss") for name, t in LOSS_TERMS.items()}
 
 
 def ramped_weight(final: float, ramp: WeightRamp | None, iteration: int) -> float:

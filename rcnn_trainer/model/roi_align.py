@@ -19,12 +19,13 @@ on CUDA, which has a fast native one.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import LevelMapper
 
 
 class _SparsePool(torch.autograd.Function):
@@ -154,19 +155,32 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     on CPU; on other devices torchvision's own kernels."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = _filter_input(x, self.featmap_names)
+        features = [x[name] for name in self.featmap_names]
         if features[0].device.type != "cpu":
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
+            self.scales, self.map_levels = level_scales(features, image_shapes, self.canonical_scale,
+                                                        self.canonical_level)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
         if len(features) == 1:
             level = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
         else:
             level = self.map_levels(boxes).long()
         pooled = pool_levels(features, rois, level, self.scales, self.output_size, self.sampling_ratio)
         return pooled.to(features[0].dtype)
+
+
+def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]], canonical_scale: int,
+                 canonical_level: int) -> tuple[list[float], LevelMapper]:
+    """What MultiScaleRoIAlign infers on its first call, through public names only: each level's
+    scale is the power of two nearest to (map height / largest image height), and the FPN level
+    of a box follows from the first and last level (torchvision's LevelMapper)."""
+    if not image_shapes:
+        raise ValueError("image_shapes is empty: nothing to infer the feature scales from")
+    max_height = max(shape[0] for shape in image_shapes)
+    scales = [2.0 ** round(math.log2(f.shape[-2] / max_height)) for f in features]
+    first, last = -math.log2(scales[0]), -math.log2(scales[-1])
+    return scales, LevelMapper(int(first), int(last), canonical_scale, canonical_level)
 
 
 def multi_scale_roi_align(implementation: str, feature_names: list[str], output_size: int,

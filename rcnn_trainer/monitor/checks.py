@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 import statistics
 
+from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.probe import ProbeResult
 
-WEIGHT_KEYS = {
-    "loss_rpn_cls": "model.rpn.cls_loss.weight",
-    "loss_rpn_box": "model.rpn.box_loss.weight",
-    "loss_roi_cls": "model.roi.cls_loss.weight",
-    "loss_roi_box": "model.roi.box_loss.weight",
-}
+WEIGHT_KEYS = {name: f"{term.config_key}.weight" for name, term in LOSS_TERMS.items()}
 BOX_TYPE_KEYS = {"rpn": "model.rpn.box_loss.type", "roi": "model.roi.box_loss.type"}
 
 
@@ -140,7 +137,7 @@ def check_flat_term(history: list[dict], *, window: int, first: dict | None = No
         others = [h["loss"] - h.get(f"{name}_weighted", 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
                 and relative_slope(others) < -falling):
-            head = name.split("_")[1]
+            head = LOSS_TERMS[name].head
             return Alarm(
                 name="flat_loss",
                 seen=f"{name} stays at {series[0]:.4f} -> {series[-1]:.4f} over {window} periods "
@@ -228,7 +225,7 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
                 "solver.lr: check it is not too low"])
 
 
-def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: list[float] | None = None,
+def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positives: list[float] | None = None,
                          min_ratio: float = 0.1, fg_mass_split: float = 0.5, min_progress: float = 0.05,
                          min_growth: float = 1.2, flips: bool = False, found_mass: float = 0.25,
                          flat_spread: float = 0.045) -> Alarm | None:
@@ -259,20 +256,20 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
-    keys = [k for k in recent[-1] if k.startswith("dets@")]
-    if not keys or min(h["gt_per_image"] for h in recent) <= 0:
+    if min(h.counts.gt_per_image for h in recent) <= 0:
         return None
-    key = min(keys, key=lambda k: abs(float(k[5:]) - 0.5))
-    if any(h[key] >= min_ratio * h["gt_per_image"] for h in recent):
+    near_half = [h.counts.nearest(0.5) for h in recent]
+    if any(dets >= min_ratio * h.counts.gt_per_image for h, (_, dets) in zip(recent, near_half)):
         return None
-    lowest = keys[0]
-    dets = (f"probe detections/image with score >= {key[5:]}: {', '.join(f'{h[key]:.2f}' for h in recent)} "
-            f"(at >= {lowest[5:]}: {', '.join(f'{h[lowest]:.2f}' for h in recent)}) vs "
-            f"{recent[-1]['gt_per_image']:.2f} GT objects per image")
-    mass = [h["fg_mass"] for h in recent]
-    correct = [h.get("correct", float("nan")) for h in recent]
+    lowest = recent[-1].counts.thresholds[0]
+    dets = (f"probe detections/image with score >= {near_half[-1][0]:g}: "
+            f"{', '.join(f'{d:.2f}' for _, d in near_half)} "
+            f"(at >= {lowest:g}: {', '.join(f'{h.counts.at_lowest:.2f}' for h in recent)}) vs "
+            f"{recent[-1].counts.gt_per_image:.2f} GT objects per image")
+    mass = [h.classes.fg_mass for h in recent]
+    correct = [h.classes.correct for h in recent]
     # NaN, not an error, for judgments restored from a checkpoint written before `spread` existed
-    spread = [h.get("spread", float("nan")) for h in recent]
+    spread = [h.classes.spread for h in recent]
     # foreground found and not fading: an untrained head also gives every box the same
     # (uniform) distribution, with foreground C/(C+1) falling as it learns background
     if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= found_mass
@@ -301,18 +298,18 @@ def check_low_confidence(history: list[dict], *, sustain: int, roi_positives: li
     return class_confusion(recent, dets, flips, same_for_every_object=False)
 
 
-def class_confusion(recent: list[dict], dets: str, flips: bool, *, same_for_every_object: bool) -> Alarm:
+def class_confusion(recent: list[ProbeResult], dets: str, flips: bool, *, same_for_every_object: bool) -> Alarm:
     """The `class_confusion` alarm. `same_for_every_object`: the head gives every GT box the
     same class distribution (spread ~0), i.e. it learned the class prior and nothing from the
     image; labels that carry no signal do exactly that, so checking them comes first."""
-    mass = [h["fg_mass"] for h in recent]
-    correct = [h["correct"] for h in recent]
-    accuracy = [h["accuracy"] for h in recent]
-    spreads = [h.get("spread", float("nan")) for h in recent]
+    mass = [h.classes.fg_mass for h in recent]
+    correct = [h.classes.correct for h in recent]
+    accuracy = [h.classes.accuracy for h in recent]
+    spreads = [h.classes.spread for h in recent]
     seen = (f"{dets}; on the GT boxes the head gives foreground probability {', '.join(f'{m:.2f}' for m in mass)} "
             f"but only {', '.join(f'{100 * c:.0f}%' for c in correct)} of it to the true class (top-1 "
             f"{', '.join(f'{100 * a:.0f}%' for a in accuracy)}, margin to the second class "
-            f"{recent[-1]['margin']:.2f}")
+            f"{recent[-1].classes.margin:.2f}")
     mirrored = ["data.hflip_prob: 0 if the classes are not left-right symmetric (digits, letters, arrows, "
                 "left/right parts): flipped images teach mirrored shapes (real digits, 300 iterations: AP 0.10 "
                 "with flips, 0.15 without)"] if flips else []

@@ -17,6 +17,7 @@ from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.probe import ProbeResult
 
 MAX_NORMS_KEPT = 500
 
@@ -72,6 +73,9 @@ class HealthMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
+        # judgments of checkpoints older than the typed probe (flat "dets@..." dicts) are dropped:
+        # the low_confidence and collapse checks then wait `sustain` judgments again
+        state["probe"] = [p for p in state.get("probe", []) if "counts" in p]
         older = state.pop("after_warmup", None)  # older checkpoints kept a copy of the judgments after warmup
         if older and state.get("warmup_end") is None:
             state["warmup_end"] = len(state.get("history", [])) - len(older)
@@ -91,7 +95,7 @@ class HealthMonitor:
         found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
         return [a for a in found if a is not None]
 
-    def period(self, iteration: int, max_iters: int, records: list[dict], mean: dict, probe: dict,
+    def period(self, iteration: int, max_iters: int, records: list[dict], mean: dict, probe: ProbeResult,
                loss_scale: float | None) -> list[Alarm]:
         """One judgment: `records` are the iterations since the last one, `mean` their means,
         `probe` the probe set's threshold counts and class diagnosis."""
@@ -126,12 +130,12 @@ class HealthMonitor:
             found.append(checks.check_flat_term(after_warmup, window=s.flat_window, first=history[0]))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
             found.append(checks.check_proposal_iou_not_rising(after_warmup))
-            st["probe"].append({**probe["counts"], **probe["classes"]})
+            st["probe"].append(probe.as_state())
+            probes = [ProbeResult.from_state(p) for p in st["probe"]]
             roi_positives = [checks.history_value(h, S.ROI_POS) for h in history]
-            found.append(checks.check_low_confidence(st["probe"], sustain=s.sustain, roi_positives=roi_positives,
+            found.append(checks.check_low_confidence(probes, sustain=s.sustain, roi_positives=roi_positives,
                                                      flips=s.flips))
-            lowest = next(iter(probe["counts"]))  # counts are ordered by threshold, lowest first
-            found.append(checks.check_collapse([c[lowest] for c in st["probe"]], probe["counts"]["gt_per_image"],
+            found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
                                                min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
         found = [a for a in found if a is not None]
         # a model whose lr is negligible before it learned shows every symptom of not learning;
