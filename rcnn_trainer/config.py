@@ -12,6 +12,10 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
+                                         LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
+                                         RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -352,6 +356,11 @@ class TrainConfig(Strict):
 class CollapseConfig(Strict):
     patience: int = Field(3, ge=1, description="Checks in a row below min_ratio before the alarm.")
     min_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Detections/GT per image below this = collapsed.")
+    drop: float = Field(0.9, gt=0.0, lt=1.0, description="Also collapsed: this fraction below the peak for patience "
+                        "checks in a row ...")
+    settle_ratio: float = Field(2.0, gt=1.0, description="... the peak counted from the first check with at most "
+                                "this x GT detections per image (falling from the near-uniform early scores is "
+                                "learning, not collapse).")
     action: Literal["warn", "stop"] = Field("warn", description="warn, or stop training.")
 
 
@@ -370,6 +379,19 @@ class MonitorConfig(Strict):
     sustain: int = Field(3, ge=1, description="... for this many monitor periods in a row (also foreground starvation, stuck IoU loss).")
     flat_window: int = Field(5, ge=3, description="Monitor periods over which a loss term's trend is judged flat.")
     repeat_every: int = Field(5, ge=1, description="A repeated alarm is summarised in one line until this many checks have passed.")
+    # what each check compares against (config_monitor.py; measured reasons in docs/monitor.md)
+    initial_loss: InitialLossLimits = Field(default_factory=InitialLossLimits)
+    weight_ratio: WeightRatioLimits = Field(default_factory=WeightRatioLimits)
+    flat_loss: FlatLossLimits = Field(default_factory=FlatLossLimits)
+    stuck_iou: StuckIouLimits = Field(default_factory=StuckIouLimits)
+    starvation: StarvationLimits = Field(default_factory=StarvationLimits)
+    proposal_iou: ProposalIouLimits = Field(default_factory=ProposalIouLimits)
+    low_confidence: LowConfidenceLimits = Field(default_factory=LowConfidenceLimits)
+    regressor_collapse: RegressorCollapseLimits = Field(default_factory=RegressorCollapseLimits)
+    learning_rate: LearningRateLimits = Field(default_factory=LearningRateLimits)
+    lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
+    gradients: GradientLimits = Field(default_factory=GradientLimits)
+    loss_scale: LossScaleLimits = Field(default_factory=LossScaleLimits)
 
     @field_validator("period")
     @classmethod

@@ -238,14 +238,37 @@ def test_low_confidence_waits_while_the_rpn_still_feeds_more_positives():
     assert not checks.positives_growing([1.0, 1.0, 1.0, 1.1, 1.1, 1.1], 3, 1.2)
 
 
+def test_class_confusion_never_suggests_a_value_the_run_already_has():
+    """The 10-class real-content run with the auto wide head (1024, 128) was told to raise
+    representation_size to 1024 and fpn_channels to 128-256: each suggestion now names the
+    run's value and a different one, or is left out."""
+    confused = [probe_check(45.0, 0.0, fg_mass=0.8, correct=0.25)] * 3
+    wide = checks.CapacityAdvice(representation_size=1024, fpn_channels=128, min_size=512, max_iters=900)
+    change = checks.check_low_confidence(confused, sustain=3, advice=wide).change
+    assert not any(c.startswith("model.roi.representation_size") for c in change)
+    assert "model.backbone.fpn_channels: 128 -> 256" in change
+    assert any(c.startswith("solver.max_iters: 900 -> 1800") for c in change)
+    assert any(c.startswith("data.min_size: 512 -> 768") for c in change)
+    widest = checks.CapacityAdvice(representation_size=1024, fpn_channels=256, min_size=800, max_iters=900)
+    change = checks.check_low_confidence(confused, sustain=3, advice=widest).change
+    assert not any(c.startswith(("model.roi.representation_size", "model.backbone.fpn_channels")) for c in change)
+    for suggestion in change:  # every suggestion with a number names two different ones
+        key, _, rest = suggestion.partition(": ")
+        if "->" in rest:
+            before, after = (part.split()[0] for part in rest.split("->")[:2])
+            assert before != after, suggestion
+
+
 def test_class_confusion_is_told_apart():
     confused = [probe_check(45.0, 0.0, fg_mass=0.8, correct=0.25)] * 3
-    alarm = checks.check_low_confidence(confused, sustain=3)
+    narrow = checks.CapacityAdvice(representation_size=256, fpn_channels=64, min_size=320, max_iters=300)
+    alarm = checks.check_low_confidence(confused, sustain=3, advice=narrow)
     assert alarm.name == "class_confusion" and "only 25%, 25%, 25% of it to the true class" in alarm.seen
-    assert alarm.change[0].startswith("model.roi.representation_size")
+    assert alarm.change[0].startswith("model.roi.representation_size: 256 -> 1024")
+    assert "model.backbone.fpn_channels: 64 -> 128" in alarm.change
     assert not any("cls_pos_weight: raise" in c for c in alarm.change)
     # with flip augmentation on, mirrored classes come first (digits, letters)
-    with_flips = checks.check_low_confidence(confused, sustain=3, flips=True)
+    with_flips = checks.check_low_confidence(confused, sustain=3, flips=True, advice=narrow)
     assert with_flips.change[0].startswith("data.hflip_prob: 0") and with_flips.change[1:] == alarm.change
     # the same low scores while the true class's share rises: a model still learning, no alarm
     learning = [probe_check(45.0, 0.0, fg_mass=0.8, correct=c) for c in (0.25, 0.35, 0.45)]

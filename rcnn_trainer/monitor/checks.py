@@ -1,15 +1,20 @@
 """Training-health checks. Each takes plain numbers and returns an Alarm or None.
 
 Numbers come from the per-period means of the training log (`history`: one dict per monitor
-period, oldest first) or from the probe-set inference. Thresholds are arguments so tests
-can provoke each check and the healthy default run can show that none fires.
+period, oldest first) or from the probe-set inference. What each check compares against is its
+group of `monitor.*` (config_monitor.py), with the measured reasons in docs/monitor.md.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
+from rcnn_trainer.config import CollapseConfig
+from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
+                                         LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
+                                         RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor.alarms import Alarm
@@ -44,11 +49,12 @@ def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: dict, ro
     }
 
 
-def check_initial_loss_scale(record: dict, expected: dict, *, box_limit: float = 5.0,
-                             tolerance: float = 3.0) -> Alarm | None:
+def check_initial_loss_scale(record: dict, expected: dict,
+                             limits: InitialLossLimits = InitialLossLimits()) -> Alarm | None:
     """First iteration: classification terms far from their value at zero logits, or a box
     term far above its natural range (a per-box loss of order 1 averaged over the sample)."""
     off = {}  # term -> what was seen
+    tolerance, box_limit = limits.tolerance, limits.box_limit
     for name, value in expected.items():
         seen = record.get(name, float("nan"))
         if not (value / tolerance <= seen <= value * tolerance):
@@ -69,13 +75,13 @@ def check_initial_loss_scale(record: dict, expected: dict, *, box_limit: float =
 
 
 # ------------------------------------------------------------------ 2. one term dominates
-def check_weight_ratio(weights: dict[str, float], *, limit: float = 10.0) -> Alarm | None:
+def check_weight_ratio(weights: dict[str, float], limits: WeightRatioLimits = WeightRatioLimits()) -> Alarm | None:
     """At start: one loss weight `limit` times or more the smallest non-zero one."""
     active = {n: w for n, w in weights.items() if w > 0}
     if len(active) < 2:
         return None
     top, low = max(active, key=active.get), min(active, key=active.get)
-    if active[top] < limit * active[low]:
+    if active[top] < limits.limit * active[low]:
         return None
     return Alarm(
         name="loss_weight_ratio",
@@ -114,8 +120,8 @@ def relative_slope(values: list[float]) -> float:
     return (num / den) * n / mean_y if den and mean_y else 0.0
 
 
-def check_flat_term(history: list[dict], *, window: int, first: dict | None = None, flat: float = 0.05,
-                    falling: float = 0.2) -> Alarm | None:
+def check_flat_term(history: list[dict], *, window: int, first: dict | None = None,
+                    limits: FlatLossLimits = FlatLossLimits()) -> Alarm | None:
     """A term whose trend over `window` periods changes it by less than `flat` (its first and
     last values too) while the weighted total of the other terms falls by more than `falling`,
     and which has not already fallen below half of its highest judgment (`first`, the run's
@@ -127,12 +133,13 @@ def check_flat_term(history: list[dict], *, window: int, first: dict | None = No
         return None
     first = first if first is not None else history[0]
     recent = history[-window:]
+    flat, falling = limits.flat, limits.falling
     for name in WEIGHT_KEYS:
         series = [h.get(name, 0.0) for h in recent]
         if min(series) <= 1e-6:
             continue
         highest = max([first.get(name, 0.0)] + [h.get(name, 0.0) for h in history])
-        learned = series[-1] < 0.5 * highest
+        learned = series[-1] < limits.learned * highest
         level = abs(series[-1] / series[0] - 1.0) < flat
         others = [h["loss"] - h.get(f"{name}_weighted", 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
@@ -150,9 +157,10 @@ def check_flat_term(history: list[dict], *, window: int, first: dict | None = No
     return None
 
 
-def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int, limit: float = 0.95) -> Alarm | None:
+def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int,
+                         limits: StuckIouLimits = StuckIouLimits()) -> Alarm | None:
     """An IoU-type box loss (giou, diou, ciou, wiou) whose positive boxes keep missing their
-    targets: mean IoU of the refined positive boxes with their GT below 1 - limit."""
+    targets: mean IoU of the refined positive boxes with their GT below `limits.min_iou`."""
     if len(history) < sustain:
         return None
     keys = {"rpn": S.RPN_PRED_IOU, "roi": S.ROI_PRED_IOU}
@@ -160,11 +168,11 @@ def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int, 
         if loss_type not in ("giou", "diou", "ciou", "wiou"):
             continue
         values = [history_value(h, keys[head]) for h in history[-sustain:]]
-        if all(1.0 - v > limit for v in values):
+        if all(v < limits.min_iou for v in values):
             return Alarm(
                 name="stuck_iou_loss",
                 seen=f"{head} {loss_type}: mean IoU of the refined positive boxes with their GT "
-                     f"{', '.join(f'{v:.3f}' for v in values)} (below {1 - limit:.2f} for {sustain} periods)",
+                     f"{', '.join(f'{v:.3f}' for v in values)} (below monitor.stuck_iou.min_iou={limits.min_iou:g} for {sustain} periods)",
                 why="the predicted boxes hardly overlap their targets (tiny predicted boxes on tiny objects); an IoU "
                     "loss gives almost no gradient there",
                 change=[f"{BOX_TYPE_KEYS[head]}: smooth_l1 (deltas) or ciou/diou (centre-distance term)",
@@ -181,7 +189,8 @@ def history_value(record: dict, key: str) -> float:
 
 
 # ------------------------------------------------------------------ 4. foreground starvation
-def check_foreground_starvation(history: list[dict], *, sustain: int, min_share: float = 0.5) -> Alarm | None:
+def check_foreground_starvation(history: list[dict], *, sustain: int,
+                                limits: StarvationLimits = StarvationLimits()) -> Alarm | None:
     """RPN or RoI positives per image below `min_share` x the GT objects per image for `sustain`
     periods. The data gives at least that many: every GT box has a best anchor (matched even below
     fg_iou_thresh) and is itself added to the RoIs, so fewer means sampling or matching starves."""
@@ -194,7 +203,7 @@ def check_foreground_starvation(history: list[dict], *, sustain: int, min_share:
     for head, key, keys in (("rpn", S.RPN_POS, ("model.rpn.fg_iou_thresh", "model.rpn.positive_fraction")),
                             ("roi", S.ROI_POS, ("model.roi.fg_iou_thresh", "model.roi.positive_fraction"))):
         pos = [history_value(h, key) for h in recent]
-        if all(p < min_share * g for p, g in zip(pos, gt)):
+        if all(p < limits.min_share * g for p, g in zip(pos, gt)):
             return Alarm(
                 name="foreground_starvation",
                 seen=f"{head} positives per image {', '.join(f'{p:.2f}' for p in pos)} with "
@@ -206,15 +215,16 @@ def check_foreground_starvation(history: list[dict], *, sustain: int, min_share:
     return None
 
 
-def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, min_gain: float = 0.0,
-                                  low: float = 0.55) -> Alarm | None:
+def check_proposal_iou_not_rising(history: list[dict],
+                                  limits: ProposalIouLimits = ProposalIouLimits()) -> Alarm | None:
     """Judged at every period from the `min_periods`-th on: the mean IoU of positive proposals
     over the last 3 periods never got above its first value and stays near the matching
     threshold (below `low`): the RPN is not improving. A level that settled higher is a
     converged RPN, not a stuck one (the default run settles at ~0.6 within 100 iterations)."""
     values = [history_value(h, S.ROI_PROPOSAL_IOU) for h in history]
     values = [v for v in values if not math.isnan(v)]
-    if len(values) < min_periods or max(values[-3:]) > values[0] + min_gain or max(values[-3:]) >= low:
+    if (len(values) < limits.min_periods or max(values[-3:]) > values[0] + limits.min_gain
+            or max(values[-3:]) >= limits.low):
         return None
     return Alarm(
         name="proposal_iou_flat",
@@ -226,9 +236,8 @@ def check_proposal_iou_not_rising(history: list[dict], *, min_periods: int = 6, 
 
 
 def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positives: list[float] | None = None,
-                         min_ratio: float = 0.1, fg_mass_split: float = 0.5, min_progress: float = 0.05,
-                         min_growth: float = 1.2, flips: bool = False, found_mass: float = 0.25,
-                         flat_spread: float = 0.045) -> Alarm | None:
+                         flips: bool = False, advice: CapacityAdvice | None = None,
+                         limits: LowConfidenceLimits = LowConfidenceLimits()) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
     `sustain` checks in a row, while the classifier makes no progress on the GT boxes over
     those checks (a model still learning is left alone), told apart by what it says there:
@@ -255,6 +264,8 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
       distributions follow the box."""
     if len(history) < sustain:
         return None
+    lim = limits
+    min_ratio, fg_mass_split, min_progress = lim.min_ratio, lim.fg_mass_split, lim.min_progress
     recent = history[-sustain:]
     if min(h.counts.gt_per_image for h in recent) <= 0:
         return None
@@ -272,14 +283,14 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
     spread = [h.classes.spread for h in recent]
     # foreground found and not fading: an untrained head also gives every box the same
     # (uniform) distribution, with foreground C/(C+1) falling as it learns background
-    if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= found_mass
-            and mass[-1] >= mass[0] and statistics.fmean(spread) < flat_spread
+    if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= lim.found_mass
+            and mass[-1] >= mass[0] and statistics.fmean(spread) < lim.flat_spread
             and not correct[-1] > correct[0] + min_progress):
-        return class_confusion(recent, dets, flips, same_for_every_object=True)
+        return class_confusion(recent, dets, flips, same_for_every_object=True, advice=advice)
     if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
         if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
             return None  # foreground scores are rising: still learning
-        if positives_growing(roi_positives or [], sustain, min_growth):
+        if positives_growing(roi_positives or [], sustain, lim.min_growth):
             return None
         return Alarm(
             name="low_confidence",
@@ -295,10 +306,32 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
         return None  # foreground only just found: the classes separate after it (healthy digits: 0.45 -> 0.60 -> 0.54 at chance, then 0.79 and rising)
     if correct[-1] > correct[0] + min_progress:
         return None  # classes are separating: still learning
-    return class_confusion(recent, dets, flips, same_for_every_object=False)
+    return class_confusion(recent, dets, flips, same_for_every_object=False, advice=advice)
 
 
-def class_confusion(recent: list[ProbeResult], dets: str, flips: bool, *, same_for_every_object: bool) -> Alarm:
+@dataclass(frozen=True)
+class CapacityAdvice:
+    """The resolved values class_confusion may suggest changing: a suggestion names the run's
+    value and a different one, or is left out (a run with a 1024-wide head is not told to use 1024)."""
+    representation_size: int
+    fpn_channels: int
+    min_size: int
+    max_iters: int
+
+    def changes(self) -> list[str]:
+        out = []
+        if self.representation_size < 1024:
+            out.append(f"model.roi.representation_size: {self.representation_size} -> 1024 (torchvision's width)")
+        if self.fpn_channels < 256:
+            out.append(f"model.backbone.fpn_channels: {self.fpn_channels} -> {min(256, 2 * self.fpn_channels)}")
+        out.append(f"solver.max_iters: {self.max_iters} -> {2 * self.max_iters} (or solver.lr higher if the loss "
+                   f"falls slowly)")
+        out.append(f"data.min_size: {self.min_size} -> {self.min_size * 3 // 2} if objects are small")
+        return out
+
+
+def class_confusion(recent: list[ProbeResult], dets: str, flips: bool, *, same_for_every_object: bool,
+                    advice: CapacityAdvice | None = None) -> Alarm:
     """The `class_confusion` alarm. `same_for_every_object`: the head gives every GT box the
     same class distribution (spread ~0), i.e. it learned the class prior and nothing from the
     image; labels that carry no signal do exactly that, so checking them comes first."""
@@ -316,10 +349,8 @@ def class_confusion(recent: list[ProbeResult], dets: str, flips: bool, *, same_f
     look_at_labels = ("data.train.ann_file: look at a few training images with their labels to rule out wrong "
                       "category ids (rcnn-eval --visualize 8 data.val.ann_file=<the training file> "
                       "data.val.img_dir=<its images>)")
-    capacity = ["model.roi.representation_size: raise it (e.g. 1024)",
-                "model.backbone.fpn_channels: raise it (e.g. 128-256)",
-                "solver.max_iters: train longer (or solver.lr higher if the loss falls slowly)",
-                "data.min_size: larger inputs if objects are small"]
+    capacity = advice.changes() if advice is not None else [
+        "solver.max_iters: train longer (or solver.lr higher if the loss falls slowly)"]
     leave = "model.roi.cls_pos_weight: leave it; raising it does not separate classes"
     if same_for_every_object:
         return Alarm(
@@ -353,9 +384,8 @@ def positives_growing(positives: list[float], window: int, min_growth: float) ->
     return before > 0 and statistics.fmean(values[-window:]) >= min_growth * before
 
 
-def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio: float = 0.1,
-                             min_corr: float = 0.1, shrink: float = 0.9, small: float = 0.05,
-                             widen: float = 1.5, constant: float = 0.005) -> Alarm | None:
+def check_regressor_collapse(history: list[dict], *, sustain: int,
+                             limits: RegressorCollapseLimits = RegressorCollapseLimits()) -> Alarm | None:
     """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
     (std below `max_std_ratio` x the target deltas' std) and do not follow the targets
     (correlation below `min_corr`) for `sustain` periods, while their spread is either below
@@ -373,13 +403,14 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio
     pairs = [(r, c) for r, c in pairs if not (math.isnan(r) or math.isnan(c))]
     if len(pairs) < sustain:
         return None
+    lim = limits
     ratio, corr = [r for r, _ in pairs[-sustain:]], [c for _, c in pairs[-sustain:]]
-    if not all(r < max_std_ratio and c < min_corr for r, c in zip(ratio, corr)):
+    if not all(r < lim.max_std_ratio and c < lim.min_corr for r, c in zip(ratio, corr)):
         return None
-    shrinking = all(b <= a for a, b in zip(ratio, ratio[1:])) and ratio[-1] <= shrink * ratio[0]
-    if max(ratio) >= small and not shrinking:
+    shrinking = all(b <= a for a, b in zip(ratio, ratio[1:])) and ratio[-1] <= lim.shrink * ratio[0]
+    if max(ratio) >= lim.small and not shrinking:
         return None  # still moving the boxes, and not pulled in: learning, the correlation comes next
-    if ratio[-1] > max(widen * ratio[0], constant):
+    if ratio[-1] > max(lim.widen * ratio[0], lim.constant):
         return None  # small, but widening fast from its initialization: starting to learn
     return Alarm(
         name="regressor_collapse",
@@ -394,8 +425,8 @@ def check_regressor_collapse(history: list[dict], *, sustain: int, max_std_ratio
 
 # ------------------------------------------------------------------ 6. learning rate
 def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: float, *, progress: float,
-                        past_warmup: bool, lowest_term_ratio: float | None = None, never_learned: float = 0.9,
-                        early_decay_loss: float = 0.5, learned_term: float = 0.5) -> Alarm | None:
+                        past_warmup: bool, lowest_term_ratio: float | None = None,
+                        limits: LearningRateLimits = LearningRateLimits()) -> Alarm | None:
     """lr negligible (under 1% of the base, or below 1e-6) while the model has not learned.
     A planned decay at the end of a schedule is not an alarm; it is one when the loss is still
     above `never_learned` x its value at the first step and no loss term has fallen below
@@ -404,10 +435,11 @@ def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: fl
     first half of the run (`progress` < 0.5) with the loss above `early_decay_loss` x it."""
     if not past_warmup or initial_loss <= 0:
         return None
-    negligible = lr < 0.01 * base_lr or lr < 1e-6
-    some_term_learned = lowest_term_ratio is not None and lowest_term_ratio < learned_term
-    stuck = loss > never_learned * initial_loss and not some_term_learned
-    too_early = progress < 0.5 and loss > early_decay_loss * initial_loss
+    lim = limits
+    negligible = lr < lim.negligible_share * base_lr or lr < lim.negligible_lr
+    some_term_learned = lowest_term_ratio is not None and lowest_term_ratio < lim.learned_term
+    stuck = loss > lim.never_learned * initial_loss and not some_term_learned
+    too_early = progress < lim.early_progress and loss > lim.early_decay_loss * initial_loss
     if not (negligible and (stuck or too_early)):
         return None
     return Alarm(
@@ -420,10 +452,11 @@ def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: fl
                 "solver.steps / solver.max_iters: decay later", "solver.schedule: cosine or multistep"])
 
 
-def check_lr_per_image(lr: float, batch_size: int, optimizer: str, *, limit: float = 4.0) -> Alarm | None:
+def check_lr_per_image(lr: float, batch_size: int, optimizer: str,
+                       limits: LrPerImageLimits = LrPerImageLimits()) -> Alarm | None:
     """SGD lr per image far above the reference 0.02 / 16."""
     reference = 0.02 / 16
-    if optimizer != "sgd" or lr / batch_size <= limit * reference:
+    if optimizer != "sgd" or lr / batch_size <= limits.limit * reference:
         return None
     return Alarm(
         name="lr_too_high_for_batch",
@@ -436,17 +469,18 @@ def check_lr_per_image(lr: float, batch_size: int, optimizer: str, *, limit: flo
 
 # ------------------------------------------------------------------ 7. gradients and AMP
 def check_gradients(window_norms: list[float], past_norms: list[float], clipped_share: float,
-                    nonfinite_steps: int, *, spike: float = 10.0, max_clipped: float = 0.5) -> Alarm | None:
+                    nonfinite_steps: int, limits: GradientLimits = GradientLimits()) -> Alarm | None:
     """Gradient-norm spikes over the running median, frequent clipping, non-finite steps."""
     seen = []
     finite = [n for n in past_norms if math.isfinite(n)]
     window_finite = [n for n in window_norms if math.isfinite(n)]
-    if len(finite) >= 10 and window_finite:
+    spike = limits.spike
+    if len(finite) >= limits.min_history and window_finite:
         median = statistics.median(finite)
         peak = max(window_finite)
         if median > 0 and peak > spike * median:
             seen.append(f"grad norm spike {peak:.3g} = {peak / median:.0f}x the running median {median:.3g}")
-    if clipped_share > max_clipped:
+    if clipped_share > limits.max_clipped:
         seen.append(f"{100 * clipped_share:.0f}% of steps clipped")
     if nonfinite_steps:
         seen.append(f"{nonfinite_steps} non-finite steps skipped this period")
@@ -460,8 +494,9 @@ def check_gradients(window_norms: list[float], past_norms: list[float], clipped_
                 "solver.warmup_iters: longer"])
 
 
-def check_loss_scale(scales: list[float], *, falls: int = 3) -> Alarm | None:
-    """AMP loss scale lower at each of the last `falls` periods."""
+def check_loss_scale(scales: list[float], limits: LossScaleLimits = LossScaleLimits()) -> Alarm | None:
+    """AMP loss scale lower at each of the last `limits.falls` periods."""
+    falls = limits.falls
     if len(scales) <= falls or not all(b < a for a, b in zip(scales[-falls - 1:], scales[-falls:])):
         return None
     return Alarm(
@@ -471,29 +506,31 @@ def check_loss_scale(scales: list[float], *, falls: int = 3) -> Alarm | None:
         change=["solver.amp: false to confirm", "solver.clip_grad_norm: set it", "solver.lr: lower it"])
 
 
-def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: float, patience: int) -> Alarm | None:
+def check_collapse(history: list[float], gt_per_image: float, *, min_ratio: float, patience: int,
+                   drop: float = CollapseConfig().drop, settle_ratio: float = CollapseConfig().settle_ratio
+                   ) -> Alarm | None:
     """Detections per image at the lowest score threshold, one value per probe check.
 
     Fires when the last `patience` values are all below `min_ratio` * GT per image, or all more
-    than 90% below the peak before them. The peak counts only from the first check at
-    which detections came down to at most 2x GT: early on, near-uniform scores put every
-    proposal above the lowest threshold, and falling from there is learning, not collapse.
+    than `drop` (90%) below the peak before them. The peak counts only from the first check at
+    which detections came down to at most `settle_ratio` (2) x GT: early on, near-uniform scores
+    put every proposal above the lowest threshold, and falling from there is learning, not collapse.
     """
     if gt_per_image <= 0 or not history:
         return None
     floor = min_ratio * gt_per_image
     recent = history[-patience:]
     below = len(recent) == patience and all(v < floor for v in recent)
-    settled = next((i for i, v in enumerate(history) if v <= 2 * gt_per_image), None)
+    settled = next((i for i, v in enumerate(history) if v <= settle_ratio * gt_per_image), None)
     before_recent = history[settled:-patience] if settled is not None else []
     peak = max(before_recent) if before_recent else 0.0
     # the fall must last `patience` checks: early counts swing widely from one check to the next
-    dropped = peak >= floor and len(recent) == patience and all(v < 0.1 * peak for v in recent)
+    dropped = peak >= floor and len(recent) == patience and all(v < (1 - drop) * peak for v in recent)
     if not (below or dropped):
         return None
     trend = " -> ".join(f"{v:.2f}" for v in history[-8:])
     reason = (f"below {min_ratio:g} x GT for {patience} checks in a row" if below
-              else f"down more than 90% from its peak {peak:.2f}")
+              else f"down more than {100 * drop:.0f}% from its peak {peak:.2f}")
     return Alarm(
         name="collapse",
         seen=f"detections/image at the lowest threshold: {trend} ({reason}); GT objects/image {gt_per_image:.2f}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rcnn_trainer.config import Config
+from rcnn_trainer.config import Config, MonitorConfig
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
@@ -33,12 +33,8 @@ class HealthSettings:
     batch_size: int
     warmup_iters: int
     loss_weights: dict
-    dominant_share: float = 0.7
-    sustain: int = 3
-    flat_window: int = 5
-    collapse_min_ratio: float = 0.1
-    collapse_patience: int = 3
-    repeat_every: int = 5
+    monitor: MonitorConfig  # every number the checks compare against
+    advice: checks.CapacityAdvice  # the resolved values class_confusion may suggest changing
     flips: bool = False  # training images are mirrored (data.hflip_prob > 0)
 
 
@@ -52,9 +48,11 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
                      gamma=roi.cls_loss.gamma),
         box_types={"rpn": rpn.box_loss.type, "roi": roi.box_loss.type},
         base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
-        warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), dominant_share=m.dominant_share, sustain=m.sustain,
-        flat_window=m.flat_window, collapse_min_ratio=m.collapse.min_ratio, collapse_patience=m.collapse.patience,
-        repeat_every=m.repeat_every, flips=cfg.data.hflip_prob > 0))
+        warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), monitor=m,
+        advice=checks.CapacityAdvice(representation_size=roi.representation_size,
+                                     fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.min_size,
+                                     max_iters=cfg.solver.max_iters),
+        flips=cfg.data.hflip_prob > 0))
 
 
 # what a model that does not learn shows anyway; reported only when the lr is not the cause
@@ -84,7 +82,7 @@ class HealthMonitor:
     def at_start(self) -> list[Alarm]:
         """Before the first step: what the config alone says."""
         s = self.settings
-        found = checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer)
+        found = checks.check_lr_per_image(s.base_lr, s.batch_size, s.optimizer, s.monitor.lr_per_image)
         return [found] if found is not None else []
 
     def first_step(self, record: dict) -> list[Alarm]:
@@ -92,14 +90,15 @@ class HealthMonitor:
         self.state["initial_loss"] = record.get("loss")
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
-        found = [checks.check_initial_loss_scale(record, expected), checks.check_weight_ratio(s.loss_weights)]
+        found = [checks.check_initial_loss_scale(record, expected, s.monitor.initial_loss),
+                 checks.check_weight_ratio(s.loss_weights, s.monitor.weight_ratio)]
         return [a for a in found if a is not None]
 
     def period(self, iteration: int, max_iters: int, records: list[dict], mean: dict, probe: ProbeResult,
                loss_scale: float | None) -> list[Alarm]:
         """One judgment: `records` are the iterations since the last one, `mean` their means,
         `probe` the probe set's threshold counts and class diagnosis."""
-        s, st = self.settings, self.state
+        s, st, m = self.settings, self.state, self.settings.monitor
         st["checks"] += 1
         st["history"].append(mean)
         if st["initial_loss"] is None:  # the first step was not finite
@@ -112,31 +111,34 @@ class HealthMonitor:
         history = st["history"]
         past_warmup = iteration > s.warmup_iters
         found = [
-            checks.check_dominant_term(history, max_share=s.dominant_share, sustain=s.sustain),
-            checks.check_stuck_iou_loss(history, s.box_types, sustain=s.sustain),
-            checks.check_foreground_starvation(history, sustain=s.sustain),
+            checks.check_dominant_term(history, max_share=m.dominant_share, sustain=m.sustain),
+            checks.check_stuck_iou_loss(history, s.box_types, sustain=m.sustain, limits=m.stuck_iou),
+            checks.check_foreground_starvation(history, sustain=m.sustain, limits=m.starvation),
             checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
                                        st["initial_loss"] or 0.0, progress=iteration / max(max_iters, 1),
-                                       past_warmup=past_warmup, lowest_term_ratio=lowest_term_ratio(mean, st)),
+                                       past_warmup=past_warmup, lowest_term_ratio=lowest_term_ratio(mean, st),
+                                       limits=m.learning_rate),
             checks.check_gradients(norms, past, mean.get("clipped", 0.0),
-                                   sum(1 for r in records if r.get("nonfinite"))),
-            checks.check_loss_scale(st["scales"]),
+                                   sum(1 for r in records if r.get("nonfinite")), m.gradients),
+            checks.check_loss_scale(st["scales"], m.loss_scale),
         ]
         if past_warmup:
             if st["warmup_end"] is None:  # the index of the first judgment after warmup
                 st["warmup_end"] = len(history) - 1
             after_warmup = history[st["warmup_end"]:]
-            found.append(checks.check_regressor_collapse(after_warmup, sustain=s.sustain))
-            found.append(checks.check_flat_term(after_warmup, window=s.flat_window, first=history[0]))
+            found.append(checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse))
+            found.append(checks.check_flat_term(after_warmup, window=m.flat_window, first=history[0],
+                                                limits=m.flat_loss))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
-            found.append(checks.check_proposal_iou_not_rising(after_warmup))
+            found.append(checks.check_proposal_iou_not_rising(after_warmup, m.proposal_iou))
             st["probe"].append(probe.as_state())
             probes = [ProbeResult.from_state(p) for p in st["probe"]]
             roi_positives = [checks.history_value(h, S.ROI_POS) for h in history]
-            found.append(checks.check_low_confidence(probes, sustain=s.sustain, roi_positives=roi_positives,
-                                                     flips=s.flips))
+            found.append(checks.check_low_confidence(probes, sustain=m.sustain, roi_positives=roi_positives,
+                                                     flips=s.flips, advice=s.advice, limits=m.low_confidence))
             found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
-                                               min_ratio=s.collapse_min_ratio, patience=s.collapse_patience))
+                                               min_ratio=m.collapse.min_ratio, patience=m.collapse.patience,
+                                               drop=m.collapse.drop, settle_ratio=m.collapse.settle_ratio))
         found = [a for a in found if a is not None]
         # a model whose lr is negligible before it learned shows every symptom of not learning;
         # name the cause only (the lr_far_too_low run raised class_confusion and regressor_collapse too)
@@ -149,7 +151,7 @@ class HealthMonitor:
         st = self.state
         st["counts"][alarm.name] = st["counts"].get(alarm.name, 0) + 1
         last = st["last_shown"].get(alarm.name)
-        if last is not None and st["checks"] - last < self.settings.repeat_every:
+        if last is not None and st["checks"] - last < self.settings.monitor.repeat_every:
             return False
         st["last_shown"][alarm.name] = st["checks"]
         return True

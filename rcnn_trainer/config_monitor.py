@@ -1,0 +1,105 @@
+"""The numbers each monitor check compares against, one group per check (`monitor.<check>.*`).
+
+Every default was measured: docs/monitor.md gives, per check, the runs that set it and the
+margin between healthy runs and the pathology it names. Raise or lower one when an alarm is
+wrong for your data; the alarm's text names the group.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+class InitialLossLimits(Limits):
+    tolerance: float = Field(3.0, gt=1.0, description="initial_loss_scale: a classification term at the first step "
+                             "outside [expected / tolerance, expected x tolerance] (expected: its value at zero logits).")
+    box_limit: float = Field(5.0, gt=0.0, description="initial_loss_scale: a box term above this at the first step.")
+
+
+class WeightRatioLimits(Limits):
+    limit: float = Field(10.0, gt=1.0, description="loss_weight_ratio: the largest loss weight at least this many "
+                         "times the smallest non-zero one.")
+
+
+class FlatLossLimits(Limits):
+    flat: float = Field(0.05, gt=0.0, description="flat_loss: a term whose trend (and first-to-last change) over "
+                        "monitor.flat_window judgments is below this fraction ...")
+    falling: float = Field(0.2, gt=0.0, description="... while the other terms together fall by more than this "
+                           "fraction over the same judgments.")
+    learned: float = Field(0.5, gt=0.0, lt=1.0, description="flat_loss: not for a term already below this fraction "
+                           "of its highest judgment (it learned and levelled off).")
+
+
+class StuckIouLimits(Limits):
+    min_iou: float = Field(0.05, gt=0.0, lt=1.0, description="stuck_iou_loss: mean IoU of the refined positive boxes "
+                           "with their GT below this for monitor.sustain judgments, with an IoU-type box loss.")
+
+
+class StarvationLimits(Limits):
+    min_share: float = Field(0.5, gt=0.0, description="foreground_starvation: RPN or RoI positives per image below "
+                             "this x the GT objects per image for monitor.sustain judgments.")
+
+
+class ProposalIouLimits(Limits):
+    min_periods: int = Field(6, ge=3, description="proposal_iou_flat: judged from this many judgments after warmup on.")
+    min_gain: float = Field(0.0, ge=0.0, description="proposal_iou_flat: the last 3 judgments never above the first "
+                            "value + this ...")
+    low: float = Field(0.55, gt=0.0, lt=1.0, description="... and all below this mean IoU of positive proposals.")
+
+
+class LowConfidenceLimits(Limits):
+    min_ratio: float = Field(0.1, gt=0.0, description="low_confidence / class_confusion: probe detections at the "
+                             "score threshold nearest 0.5 below this x GT per image for monitor.sustain judgments.")
+    fg_mass_split: float = Field(0.5, gt=0.0, lt=1.0, description="Foreground probability on the GT boxes below "
+                                 "this: background wins (low_confidence); above it: the classes are confused.")
+    min_progress: float = Field(0.05, gt=0.0, description="A rise of foreground probability or true-class share by "
+                                "this over the window is progress: no alarm.")
+    min_growth: float = Field(1.2, gt=1.0, description="No low_confidence while RoI positives per image still grow "
+                              "by this factor from one window to the next (the RPN is still learning).")
+    found_mass: float = Field(0.25, gt=0.0, lt=1.0, description="class_confusion at once when the mean foreground "
+                              "probability is at least this (not falling) ...")
+    flat_spread: float = Field(0.045, gt=0.0, description="... and every GT box gets nearly the same class "
+                               "distribution (mean spread below this).")
+
+
+class RegressorCollapseLimits(Limits):
+    max_std_ratio: float = Field(0.1, gt=0.0, description="regressor_collapse: std of predicted / target deltas on "
+                                 "positive RoIs below this ...")
+    min_corr: float = Field(0.1, description="... and their correlation below this, for monitor.sustain judgments ...")
+    small: float = Field(0.05, gt=0.0, description="... with the std ratio below this at every one of them ...")
+    shrink: float = Field(0.9, gt=0.0, lt=1.0, description="... or falling at each, to at most this x its first value.")
+    widen: float = Field(1.5, gt=1.0, description="No alarm while the std ratio widens by this factor over the window ...")
+    constant: float = Field(0.005, gt=0.0, description="... to at least this (a spread of 1e-8 that doubles is still none).")
+
+
+class LearningRateLimits(Limits):
+    negligible_share: float = Field(0.01, gt=0.0, lt=1.0, description="vanishing_lr: an lr below this x the base lr "
+                                    "(or below negligible_lr) is negligible ...")
+    negligible_lr: float = Field(1e-6, ge=0.0, description="... as is any lr below this.")
+    never_learned: float = Field(0.9, gt=0.0, description="... and fires while the loss is above this x its first "
+                                 "step's and no term has fallen below learned_term x its first judgment ...")
+    learned_term: float = Field(0.5, gt=0.0, lt=1.0, description="(see never_learned)")
+    early_progress: float = Field(0.5, gt=0.0, le=1.0, description="... or, before this fraction of the run, while "
+                                  "the loss is above early_decay_loss x its first step's.")
+    early_decay_loss: float = Field(0.5, gt=0.0, description="(see early_progress)")
+
+
+class LrPerImageLimits(Limits):
+    limit: float = Field(4.0, gt=1.0, description="lr_too_high_for_batch: an SGD lr per image above this x the "
+                         "reference 0.02 per 16 images.")
+
+
+class GradientLimits(Limits):
+    spike: float = Field(10.0, gt=1.0, description="gradients: a pre-clip norm above this x the running median.")
+    min_history: int = Field(10, ge=1, description="gradients: spikes judged once this many finite norms were seen.")
+    max_clipped: float = Field(0.5, gt=0.0, le=1.0, description="gradients: more than this share of a period's "
+                               "steps clipped.")
+
+
+class LossScaleLimits(Limits):
+    falls: int = Field(3, ge=1, description="amp_loss_scale: the GradScaler's scale lower at each of this many "
+                       "judgments in a row.")
