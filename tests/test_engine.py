@@ -262,19 +262,36 @@ def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path, monkeypatch
 
 
 def test_optimizer_is_fused_unless_a_grad_scaler_runs(tmp_path):
-    """The fused update (one kernel for all tensors) is the default; with a GradScaler the
-    trainer asks for the per-tensor one (the fused CPU kernel corrupted its moments on skipped
-    steps), and both give the same update on a normal step."""
-    from rcnn_trainer.engine.optim import build_optimizer
+    """The fused update (one kernel for all tensors) is what the trainer builds; with a
+    GradScaler (fp16) it builds the per-tensor one (the fused CPU kernel corrupted its moments
+    on skipped steps), and both give the same update on a normal step."""
+    from rcnn_trainer.engine.distributed import DistInfo
+    from rcnn_trainer.engine.run_setup import build_training_parts
 
-    cfg = tiny_config(tmp_path)
-    models = [build_model(cfg.model) for _ in range(2)]
+    cpu, info = torch.device("cpu"), DistInfo()
+    plain = build_training_parts(tiny_config(tmp_path), info, cpu, quiet)
+    scaled = build_training_parts(tiny_config(tmp_path, solver={"amp": True, "amp_dtype": "float16"}), info, cpu, quiet)
+    assert not plain["scaler"].is_enabled() and plain["optimizer"].defaults["fused"]
+    assert scaled["scaler"].is_enabled() and not scaled["optimizer"].defaults["fused"]
+    models = [plain["model"], scaled["model"]]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(models[0], cfg.solver), build_optimizer(models[1], cfg.solver, fused=False)]
-    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
-    for model, optimizer in zip(models, optimizers):
+    for model, optimizer in zip(models, (plain["optimizer"], scaled["optimizer"])):
         for p in model.parameters():
             p.grad = torch.full_like(p, 0.5)
         optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
+    for a, b in zip(*(m.parameters() for m in models)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_syncbn_converts_every_batchnorm_under_ddp_only(tmp_path):
+    from rcnn_trainer.engine.distributed import DistInfo
+    from rcnn_trainer.engine.run_setup import build_training_parts
+
+    cfg = tiny_config(tmp_path, model={"backbone": {"norm": "syncbn"}})
+    kinds = lambda model: {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    ddp = build_training_parts(cfg, DistInfo(rank=0, world_size=2), torch.device("cpu"), quiet)["model"]
+    assert kinds(ddp) == {torch.nn.SyncBatchNorm}
+    single = build_training_parts(cfg, DistInfo(), torch.device("cpu"), quiet)["model"]
+    assert torch.nn.SyncBatchNorm not in kinds(single) and kinds(single)  # one process: plain BatchNorm
+
+

@@ -150,9 +150,23 @@ def test_recipe_validates_and_runs(tmp_path, recipe):
 
 
 def test_recipes_say_when_to_use_them():
+    """Each recipe's header says when to use it and names real alarms (or says none points to
+    it); every alarm README's "When training goes wrong" table sends to a recipe is named there."""
+    import re
+
+    known = {a.name for a in every_alarm()} | set(re.findall(r'name="([a-z_]+)"', inspect.getsource(
+        __import__("rcnn_trainer.monitor.preflight", fromlist=["x"]))))
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "configs/" in line]
     for recipe in RECIPES:
-        text = recipe.read_text()
-        assert text.startswith("#") and ("Use " in text or "Use it" in text), recipe.name
+        header = " ".join(l.lstrip("# ") for l in recipe.read_text().splitlines() if l.startswith("#"))
+        assert re.search(r"\bUse (when|it)\b", header), recipe.name
+        named = {n for n in known if re.search(rf"\b{n}\b", header)}
+        assert named or "no alarm points here" in header.lower(), (recipe.name, header[:200])
+        sent_here = [set(re.findall(r"`([a-z_]+)`", row.split("|")[1])) & known
+                     for row in rows if f"configs/{recipe.name}" in row]
+        for alarms in sent_here:
+            assert alarms <= named, (recipe.name, alarms - named)
 
 
 # ------------------------------------------------------------------ every alarm names real keys

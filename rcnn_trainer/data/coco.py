@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.data.transforms import ToTensor
 from rcnn_trainer.errors import UserError
 
@@ -368,7 +369,7 @@ class CocoDetection(torch.utils.data.Dataset):
             return self[((index + 1) % len(self.records), epoch, copy)]  # dropped: the next image instead
         try:
             with Image.open(record.path) as img:
-                image = img.convert("RGB")
+                image = to_rgb(img)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             raise UserError(f"image '{record.path}' (id {record.image_id}) could not be read: {err}.") from None
         if image.size != (record.width, record.height):

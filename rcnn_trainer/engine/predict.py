@@ -15,7 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from rcnn_trainer.atomic_io import atomic_write_text
 from rcnn_trainer.config import Config
+from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
@@ -24,7 +26,6 @@ from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.run_eval import load_model_weights
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
-from rcnn_trainer.atomic_io import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -53,7 +54,7 @@ def read_image(path: Path) -> Image.Image | str:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         return f"{path}: could not be read as an image ({err})"
 

@@ -8,20 +8,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rcnn_trainer.atomic_io import atomic_write_text
 from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
+from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.drawing import draw_detections
-from rcnn_trainer.engine.device import autocast_for, pick_device
-from rcnn_trainer.engine.evaluate import evaluate, format_metrics
-from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.engine.data_settings import check_dataset_fits_model
+from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
+from rcnn_trainer.engine.device import autocast_for, pick_device
+from rcnn_trainer.engine.drawing import draw_detections
+from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.engine.resume import flatten
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
-from rcnn_trainer.atomic_io import atomic_write_text
+from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Path) -> None:
@@ -75,7 +76,7 @@ def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
     written = 0
     for record in tqdm(dataset.records[:count], desc="draw", leave=False):
         with Image.open(record.path) as img:
-            image = img.convert("RGB")
+            image = to_rgb(img)
         preds = [([x, y, x + w, y + h], f"{names[r['category_id']]} {r['score']:.2f}")
                  for r in by_image.get(record.image_id, []) if r["score"] >= min_score
                  for x, y, w, h in [r["bbox"]]]
