@@ -13,6 +13,7 @@ from rcnn_trainer.losses.box import box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi, objectness_loss_per_anchor
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls, loss_rpn_box, loss_rpn_cls
 from rcnn_trainer.losses.reduce import avg_factor_from_count
+from rcnn_trainer.losses.settings import BoxLoss, ClsLoss
 
 CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
@@ -90,30 +91,26 @@ def test_box_loss_contract(kind, n):
     g = torch.Generator().manual_seed(3)
     anchors, gt = random_boxes(n, g), random_boxes(n, g)
     deltas = (torch.randn(n, 4, generator=g) * 0.2).requires_grad_()
-    loss, factor = loss_rpn_box(deltas, anchors, gt, num_sampled=40, box_coder=CODER, loss_type=kind, beta=1 / 9,
-                                avg_factor_mode="sampled")
+    loss, factor = loss_rpn_box(deltas, anchors, gt, num_sampled=40, box_coder=CODER, settings=BoxLoss(kind))
     per_box = box_loss_per_box(deltas, anchors, gt, CODER, loss_type=kind)
     assert per_box.shape == (n,) and torch.isfinite(loss) and factor.item() == 40
     assert loss.item() == pytest.approx(per_box.sum().item() / 40, rel=1e-5, abs=1e-7)
     loss.backward()
     assert deltas.grad is not None and deltas.grad.shape == (n, 4)
-    loss_p, factor_p = loss_roi_box(deltas.detach(), anchors, gt, num_sampled=40, box_coder=CODER, loss_type=kind,
-                                    beta=1 / 9, avg_factor_mode="positives")
+    loss_p, factor_p = loss_roi_box(deltas.detach(), anchors, gt, num_sampled=40, box_coder=CODER,
+                                    settings=BoxLoss(kind, avg_factor="positives"))
     assert factor_p.item() == max(n, 1)
 
 
 @pytest.mark.parametrize("mode,expected", [("sampled", 8.0), ("positives", 3.0)])
 def test_cls_avg_factor_modes(mode, expected):
     labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
-    _, factor = loss_rpn_cls(torch.zeros(8), labels.float(), loss_type="bce", pos_weight=1.0, alpha=0.25, gamma=2.0,
-                             avg_factor_mode=mode)
-    _, factor_roi = loss_roi_cls(torch.zeros(8, 3), labels, loss_type="ce", pos_weight=1.0, gamma=2.0,
-                                 avg_factor_mode=mode)
+    _, factor = loss_rpn_cls(torch.zeros(8), labels.float(), ClsLoss("bce", avg_factor=mode))
+    _, factor_roi = loss_roi_cls(torch.zeros(8, 3), labels, ClsLoss("ce", avg_factor=mode))
     assert factor.item() == factor_roi.item() == expected
 
 
 def test_avg_factor_clamped_and_empty_sum_is_zero():
     assert avg_factor_from_count(0, torch.device("cpu")).item() == 1.0
-    loss, factor = loss_rpn_cls(torch.zeros(0), torch.zeros(0), loss_type="bce", pos_weight=1.0, alpha=0.25,
-                                gamma=2.0, avg_factor_mode="positives")
+    loss, factor = loss_rpn_cls(torch.zeros(0), torch.zeros(0), ClsLoss("bce", avg_factor="positives"))
     assert loss.item() == 0.0 and factor.item() == 1.0

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
 from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
@@ -32,11 +33,10 @@ def test_history_without_a_contract_key_is_an_error():
 def test_expected_initial_losses_match_theory():
     record = {"images": 2, "rpn/pos_per_image": 10, "rpn/neg_per_image": 118, "avg_factor/rpn_cls": 256,
               "roi/pos_per_image": 16, "roi/neg_per_image": 48, "avg_factor/roi_cls": 128}
-    bce = dict(loss_type="bce", pos_weight=1.0, alpha=0.25, gamma=2.0)
-    ce = dict(loss_type="ce", pos_weight=1.0, alpha=0.25, gamma=2.0)
+    bce, ce = ClsLoss("bce"), ClsLoss("ce")
     got = checks.expected_initial_losses(record, num_classes=4, rpn_cls=bce, roi_cls=ce)
     assert math.isclose(got["loss_rpn_cls"], math.log(2)) and math.isclose(got["loss_roi_cls"], math.log(5))
-    weighted = checks.expected_initial_losses(record, num_classes=4, rpn_cls=dict(bce, pos_weight=3.0), roi_cls=ce)
+    weighted = checks.expected_initial_losses(record, num_classes=4, rpn_cls=ClsLoss("bce", pos_weight=3.0), roi_cls=ce)
     assert math.isclose(weighted["loss_rpn_cls"], math.log(2) * (3 * 20 + 236) / 256)
 
 

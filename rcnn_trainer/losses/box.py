@@ -6,12 +6,23 @@ against the reference boxes (anchors or proposals) and compare boxes, using torc
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
+
+
+class BoxCoder(Protocol):
+    """The heads' box coder (torchvision's, reached through the RPN and RoI heads it builds):
+    what the losses call on it, named here so no private torchvision module is imported."""
+
+    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor: ...
+
 
 IOU_LOSSES = {
     "giou": generalized_box_iou_loss,

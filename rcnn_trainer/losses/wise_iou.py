@@ -55,3 +55,11 @@ class WiseIoULoss(nn.Module):
         return focus * r_wiou * iou_loss
 
 
+
+
+def wise_iou_for(box: "BoxLoss") -> WiseIoULoss | None:
+    """The head's Wise-IoU module when its box loss is wiou (it keeps a running mean, saved with
+    the model); None for the stateless losses."""
+    if box.type != "wiou":
+        return None
+    return WiseIoULoss(alpha=box.wiou_alpha, delta=box.wiou_delta, momentum=box.wiou_momentum)

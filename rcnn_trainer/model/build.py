@@ -8,6 +8,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RPNHead
 
 from rcnn_trainer.config import ModelConfig
+from rcnn_trainer.losses.settings import head_losses
 from rcnn_trainer.model.backbone import build_backbone
 from rcnn_trainer.model.detector import TwoStageDetector
 from rcnn_trainer.model.roi_align import multi_scale_roi_align
@@ -33,11 +34,7 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
         pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
         post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
-        nms_thresh=r.nms_thresh, score_thresh=r.score_thresh,
-        cls_loss_type=r.cls_loss.type, cls_pos_weight=r.cls_pos_weight, focal_alpha=r.cls_loss.alpha,
-        focal_gamma=r.cls_loss.gamma, cls_avg_factor=r.cls_loss.avg_factor,
-        box_loss_type=r.box_loss.type, box_beta=r.box_loss.beta, box_avg_factor=r.box_loss.avg_factor,
-        wiou=_wiou_args(r.box_loss))
+        nms_thresh=r.nms_thresh, score_thresh=r.score_thresh, losses=head_losses(r))
     o = cfg.roi
     feature_names = [str(i) for i in range(num_levels - 1)]  # every FPN level but the extra "pool"
     predictor = FastRCNNPredictor(o.representation_size, cfg.num_classes + 1)
@@ -49,15 +46,8 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         fg_iou_thresh=o.fg_iou_thresh, bg_iou_thresh=o.bg_iou_thresh,
         batch_size_per_image=o.batch_size_per_image, positive_fraction=o.positive_fraction,
         bbox_reg_weights=tuple(o.bbox_reg_weights), score_thresh=o.score_thresh,
-        nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img,
-        cls_loss_type=o.cls_loss.type, cls_pos_weight=o.cls_pos_weight, focal_gamma=o.cls_loss.gamma,
-        cls_avg_factor=o.cls_loss.avg_factor, box_loss_type=o.box_loss.type, box_beta=o.box_loss.beta,
-        box_avg_factor=o.box_loss.avg_factor, wiou=_wiou_args(o.box_loss), sampler=o.sampler)
+        nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img, losses=head_losses(o), sampler=o.sampler)
     return TwoStageDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads)
-
-
-def _wiou_args(box_loss) -> dict:
-    return {"alpha": box_loss.wiou_alpha, "delta": box_loss.wiou_delta, "momentum": box_loss.wiou_momentum}
 
 
 def _init_predictor(predictor: FastRCNNPredictor) -> None:

@@ -19,7 +19,8 @@ from rcnn_trainer.losses.box import box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
 from rcnn_trainer.losses.iou import paired_iou
-from rcnn_trainer.losses.wise_iou import WiseIoULoss
+from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
+from rcnn_trainer.losses.wise_iou import wise_iou_for
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.model.matching import BELOW, BETWEEN, match_with, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
@@ -29,22 +30,16 @@ class BoxHeads(RoIHeads):
     def __init__(self, *, box_roi_pool, box_head, box_predictor, fg_iou_thresh: float, bg_iou_thresh: float,
                  batch_size_per_image: int, positive_fraction: float, bbox_reg_weights: tuple,
                  score_thresh: float, nms_thresh: float, detections_per_img: int,
-                 cls_loss_type: str = "ce", cls_pos_weight: float = 1.0, focal_gamma: float = 2.0,
-                 cls_avg_factor: str = "sampled", box_loss_type: str = "smooth_l1",
-                 box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled",
-                 wiou: dict | None = None, sampler: str = "random"):
+                 losses: HeadLosses = HeadLosses(ClsLoss("ce"), BoxLoss()), sampler: str = "random"):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
         if sampler not in ("random", "ohem"):
             raise ValueError(f"unknown RoI sampler '{sampler}' (random | ohem)")
         self.sampler = sampler
-        self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, gamma=focal_gamma,
-                             avg_factor_mode=cls_avg_factor)
+        self.losses = losses
         # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
-        self.box_wiou = WiseIoULoss(**(wiou or {})) if box_loss_type == "wiou" else None
-        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor,
-                             wiou=self.box_wiou)
+        self.box_wiou = wise_iou_for(losses.box)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict] | None = None):
@@ -106,8 +101,9 @@ class BoxHeads(RoIHeads):
         positives; smooth L1 ranks cheaply whatever the training box loss is)."""
         class_logits, box_deltas = self._predict(features, proposals, image_shapes)
         all_labels = torch.cat(labels)
-        per_roi = class_loss_per_roi(class_logits, all_labels.clamp(min=0), loss_type=self.cls_loss["loss_type"],
-                                     pos_weight=self.cls_loss["pos_weight"], gamma=self.cls_loss["gamma"])
+        cls = self.losses.cls
+        per_roi = class_loss_per_roi(class_logits, all_labels.clamp(min=0), loss_type=cls.type,
+                                     pos_weight=cls.pos_weight, gamma=cls.gamma)
         pos = torch.where(all_labels > 0)[0]
         if pos.numel():
             matched = torch.cat([_matched_gt_boxes(g, m) for g, m in zip(gt_boxes, matched_idxs)])
@@ -123,9 +119,9 @@ class BoxHeads(RoIHeads):
     def _losses(self, class_logits, box_deltas, rois, gt_labels, matched_gt_boxes, from_rpn, num_images):
         pos = torch.where(gt_labels > 0)[0]
         deltas_of_gt_class = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, gt_labels[pos]]
-        cls, cls_factor = loss_roi_cls(class_logits, gt_labels, **self.cls_loss)
+        cls, cls_factor = loss_roi_cls(class_logits, gt_labels, self.losses.cls)
         box, box_factor = loss_roi_box(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos], gt_labels.numel(),
-                                       self.box_coder, **self.box_loss)
+                                       self.box_coder, self.losses.box, self.box_wiou)
         real = pos[from_rpn[pos]]
         with torch.no_grad():
             ious = paired_iou(rois[real], matched_gt_boxes[real])

@@ -24,7 +24,8 @@ from rcnn_trainer.model.matching import BETWEEN, match_with, pad_boxes, sample_b
 from rcnn_trainer.model.stats import refined_box_iou
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
-from rcnn_trainer.losses.wise_iou import WiseIoULoss
+from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
+from rcnn_trainer.losses.wise_iou import wise_iou_for
 
 
 class RPN(RegionProposalNetwork):
@@ -32,18 +33,12 @@ class RPN(RegionProposalNetwork):
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
                  positive_fraction: float, pre_nms_top_n: dict[str, int], post_nms_top_n: dict[str, int],
                  nms_thresh: float, score_thresh: float = 0.0,
-                 cls_loss_type: str = "bce", cls_pos_weight: float = 1.0, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, cls_avg_factor: str = "sampled",
-                 box_loss_type: str = "smooth_l1", box_beta: float = 1.0 / 9.0, box_avg_factor: str = "sampled",
-                 wiou: dict | None = None):
+                 losses: HeadLosses = HeadLosses(ClsLoss("bce"), BoxLoss())):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
-        self.cls_loss = dict(loss_type=cls_loss_type, pos_weight=cls_pos_weight, alpha=focal_alpha,
-                             gamma=focal_gamma, avg_factor_mode=cls_avg_factor)
+        self.losses = losses
         # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
-        self.box_wiou = WiseIoULoss(**(wiou or {})) if box_loss_type == "wiou" else None
-        self.box_loss = dict(loss_type=box_loss_type, beta=box_beta, avg_factor_mode=box_avg_factor,
-                             wiou=self.box_wiou)
+        self.box_wiou = wise_iou_for(losses.box)
 
     def forward(self, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None = None):
         """Returns (proposals: list of [K_i, 4], losses: dict, stats: dict)."""
@@ -89,9 +84,9 @@ class RPN(RegionProposalNetwork):
         anchors = anchors.reshape(-1, 4)
         matched_gt_boxes = matched_gt_boxes.reshape(-1, 4)
 
-        cls, cls_factor = loss_rpn_cls(objectness[sampled], labels[sampled], **self.cls_loss)
+        cls, cls_factor = loss_rpn_cls(objectness[sampled], labels[sampled], self.losses.cls)
         box, box_factor = loss_rpn_box(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], sampled.numel(),
-                                       self.box_coder, **self.box_loss)
+                                       self.box_coder, self.losses.box, self.box_wiou)
         with torch.no_grad():
             pred_iou = refined_box_iou(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], self.box_coder)
         stats = {

@@ -15,6 +15,7 @@ from rcnn_trainer.config import CollapseConfig
 from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
                                          RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor.alarms import Alarm
@@ -25,27 +26,26 @@ BOX_TYPE_KEYS = {"rpn": "model.rpn.box_loss.type", "roi": "model.roi.box_loss.ty
 
 
 # ------------------------------------------------------------------ 1. loss scale at start
-def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: dict, roi_cls: dict) -> dict:
+def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: ClsLoss, roi_cls: ClsLoss) -> dict:
     """What each classification term should be at initialization (zero logits), given the
-    sampled positives/negatives and avg_factors of this batch. rpn_cls/roi_cls: loss_type,
-    pos_weight, alpha, gamma."""
+    sampled positives/negatives and avg_factors of this batch, with the heads' own settings."""
     images = record[S.IMAGES]
 
     def expected(pos, neg, factor, per_pos, per_neg):
         return (pos * images * per_pos + neg * images * per_neg) / max(factor, 1.0)
 
     ln2 = math.log(2.0)
-    if rpn_cls["loss_type"] == "focal":
-        pos_rpn, neg_rpn = rpn_cls["alpha"] * 0.25 * ln2, (1 - rpn_cls["alpha"]) * 0.25 * ln2
+    if rpn_cls.type == "focal":
+        pos_rpn, neg_rpn = rpn_cls.alpha * 0.25 * ln2, (1 - rpn_cls.alpha) * 0.25 * ln2
     else:
         pos_rpn, neg_rpn = ln2, ln2
     ln_c = math.log(num_classes + 1)
-    focal = (1 - 1 / (num_classes + 1)) ** roi_cls["gamma"] if roi_cls["loss_type"] == "focal" else 1.0
+    focal = (1 - 1 / (num_classes + 1)) ** roi_cls.gamma if roi_cls.type == "focal" else 1.0
     return {
         "loss_rpn_cls": expected(record[S.RPN_POS], record[S.RPN_NEG],
-                                 record[S.RPN_CLS_FACTOR], pos_rpn * rpn_cls["pos_weight"], neg_rpn),
+                                 record[S.RPN_CLS_FACTOR], pos_rpn * rpn_cls.pos_weight, neg_rpn),
         "loss_roi_cls": expected(record[S.ROI_POS], record[S.ROI_NEG],
-                                 record[S.ROI_CLS_FACTOR], ln_c * focal * roi_cls["pos_weight"], ln_c * focal),
+                                 record[S.ROI_CLS_FACTOR], ln_c * focal * roi_cls.pos_weight, ln_c * focal),
     }
 
 

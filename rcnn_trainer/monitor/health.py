@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from rcnn_trainer.config import Config, MonitorConfig
+from rcnn_trainer.losses.settings import ClsLoss, head_losses
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
@@ -25,8 +26,8 @@ MAX_NORMS_KEPT = 500
 @dataclass
 class HealthSettings:
     num_classes: int
-    rpn_cls: dict
-    roi_cls: dict
+    rpn_cls: ClsLoss  # the heads' own settings (losses/settings.py)
+    roi_cls: ClsLoss
     box_types: dict
     base_lr: float
     optimizer: str
@@ -42,10 +43,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
     m, rpn, roi = cfg.monitor, cfg.model.rpn, cfg.model.roi
     return HealthMonitor(HealthSettings(
         num_classes=cfg.model.num_classes,
-        rpn_cls=dict(loss_type=rpn.cls_loss.type, pos_weight=rpn.cls_pos_weight, alpha=rpn.cls_loss.alpha,
-                     gamma=rpn.cls_loss.gamma),
-        roi_cls=dict(loss_type=roi.cls_loss.type, pos_weight=roi.cls_pos_weight, alpha=roi.cls_loss.alpha,
-                     gamma=roi.cls_loss.gamma),
+        rpn_cls=head_losses(rpn).cls, roi_cls=head_losses(roi).cls,
         box_types={"rpn": rpn.box_loss.type, "roi": roi.box_loss.type},
         base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
         warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), monitor=m,
