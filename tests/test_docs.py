@@ -11,6 +11,7 @@ from rcnn_trainer.config_monitor import Limits
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.dashboard import format_dashboard
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
 from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
 
@@ -51,11 +52,11 @@ def test_quoted_dashboard_has_the_current_format():
     quoted = block[start:start + 7]
     window = {"loss": 1.0, "lr": 1e-3, "grad_norm": 2.0, "clipped": 0.0,
               **{f"{n}_weighted": 0.25 for n in ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")},
-              S.RPN_POS: 3.0, S.ROI_POS: 20.0, S.GT_PER_IMAGE: 3.0, S.ROI_PROPOSAL_IOU: 0.6, S.ROI_PRED_IOU: 0.9,
+              S.RPN_POS: 3.0, S.ROI_POS: 20.0, S.GT_PER_IMAGE: 3.0, S.ROI_PROPOSAL_IOU: 0.6, S.ROI_PRED_IOU: 0.9, S.RPN_PRED_IOU: 0.8,
               S.ROI_DELTA_STD_RATIO: 0.9, S.ROI_DELTA_CORR: 0.9}
     seen = ProbeResult(ThresholdCounts((0.05, 0.3, 0.5, 0.7), (5.0, 3.0, 3.0, 3.0), 3.0),
                        ClassDiagnosis(fg_mass=1.0, correct=0.9, accuracy=1.0, margin=0.9, spread=0.6))
-    printed = format_dashboard(600, 600, window, seen).splitlines()
+    printed = format_dashboard(600, 600, PeriodMeans.from_means(window), seen).splitlines()
     assert len(quoted) == len(printed)
     for line, reference in zip(quoted, printed):
         assert as_pattern(reference).match(line), (line, reference)

@@ -11,11 +11,13 @@ import torch
 from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
 from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
 
 
-def period(**values):
+def period_record(**values) -> dict:
+    """One period's means as the trainer logs them (and the monitor checkpoints them)."""
     base = {"loss": 1.0, "loss_rpn_cls": 0.25, "loss_rpn_box": 0.25, "loss_roi_cls": 0.25, "loss_roi_box": 0.25,
             "loss_rpn_cls_weighted": 0.25, "loss_rpn_box_weighted": 0.25, "loss_roi_cls_weighted": 0.25,
             "loss_roi_box_weighted": 0.25, "rpn/pos_per_image": 20.0, "rpn/neg_per_image": 100.0,
@@ -24,10 +26,14 @@ def period(**values):
     return {**base, **values}
 
 
+def period(**values) -> PeriodMeans:
+    return PeriodMeans.from_means(period_record(**values))
+
+
 def test_history_without_a_contract_key_is_an_error():
-    incomplete = [{k: v for k, v in period().items() if k != "roi/pos_per_image"}] * 3
+    incomplete = {k: v for k, v in period_record().items() if k != "roi/pos_per_image"}
     with pytest.raises(KeyError, match="roi/pos_per_image"):
-        checks.check_foreground_starvation(incomplete, sustain=3)
+        PeriodMeans.from_means(incomplete)
 
 
 def test_expected_initial_losses_match_theory():
@@ -62,12 +68,12 @@ def test_flat_term_while_others_fall():
                       loss_roi_cls=0.25 - 0.1 * i + 0.0, loss_roi_cls_weighted=0.25 - 0.1 * i) for i in range(5)]
     alarm = checks.check_flat_term(falling, window=5)
     assert alarm and "loss_rpn_box stays" in alarm.seen and "model.rpn.box_loss.weight" in alarm.change[0]
-    all_falling = [period(**{k: v * (1 - 0.1 * i) for k, v in period().items() if k.startswith("loss")})
+    all_falling = [period(**{k: v * (1 - 0.1 * i) for k, v in period_record().items() if k.startswith("loss")})
                    for i in range(5)]
     assert checks.check_flat_term(all_falling, window=5) is None
     # a term that fell from its highest judgment and levels off is converged, not stuck
-    converged = [period(loss_rpn_box=0.031, loss_roi_box=0.031)] + [dict(h, loss_rpn_box=0.011, loss_roi_box=0.011)
-                                                                    for h in falling]
+    converged = [period(loss_rpn_box=0.031, loss_roi_box=0.031)] + [
+        replace(h, terms={**h.terms, "loss_rpn_box": 0.011, "loss_roi_box": 0.011}) for h in falling]
     assert checks.check_flat_term(converged[1:], window=5, first=converged[0]) is None
     assert checks.check_flat_term(converged, window=5) is None
 
@@ -317,7 +323,7 @@ def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():
     from rcnn_trainer.monitor.health import build_health_monitor
 
     monitor = build_health_monitor(load_config("config.yaml", ["model.num_classes=3"]))
-    history = [period(loss=1.0 - 0.1 * i) for i in range(5)]
+    history = [period_record(loss=1.0 - 0.1 * i) for i in range(5)]
     # checkpoints written before the index existed kept the judgments after warmup as a copy
     monitor.load_state_dict({"history": history, "after_warmup": history[2:], "checks": 5})
     assert monitor.state["warmup_end"] == 2

@@ -25,6 +25,7 @@ from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.roi_heads import select_hardest
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
 from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
 
@@ -178,7 +179,9 @@ def every_alarm():
          "roi/delta_std_ratio": 0.0, "roi/delta_corr": 0.0}
     p.update({n: 0.25 for n in checks.WEIGHT_KEYS}, **{f"{n}_weighted": 0.05 for n in checks.WEIGHT_KEYS})
     p["loss_roi_box_weighted"] = 0.85
-    falling = [dict(p, loss=1 - 0.1 * i, loss_roi_cls_weighted=0.3 - 0.05 * i) for i in range(6)]
+    falling = [PeriodMeans.from_means(dict(p, loss=1 - 0.1 * i, loss_roi_cls_weighted=0.3 - 0.05 * i))
+               for i in range(6)]
+    p = PeriodMeans.from_means(p)
     alarms = [
         checks.check_initial_loss_scale({"loss_rpn_cls": 100.0, "loss_roi_cls": 100.0, "loss_rpn_box": 9.0,
                                          "loss_roi_box": 9.0}, {"loss_rpn_cls": 0.69, "loss_roi_cls": 1.6}),

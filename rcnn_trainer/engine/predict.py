@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from rcnn_trainer.atomic_io import atomic_write_text
@@ -115,20 +116,18 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
                 detections = model(tensors, original_sizes=[(img.height, img.width) for _, img in loaded])
             for (path, image), det in zip(loaded, detections):
                 keep = det["scores"].float() >= score_thresh
-                found = []
-                for box, label, score in zip(det["boxes"][keep].float().tolist(), det["labels"][keep].tolist(),
-                                             det["scores"][keep].float().tolist()):
-                    x0, y0, x1, y1 = box
-                    found.append({"file_name": str(path), "category_id": to_cat[int(label)],
-                                  "category_name": names[int(label) - 1],
-                                  "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                                  "score": round(score, 5)})
+                boxes = det["boxes"][keep].float()
+                found = [{"file_name": str(path), "category_id": to_cat[int(label)],
+                          "category_name": names[int(label) - 1], "bbox": [round(v, 2) for v in xywh],
+                          "score": round(score, 5)}
+                         for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
+                                                       det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
                 results += found
                 done += 1
                 if draw:
-                    draw_detections(image, [], [([r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2],
-                                                  r["bbox"][1] + r["bbox"][3]], f"{r['category_name']} {r['score']:.2f}")
-                                                for r in found], out / "vis" / f"{done:05d}_{path.stem}.png")
+                    draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
+                                                for box, r in zip(boxes.tolist(), found)],
+                                    out / "vis" / f"{done:05d}_{path.stem}.png")
         bar.update(len(paths[start:start + batch]))
     bar.close()
     if not done:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from rcnn_trainer.atomic_io import atomic_write_text
@@ -77,9 +78,9 @@ def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
     for record in tqdm(dataset.records[:count], desc="draw", leave=False):
         with Image.open(record.path) as img:
             image = to_rgb(img)
-        preds = [([x, y, x + w, y + h], f"{names[r['category_id']]} {r['score']:.2f}")
-                 for r in by_image.get(record.image_id, []) if r["score"] >= min_score
-                 for x, y, w, h in [r["bbox"]]]
+        shown = [r for r in by_image.get(record.image_id, []) if r["score"] >= min_score]
+        xyxy = box_convert(torch.tensor([r["bbox"] for r in shown], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
+        preds = [(box, f"{names[r['category_id']]} {r['score']:.2f}") for box, r in zip(xyxy.tolist(), shown)]
         draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png")
         written += 1
     return written

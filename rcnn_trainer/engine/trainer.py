@@ -36,6 +36,7 @@ from rcnn_trainer.errors import TrainingStopped
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, short_name, weighted_total
 from rcnn_trainer.model.stats import require_stats
 from rcnn_trainer.monitor.dashboard import format_dashboard
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import probe
 from rcnn_trainer.monitor.window import window_means
 
@@ -196,7 +197,7 @@ def judge(run: Run) -> None:
                                scaler.get_scale() if scaler.is_enabled() else None)
     state.window = []
     if alarms or (state.iteration // period) % cfg.monitor.dashboard_every == 0 or state.iteration == max_iters:
-        run.say(format_dashboard(state.iteration, max_iters, mean, seen))
+        run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen))
     for alarm in alarms:
         run.report_alarm(alarm)
     # rank 0 decides for everyone: ranks see different local batches and must stop together

@@ -1,7 +1,7 @@
 """Training-health checks. Each takes plain numbers and returns an Alarm or None.
 
-Numbers come from the per-period means of the training log (`history`: one dict per monitor
-period, oldest first) or from the probe-set inference. What each check compares against is its
+Numbers come from the per-period means of the training log (`history`: one PeriodMeans per
+monitor period, oldest first) or from the probe-set inference. What each check compares against is its
 group of `monitor.*` (config_monitor.py), with the measured reasons in docs/monitor.md.
 """
 
@@ -19,6 +19,7 @@ from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ProbeResult
 
 WEIGHT_KEYS = {name: f"{term.config_key}.weight" for name, term in LOSS_TERMS.items()}
@@ -91,12 +92,12 @@ def check_weight_ratio(weights: dict[str, float], limits: WeightRatioLimits = We
         change=[f"{WEIGHT_KEYS[top]}: lower it toward 1.0", f"{WEIGHT_KEYS[low]}: raise it toward 1.0"])
 
 
-def check_dominant_term(history: list[dict], *, max_share: float, sustain: int) -> Alarm | None:
+def check_dominant_term(history: list[PeriodMeans], *, max_share: float, sustain: int) -> Alarm | None:
     """A weighted term above `max_share` of the total for the last `sustain` periods."""
     if len(history) < sustain:
         return None
     for name, key in WEIGHT_KEYS.items():
-        shares = [h.get(f"{name}_weighted", 0.0) / h["loss"] for h in history[-sustain:] if h.get("loss", 0) > 0]
+        shares = [h.weighted[name] / h.loss for h in history[-sustain:] if h.loss > 0]
         if len(shares) == sustain and min(shares) > max_share:
             return Alarm(
                 name="dominant_loss",
@@ -120,7 +121,7 @@ def relative_slope(values: list[float]) -> float:
     return (num / den) * n / mean_y if den and mean_y else 0.0
 
 
-def check_flat_term(history: list[dict], *, window: int, first: dict | None = None,
+def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMeans | None = None,
                     limits: FlatLossLimits = FlatLossLimits()) -> Alarm | None:
     """A term whose trend over `window` periods changes it by less than `flat` (its first and
     last values too) while the weighted total of the other terms falls by more than `falling`,
@@ -135,13 +136,13 @@ def check_flat_term(history: list[dict], *, window: int, first: dict | None = No
     recent = history[-window:]
     flat, falling = limits.flat, limits.falling
     for name in WEIGHT_KEYS:
-        series = [h.get(name, 0.0) for h in recent]
+        series = [h.terms[name] for h in recent]
         if min(series) <= 1e-6:
             continue
-        highest = max([first.get(name, 0.0)] + [h.get(name, 0.0) for h in history])
+        highest = max([first.terms[name]] + [h.terms[name] for h in history])
         learned = series[-1] < limits.learned * highest
         level = abs(series[-1] / series[0] - 1.0) < flat
-        others = [h["loss"] - h.get(f"{name}_weighted", 0.0) for h in recent]
+        others = [h.loss - h.weighted[name] for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
                 and relative_slope(others) < -falling):
             head = LOSS_TERMS[name].head
@@ -157,17 +158,17 @@ def check_flat_term(history: list[dict], *, window: int, first: dict | None = No
     return None
 
 
-def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int,
+def check_stuck_iou_loss(history: list[PeriodMeans], box_types: dict, *, sustain: int,
                          limits: StuckIouLimits = StuckIouLimits()) -> Alarm | None:
     """An IoU-type box loss (giou, diou, ciou, wiou) whose positive boxes keep missing their
     targets: mean IoU of the refined positive boxes with their GT below `limits.min_iou`."""
     if len(history) < sustain:
         return None
-    keys = {"rpn": S.RPN_PRED_IOU, "roi": S.ROI_PRED_IOU}
+    pred_iou = {"rpn": lambda h: h.rpn_pred_iou, "roi": lambda h: h.roi_pred_iou}
     for head, loss_type in box_types.items():
         if loss_type not in ("giou", "diou", "ciou", "wiou"):
             continue
-        values = [history_value(h, keys[head]) for h in history[-sustain:]]
+        values = [pred_iou[head](h) for h in history[-sustain:]]
         if all(v < limits.min_iou for v in values):
             return Alarm(
                 name="stuck_iou_loss",
@@ -180,16 +181,8 @@ def check_stuck_iou_loss(history: list[dict], box_types: dict, *, sustain: int,
     return None
 
 
-def history_value(record: dict, key: str) -> float:
-    """A statistic from a period's means; NaN (no positives that period) stays NaN. A key the
-    model does not report is a bug in the stats contract, not a quiet default."""
-    if key not in record:
-        raise KeyError(f"monitor history lacks '{key}' (contract: rcnn_trainer/model/stats.py)")
-    return record[key]
-
-
 # ------------------------------------------------------------------ 4. foreground starvation
-def check_foreground_starvation(history: list[dict], *, sustain: int,
+def check_foreground_starvation(history: list[PeriodMeans], *, sustain: int,
                                 limits: StarvationLimits = StarvationLimits()) -> Alarm | None:
     """RPN or RoI positives per image below `min_share` x the GT objects per image for `sustain`
     periods. The data gives at least that many: every GT box has a best anchor (matched even below
@@ -197,12 +190,10 @@ def check_foreground_starvation(history: list[dict], *, sustain: int,
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
-    gt = [history_value(h, S.GT_PER_IMAGE) for h in recent]
+    gt = [h.gt_per_image for h in recent]
     if min(gt) <= 0:
         return None
-    for head, key, keys in (("rpn", S.RPN_POS, ("model.rpn.fg_iou_thresh", "model.rpn.positive_fraction")),
-                            ("roi", S.ROI_POS, ("model.roi.fg_iou_thresh", "model.roi.positive_fraction"))):
-        pos = [history_value(h, key) for h in recent]
+    for head, pos in (("rpn", [h.rpn_pos for h in recent]), ("roi", [h.roi_pos for h in recent])):
         if all(p < limits.min_share * g for p, g in zip(pos, gt)):
             return Alarm(
                 name="foreground_starvation",
@@ -210,18 +201,18 @@ def check_foreground_starvation(history: list[dict], *, sustain: int,
                      f"{', '.join(f'{g:.2f}' for g in gt)} GT objects per image",
                 why="fewer foreground samples than objects: the classifier learns mostly background and the box "
                     "regressor gets little signal",
-                change=[f"{keys[1]}: raise it", f"{keys[0]}: lower it",
+                change=[f"model.{head}.positive_fraction: raise it", f"model.{head}.fg_iou_thresh: lower it",
                         "model.anchors.sizes: auto (see the preflight's anchor coverage)"])
     return None
 
 
-def check_proposal_iou_not_rising(history: list[dict],
+def check_proposal_iou_not_rising(history: list[PeriodMeans],
                                   limits: ProposalIouLimits = ProposalIouLimits()) -> Alarm | None:
     """Judged at every period from the `min_periods`-th on: the mean IoU of positive proposals
     over the last 3 periods never got above its first value and stays near the matching
     threshold (below `low`): the RPN is not improving. A level that settled higher is a
     converged RPN, not a stuck one (the default run settles at ~0.6 within 100 iterations)."""
-    values = [history_value(h, S.ROI_PROPOSAL_IOU) for h in history]
+    values = [h.proposal_iou for h in history]
     values = [v for v in values if not math.isnan(v)]
     if (len(values) < limits.min_periods or max(values[-3:]) > values[0] + limits.min_gain
             or max(values[-3:]) >= limits.low):
@@ -384,7 +375,7 @@ def positives_growing(positives: list[float], window: int, min_growth: float) ->
     return before > 0 and statistics.fmean(values[-window:]) >= min_growth * before
 
 
-def check_regressor_collapse(history: list[dict], *, sustain: int,
+def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int,
                              limits: RegressorCollapseLimits = RegressorCollapseLimits()) -> Alarm | None:
     """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
     (std below `max_std_ratio` x the target deltas' std) and do not follow the targets
@@ -399,7 +390,7 @@ def check_regressor_collapse(history: list[dict], *, sustain: int,
     0.070, 0.086, 0.099 (corr 0.14 at 90), the same at 200 iterations 0.053, 0.049, 0.058 (corr
     0.30 ten iterations later), letters and handwriting 0.15-0.29."""
     # judgments with nothing to compare (NaN: no positive whose targets vary) do not count
-    pairs = [(history_value(h, S.ROI_DELTA_STD_RATIO), history_value(h, S.ROI_DELTA_CORR)) for h in history]
+    pairs = [(h.delta_std_ratio, h.delta_corr) for h in history]
     pairs = [(r, c) for r, c in pairs if not (math.isnan(r) or math.isnan(c))]
     if len(pairs) < sustain:
         return None

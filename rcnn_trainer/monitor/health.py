@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from rcnn_trainer.config import Config, MonitorConfig
 from rcnn_trainer.losses.settings import ClsLoss, head_losses
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
-from rcnn_trainer.model import stats as S
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ProbeResult
 
 MAX_NORMS_KEPT = 500
@@ -106,17 +106,17 @@ class HealthMonitor:
         st["grad_norms"] = (past + norms)[-MAX_NORMS_KEPT:]
         if loss_scale is not None:
             st["scales"].append(loss_scale)
-        history = st["history"]
+        history = [PeriodMeans.from_means(h) for h in st["history"]]  # plain dicts in the checkpointed state
+        now = history[-1]
         past_warmup = iteration > s.warmup_iters
         found = [
             checks.check_dominant_term(history, max_share=m.dominant_share, sustain=m.sustain),
             checks.check_stuck_iou_loss(history, s.box_types, sustain=m.sustain, limits=m.stuck_iou),
             checks.check_foreground_starvation(history, sustain=m.sustain, limits=m.starvation),
-            checks.check_learning_rate(mean.get("lr", 0.0), s.base_lr, mean.get("loss", 0.0),
-                                       st["initial_loss"] or 0.0, progress=iteration / max(max_iters, 1),
-                                       past_warmup=past_warmup, lowest_term_ratio=lowest_term_ratio(mean, st),
-                                       limits=m.learning_rate),
-            checks.check_gradients(norms, past, mean.get("clipped", 0.0),
+            checks.check_learning_rate(now.lr, s.base_lr, now.loss, st["initial_loss"] or 0.0,
+                                       progress=iteration / max(max_iters, 1), past_warmup=past_warmup,
+                                       lowest_term_ratio=lowest_term_ratio(history), limits=m.learning_rate),
+            checks.check_gradients(norms, past, now.clipped,
                                    sum(1 for r in records if r.get("nonfinite")), m.gradients),
             checks.check_loss_scale(st["scales"], m.loss_scale),
         ]
@@ -131,7 +131,7 @@ class HealthMonitor:
             found.append(checks.check_proposal_iou_not_rising(after_warmup, m.proposal_iou))
             st["probe"].append(probe.as_state())
             probes = [ProbeResult.from_state(p) for p in st["probe"]]
-            roi_positives = [checks.history_value(h, S.ROI_POS) for h in history]
+            roi_positives = [h.roi_pos for h in history]
             found.append(checks.check_low_confidence(probes, sustain=m.sustain, roi_positives=roi_positives,
                                                      flips=s.flips, advice=s.advice, limits=m.low_confidence))
             found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
@@ -158,11 +158,11 @@ class HealthMonitor:
         return dict(self.state["counts"])
 
 
-def lowest_term_ratio(mean: dict, state: dict) -> float | None:
+def lowest_term_ratio(history: list[PeriodMeans]) -> float | None:
     """The smallest (period mean / first judgment's mean) over the unweighted loss terms: below
     ~0.5 some term has clearly learned, whatever the weighted total does. Against the first
     judgment, not the first step: one batch's box term is noisy enough to halve by chance
     (seen with lr 1e-8, where nothing learns)."""
-    first = state["history"][0] if state["history"] else {}
-    ratios = [mean[n] / first[n] for n in LOSS_NAMES if first.get(n, 0.0) > 0 and math.isfinite(mean.get(n, math.nan))]
+    first, now = history[0].terms, history[-1].terms
+    ratios = [now[n] / first[n] for n in LOSS_NAMES if first[n] > 0 and math.isfinite(now[n])]
     return min(ratios) if ratios else None

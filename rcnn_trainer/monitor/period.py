@@ -1,0 +1,50 @@
+"""PeriodMeans: what the monitor reads from one period's means of the logged step numbers.
+
+Built from the means dict (`window_means`, also logged as `mean/...` in metrics.jsonl and kept
+in the monitor's checkpointed history) by `from_means`, the one place that knows the stats keys
+of rcnn_trainer/model/stats.py. A statistic the model did not report is an error there, never
+a silent default that would keep an alarm quiet or always firing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rcnn_trainer.losses.weighting import LOSS_NAMES
+from rcnn_trainer.model import stats as S
+
+# the statistics the checks and the dashboard read, and the field each becomes
+STAT_FIELDS = {S.GT_PER_IMAGE: "gt_per_image", S.RPN_POS: "rpn_pos", S.ROI_POS: "roi_pos",
+               S.RPN_PRED_IOU: "rpn_pred_iou", S.ROI_PRED_IOU: "roi_pred_iou", S.ROI_PROPOSAL_IOU: "proposal_iou",
+               S.ROI_DELTA_STD_RATIO: "delta_std_ratio", S.ROI_DELTA_CORR: "delta_corr"}
+
+
+@dataclass(frozen=True)
+class PeriodMeans:
+    loss: float                 # the weighted total
+    lr: float
+    grad_norm: float            # pre-clip
+    clipped: float              # share of steps clipped
+    terms: dict[str, float]     # each loss term unweighted, by name (LOSS_NAMES)
+    weighted: dict[str, float]  # each loss term weighted
+    gt_per_image: float
+    rpn_pos: float              # positives sampled per image
+    roi_pos: float
+    rpn_pred_iou: float         # IoU of the decoded boxes of positives with their GT
+    roi_pred_iou: float
+    proposal_iou: float         # IoU of positive RPN proposals (GT boxes excluded) with their GT
+    delta_std_ratio: float      # RoI regressor: std of predicted / target deltas on positives
+    delta_corr: float           # and their correlation
+
+    @classmethod
+    def from_means(cls, means: dict) -> "PeriodMeans":
+        missing = [key for key in STAT_FIELDS if key not in means]
+        if missing:
+            raise KeyError(f"monitor history lacks {missing} (contract: rcnn_trainer/model/stats.py)")
+        return cls(loss=means.get("loss", 0.0), lr=means.get("lr", 0.0), grad_norm=means.get("grad_norm", math.nan),
+                   clipped=means.get("clipped", 0.0),
+                   # a term a model does not compute counts as 0
+                   terms={n: means.get(n, 0.0) for n in LOSS_NAMES},
+                   weighted={n: means.get(f"{n}_weighted", 0.0) for n in LOSS_NAMES},
+                   **{name: means[key] for key, name in STAT_FIELDS.items()})
