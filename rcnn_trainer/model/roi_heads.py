@@ -22,7 +22,6 @@ from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
 from rcnn_trainer.losses.wise_iou import wise_iou_for
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.matching import BELOW, BETWEEN, match_with, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
 
 
@@ -64,36 +63,22 @@ class BoxHeads(RoIHeads):
     def _sample(self, proposals, targets, features, image_shapes):
         """The RoIs to train on: per image a list of boxes, and over the batch flat [R] labels,
         [R, 4] matched GT boxes and [R] whether the RoI came from the RPN (not an appended GT).
-        Matching and random sampling run on the whole batch at once (model/matching.py)."""
+        Matching and random sampling are torchvision's own, image by image."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
-        num_rpn = torch.tensor([p.shape[0] for p in proposals], device=proposals[0].device)
+        num_rpn = [p.shape[0] for p in proposals]
         proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
-        padded, valid = pad_boxes(proposals)
-        gt, gt_valid = pad_boxes(gt_boxes)
-        gt_classes = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
-        gt_classes[gt_valid] = torch.cat([t["labels"] for t in targets]).to(torch.int64)
-        matches = match_with(self.proposal_matcher, gt, gt_valid, padded)
-        matched_idxs = matches.clamp(min=0)
-        labels = gt_classes.gather(1, matched_idxs) if gt.shape[1] else torch.zeros_like(matches)
-        labels = labels.masked_fill(matches == BELOW, 0).masked_fill(matches == BETWEEN, -1)
-        labels = labels.masked_fill(~valid, -1)  # padding is never sampled
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes,
+                                                                [t["labels"].to(torch.int64) for t in targets])
         if self.sampler == "ohem":
-            chosen = self._hardest(features, proposals, [l[:len(p)] for l, p in zip(labels, proposals)],
-                                   [m[:len(p)] for m, p in zip(matched_idxs, proposals)], gt_boxes, image_shapes)
-            keep = torch.zeros_like(valid)
-            for i, inds in enumerate(chosen):
-                keep[i, inds] = True
+            chosen = self._hardest(features, proposals, labels, matched_idxs, gt_boxes, image_shapes)
         else:
-            pos, neg = sample_balanced(labels, self.fg_bg_sampler.batch_size_per_image,
-                                       self.fg_bg_sampler.positive_fraction)
-            keep = pos | neg
-        image, index = keep.nonzero(as_tuple=True)  # image by image, in index order (as torchvision)
-        rois = padded[image, index].split(keep.sum(dim=1).tolist())
-        gt_labels = labels[image, index]
-        # an image without GT matches its zero padding: a dummy box for RoIs that are all background
-        matched = gt[image, matched_idxs[image, index]] if gt.shape[1] else torch.zeros_like(padded[image, index])
-        return list(rois), gt_labels, matched, index < num_rpn[image]
+            chosen = self.subsample(labels)  # per image, in index order
+        rois = [p[inds] for p, inds in zip(proposals, chosen)]
+        gt_labels = torch.cat([l[inds] for l, inds in zip(labels, chosen)])
+        matched = torch.cat([_matched_gt_boxes(g, m[inds]) for g, m, inds in zip(gt_boxes, matched_idxs, chosen)])
+        from_rpn = torch.cat([inds < n for inds, n in zip(chosen, num_rpn)])
+        return rois, gt_labels, matched, from_rpn
 
     @torch.no_grad()
     def _hardest(self, features, proposals, labels, matched_idxs, gt_boxes, image_shapes) -> list[torch.Tensor]:

@@ -20,7 +20,6 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.matching import BETWEEN, match_with, pad_boxes, sample_balanced
 from rcnn_trainer.model.stats import refined_box_iou
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
@@ -57,32 +56,22 @@ class RPN(RegionProposalNetwork):
             return boxes, {}, {}
         if targets is None:
             raise ValueError("the RPN needs targets in training mode")
-        anchors = torch.stack(anchors)  # [N, A, 4]: every image has the same anchors
-        gt_labels, matched_gt_boxes = self.assign_targets(anchors, targets)
+        # torchvision's Matcher and sampler, image by image (1 fg, 0 bg, -1 ignored per anchor)
+        targets = [{**t, "boxes": t["boxes"].to(anchors[0].dtype)} for t in targets]
+        gt_labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
         losses, stats = self._losses(objectness.flatten(), pred_deltas, gt_labels, matched_gt_boxes, anchors)
         return boxes, losses, stats
 
-    def assign_targets(self, anchors: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """torchvision's assign_targets_to_anchors for the whole batch at once: labels [N, A]
-        (1 fg, 0 bg, -1 ignored) and matched GT boxes [N, A, 4] of anchors [N, A, 4]."""
-        gt, gt_valid = pad_boxes([t["boxes"].to(anchors.dtype) for t in targets])
-        matches = match_with(self.proposal_matcher, gt, gt_valid, anchors)
-        labels = (matches >= 0).to(anchors.dtype).masked_fill(matches == BETWEEN, -1.0)
-        if gt.shape[1] == 0:  # no GT in the whole batch: every anchor is background
-            return labels, torch.zeros_like(anchors)
-        matched = gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
-        return labels, matched
-
     def _losses(self, objectness, pred_deltas, gt_labels, matched_gt_boxes, anchors):
-        num_images = gt_labels.shape[0]
-        pos_mask, neg_mask = sample_balanced(gt_labels, self.fg_bg_sampler.batch_size_per_image,
-                                             self.fg_bg_sampler.positive_fraction)
-        pos = torch.where(pos_mask.flatten())[0]
-        neg = torch.where(neg_mask.flatten())[0]
+        """Per image lists of labels [A], matched GT boxes [A, 4] and anchors [A, 4]."""
+        num_images = len(gt_labels)
+        pos_masks, neg_masks = self.fg_bg_sampler(gt_labels)
+        pos = torch.where(torch.cat(pos_masks))[0]
+        neg = torch.where(torch.cat(neg_masks))[0]
         sampled = torch.cat([pos, neg])
-        labels = gt_labels.flatten()
-        anchors = anchors.reshape(-1, 4)
-        matched_gt_boxes = matched_gt_boxes.reshape(-1, 4)
+        labels = torch.cat(gt_labels)
+        anchors = torch.cat(anchors)
+        matched_gt_boxes = torch.cat(matched_gt_boxes)
 
         cls, cls_factor = loss_rpn_cls(objectness[sampled], labels[sampled], self.losses.cls)
         box, box_factor = loss_rpn_box(pred_deltas[pos], anchors[pos], matched_gt_boxes[pos], sampled.numel(),
