@@ -114,3 +114,14 @@ def test_avg_factor_clamped_and_empty_sum_is_zero():
     assert avg_factor_from_count(0, torch.device("cpu")).item() == 1.0
     loss, factor = loss_rpn_cls(torch.zeros(0), torch.zeros(0), ClsLoss("bce", avg_factor="positives"))
     assert loss.item() == 0.0 and factor.item() == 1.0
+
+
+def test_l1_term_seeded_expected_value():
+    """loss_roi_box with l1: the summed absolute delta error of the positives over the sampled RoIs."""
+    g = torch.Generator().manual_seed(7)
+    proposals, gt = random_boxes(5, g), random_boxes(5, g)
+    deltas = torch.randn(5, 4, generator=g) * 0.3
+    target = CODER.encode_single(gt, proposals)
+    expected = (deltas - target).abs().sum() / 64
+    loss, factor = loss_roi_box(deltas, proposals, gt, num_sampled=64, box_coder=CODER, settings=BoxLoss("l1"))
+    assert factor.item() == 64 and loss.item() == pytest.approx(expected.item(), rel=1e-6)

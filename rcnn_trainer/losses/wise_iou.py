@@ -55,8 +55,6 @@ class WiseIoULoss(nn.Module):
         return focus * r_wiou * iou_loss
 
 
-
-
 def wise_iou_for(box: "BoxLoss") -> WiseIoULoss | None:
     """The head's Wise-IoU module when its box loss is wiou (it keeps a running mean, saved with
     the model); None for the stateless losses."""
