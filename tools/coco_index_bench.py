@@ -1,8 +1,12 @@
-"""Index a COCO-size annotation file: rcnn_trainer's CocoDetection vs pycocotools' COCO(), one run.
+"""Index a COCO-size annotation file: rcnn_trainer's CocoDetection and `rcnn-train --preflight`
+vs pycocotools' COCO(), one run.
 
 Generates a file shaped like COCO train2017 (118,000 images, ~860,000 boxes, 80 classes) with one
 small PNG hard-linked under every file name, then indexes it in fresh subprocesses (one per
-loader, so peak RSS is each loader's own) and prints time and peak memory side by side.
+loader, so peak RSS is each loader's own) and prints time and peak memory side by side. The
+preflight row is the whole `rcnn-train --preflight` on that file as the training split and a
+5,000-image file of the same kind as val (COCO val2017's size): both indexes, the auto
+settings, the dataset summaries and every preflight check.
 
     python tools/coco_index_bench.py --images 118000 --boxes-per-image 7.3 --out /tmp/coco_bench
 """
@@ -25,7 +29,23 @@ MEASURE = {
     "pycocotools COCO()": ("from pycocotools.coco import COCO", "COCO(ann)"),
     "rcnn_trainer CocoDetection": ("from rcnn_trainer.data.coco import CocoDetection",
                                    "CocoDetection(ann, img_dir, check_images=256)"),
+    "rcnn-train --preflight": ("from rcnn_trainer.cli import train_main",
+                               "train_main(['--config', ann.replace('instances.json', 'preflight.yaml'), '--preflight'])"),
 }
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preflight_config(out: Path, train_ann: Path, val_ann: Path) -> Path:
+    """config.yaml with the generated files as its data (train: the big one, val: 5,000 images)."""
+    import yaml
+
+    config = out / "preflight.yaml"
+    config.write_text(yaml.safe_dump({
+        "_base_": str(REPO / "config.yaml"), "output_dir": str(out / "run"),
+        "data": {"train": {"ann_file": str(train_ann), "img_dir": str(out / "images")},
+                 "val": {"ann_file": str(val_ann), "img_dir": str(val_ann.parent / "images")},
+                 "min_size": 480, "max_size": 640}}))
+    return config
 
 
 def generate(out: Path, images: int, boxes_per_image: float, seed: int = 0) -> Path:
@@ -68,6 +88,7 @@ def measure(code: tuple[str, str], ann: Path, img_dir: Path) -> tuple[float, flo
               f"rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**30\n"
               f"base = rss(); t = time.perf_counter()\n"
               f"with contextlib.redirect_stdout(io.StringIO()): x = {statement}\n"
+              f"if isinstance(x, int) and x != 0: raise SystemExit(f'exit {{x}}')  # a CLI that failed is no figure\n"
               f"peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20\n"
               f"print(time.perf_counter() - t, peak, peak - base)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -84,6 +105,8 @@ def main() -> None:
     args = p.parse_args()
     started = time.perf_counter()
     ann = generate(args.out, args.images, args.boxes_per_image)
+    val = generate(args.out / "val", 5000, args.boxes_per_image, seed=1)
+    preflight_config(args.out, ann, val)
     size_mb = ann.stat().st_size / 1e6
     print(f"file: {ann} ({size_mb:.0f} MB, {args.images} images; generated in {time.perf_counter() - started:.0f} s)")
     results = {}

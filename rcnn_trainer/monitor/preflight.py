@@ -67,8 +67,10 @@ def run_preflight(dataset: CocoDetection, split: str, *, anchor_sizes: list[list
     per_image = np.array([len(r.labels) for r in records])
     raw_boxes = np.array([a["bbox"] for a in dataset.evaluation_json["annotations"] if not a.get("iscrowd", 0)],
                          dtype=np.float64).reshape(-1, 4)
-    counts_loaded = {name: int(sum((r.labels == i + 1).sum() for r in records))
-                     for i, name in enumerate(dataset.class_names)}
+    # one bincount over all labels: per class and record it was 9.8M numpy calls (18 s) at COCO size
+    labels = np.concatenate([r.labels for r in records]) if records else np.zeros(0, dtype=np.int64)
+    per_class = np.bincount(labels.astype(np.int64), minlength=len(dataset.class_names) + 1)
+    counts_loaded = {name: int(per_class[i + 1]) for i, name in enumerate(dataset.class_names)}
     counts_raw = {name: 0 for name in dataset.class_names}
     for a in dataset.evaluation_json["annotations"]:
         label = dataset.cat_id_to_label.get(a.get("category_id"))
