@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
 import recipe_bench  # noqa: E402  (tools/ is not a package)
 
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset  # noqa: E402
@@ -101,7 +102,8 @@ def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path,
     kept.unlink(missing_ok=True)  # never read an earlier run's series as this one's
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name.replace("@", "_")
-        cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", scenario.recipe, "--output-dir",
+        recipe = REPO / scenario.recipe  # the recipes of this checkout, wherever the suite is run from
+        cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(recipe), "--output-dir",
                str(out), "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if (out / "metrics.jsonl").is_file():
@@ -133,13 +135,16 @@ def main() -> None:
         first = min(fired) if fired else None
         others = sorted({f"{a}@{it}" for a, it in result["alarms"] if a != scenario.expected},
                         key=lambda s: int(s.split("@")[1]))
-        ok = (first is not None and first <= args.iters / 3) if scenario.expected else not result["alarms"]
+        ran = result["exit"] in (0, 1)  # 1: a run the monitor stopped; 2 or a crash is no result at all
+        ok = ran and ((first is not None and first <= args.iters / 3) if scenario.expected else not result["alarms"])
         rows.append({"scenario": name, "recipe": scenario.recipe, "expected": scenario.expected, "first_iter": first,
                      "ok": ok, **result})
         ap = f"{result['AP']:.3f}" if result["AP"] is not None else f"exit {result['exit']}"
         print(f"| {name} | {scenario.recipe} | {scenario.expected or 'none (healthy)'} | "
               f"{first if first is not None else '-'} (of {args.iters}) | {'yes' if ok else 'NO'} | "
               f"{', '.join(others[:6]) or '-'} | {ap} |", flush=True)
+        if not ran:
+            print(f"  {name} did not run (exit {result['exit']}): {result['stderr'].strip().splitlines()[-1:]}")
         args.out.write_text(json.dumps({"iters": args.iters, "rows": rows}, indent=1))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} scenarios as expected; wrote {args.out}")
 
