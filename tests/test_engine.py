@@ -295,3 +295,17 @@ def test_syncbn_converts_every_batchnorm_under_ddp_only(tmp_path):
     assert torch.nn.SyncBatchNorm not in kinds(single) and kinds(single)  # one process: plain BatchNorm
 
 
+
+
+def test_resume_of_a_finished_run_leaves_the_same_metrics(tmp_path):
+    """A kill that lands after the last checkpoint (during or after the final evaluation), then
+    --resume: the final evaluation runs again and the log equals the uninterrupted one, instead of
+    holding a second eval and summary line (the kill tool found this in 7 of 20 rounds)."""
+    cfg = tiny_config(tmp_path, solver={"max_iters": 4}, train={"checkpoint_period": 2})
+    train(cfg, log=quiet, progress=False)
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    strip = lambda lines: [{k: v for k, v in l.items() if "time" not in k} for l in lines]
+    before = strip(log.read())
+    train(cfg, resume=True, log=quiet, progress=False)
+    assert strip(log.read()) == before
+    assert [l["type"] for l in before].count("summary") == 1

@@ -41,14 +41,19 @@ class MetricsLog:
         line = json.dumps({k: _plain(v) for k, v in record.items()})
         append_line(self.path, line)
 
-    def truncate_after(self, iteration: int) -> None:
-        """On resume: drop lines logged after the checkpoint, so the log matches an uninterrupted run."""
+    def truncate_after(self, iteration: int, final: bool = False) -> None:
+        """On resume: drop lines logged after the checkpoint, so the log matches an uninterrupted run.
+        `final`: the checkpoint is the last iteration's; its final evaluation and summary lines came
+        after it (a run killed after them, or while writing them, runs that evaluation again)."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("iter", 0) <= iteration:
+                record = json.loads(line)
+                after_checkpoint = record.get("iter", 0) > iteration or (
+                    final and record.get("iter") == iteration and record.get("type") in ("eval", "summary"))
+                if not after_checkpoint:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill

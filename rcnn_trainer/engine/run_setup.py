@@ -215,5 +215,5 @@ def resume_from_latest(run: Run) -> None:
     run.health.load_state_dict(ckpt["health"])
     rng_states, rank = ckpt["rng"], run.info.rank
     ckpt_io.restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
-    run.metrics.truncate_after(run.state.iteration)
+    run.metrics.truncate_after(run.state.iteration, final=run.state.iteration >= run.cfg.solver.max_iters)
     run.say(f"[resume] continuing from '{path}' at iteration {run.state.iteration}.")
