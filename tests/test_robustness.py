@@ -65,15 +65,21 @@ def standard_images(folder: Path, count: int = 4, w: int = 64, h: int = 48) -> t
     return images, annotations
 
 
-def run_train(tmp_path: Path, train_file: Path, val_file: Path | None = None, *overrides: str,
-              img_dir: Path | None = None, output: Path | None = None, **updates) -> int:
+def coco_dict(tmp_path: Path, train_file: Path, val_file: Path | None = None, img_dir: Path | None = None,
+              **updates) -> dict:
+    """The tiny config on these COCO files instead of the synthetic data (val: the train file)."""
     img_dir = img_dir or train_file.parent
-    val_file = val_file or train_file
     raw = tiny_dict(tmp_path, **updates)
     raw["data"].pop("synthetic")
     raw["data"]["train"] = {"ann_file": str(train_file), "img_dir": str(img_dir)}
-    raw["data"]["val"] = {"ann_file": str(val_file), "img_dir": str(img_dir)}
+    raw["data"]["val"] = {"ann_file": str(val_file or train_file), "img_dir": str(img_dir)}
     raw["model"]["num_classes"] = "auto"
+    return raw
+
+
+def run_train(tmp_path: Path, train_file: Path, val_file: Path | None = None, *overrides: str,
+              img_dir: Path | None = None, output: Path | None = None, **updates) -> int:
+    raw = coco_dict(tmp_path, train_file, val_file, img_dir, **updates)
     raw["solver"]["max_iters"] = 2
     if output is not None:
         raw["output_dir"] = str(output)
@@ -180,10 +186,7 @@ def test_unusual_images_load_resized_and_train_together(tmp_path):
         if min(box[2:]) >= 2:
             annotations.append(ann(100 + k, 100 + k, 2, box))
     train_file = dataset(folder, images, annotations)
-    raw = tiny_dict(tmp_path, data={"hflip_prob": 0.0})
-    raw["data"].pop("synthetic")
-    raw["data"]["train"] = raw["data"]["val"] = {"ann_file": str(train_file), "img_dir": str(folder)}
-    raw["model"]["num_classes"] = "auto"
+    raw = coco_dict(tmp_path, train_file, data={"hflip_prob": 0.0})
     data = validate_config(raw, "test").data
     train_set = build_dataset(validate_config(raw, "test"), "train")
     for index, record in enumerate(train_set.records):
@@ -328,12 +331,7 @@ def checked_data(tmp_path: Path, train_file: Path, val_file: Path | None, data_u
     from rcnn_trainer.engine.metrics_log import MetricsLog
     from rcnn_trainer.engine.run_setup import prepare_checked_data
 
-    raw = tiny_dict(tmp_path, data=data_updates)
-    raw["data"].pop("synthetic")
-    raw["data"]["train"] = {"ann_file": str(train_file), "img_dir": str(train_file.parent)}
-    raw["data"]["val"] = {"ann_file": str(val_file or train_file), "img_dir": str(train_file.parent)}
-    raw["model"]["num_classes"] = "auto"
-    cfg = validate_config(raw, "test")
+    cfg = validate_config(coco_dict(tmp_path, train_file, val_file, data=data_updates), "test")
     with time_limit():
         _, train_set, _, _ = prepare_checked_data(cfg, lambda _: None, 1, MetricsLog(tmp_path / "m.jsonl"))
         for index in range(len(train_set)):
@@ -368,10 +366,7 @@ def test_more_workers_than_cores_gives_the_same_batches(tmp_path):
 
     images, annotations = standard_images(tmp_path / "d", 8)
     train_file = dataset(tmp_path / "d", images, annotations)
-    raw = tiny_dict(tmp_path, data={"hflip_prob": 0.5})
-    raw["data"].pop("synthetic")
-    raw["data"]["train"] = raw["data"]["val"] = {"ann_file": str(train_file), "img_dir": str(tmp_path / "d")}
-    raw["model"]["num_classes"] = "auto"
+    raw = coco_dict(tmp_path, train_file, data={"hflip_prob": 0.5})
     batches = {}
     for workers in (0, 64):
         raw["data"]["num_workers"] = workers

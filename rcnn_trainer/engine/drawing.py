@@ -4,6 +4,7 @@ class names and scores stay legible."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ GT_COLOUR, PRED_COLOUR = (0, 220, 0), (230, 30, 30)
 FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
 
 
+@functools.lru_cache(maxsize=1)
 def _font_file() -> str | None:
     """The first TrueType font PIL finds; None: torchvision falls back to PIL's bundled font."""
     for name in FONTS:
