@@ -1,7 +1,9 @@
-"""Generated bad input for the real loaders: COCO files and configs mutated at random.
+"""Generated bad input for the real loaders: COCO files and configs mutated by hypothesis.
 
-Each case must either load or raise UserError (exit 2 with a message); anything else is a bug.
-Shared by the fixed-seed subset in tests/test_fuzz.py and by tools/fuzz_inputs.py (thousands).
+Each case must either load or raise UserError (exit 2 with a message that names the file);
+anything else is a bug. `mutated(valid)` is a hypothesis strategy (so a failing case shrinks to
+its smallest edit), shared by the derandomized subset in tests/test_fuzz.py and by
+tools/fuzz_inputs.py (thousands).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
 from PIL import Image
 
 ODD_VALUES = [None, "x", "", "ünïcødé", -1, 0, 1, 2**63, -2**63, 1e308, -1e308, math.nan, math.inf, True, False,
@@ -42,34 +45,44 @@ def _paths(node, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-def mutate(data, rng: random.Random, steps: int):
-    """`steps` random edits: replace a value, delete a key or item, add a key, duplicate an item, nest."""
-    data = copy.deepcopy(data)
-    for _ in range(steps):
-        paths = list(_paths(data))
-        path = rng.choice(paths)
-        if not path:
-            continue
+ODD_VALUE = st.one_of(st.sampled_from(ODD_VALUES), st.none(), st.booleans(), st.integers(),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                      st.lists(st.one_of(st.integers(), st.floats(), st.text(max_size=3)), max_size=5),
+                      st.dictionaries(st.text(max_size=4), st.integers(), max_size=3))
+EDITS = ("replace", "delete", "add_key", "duplicate", "nest")
+
+
+@st.composite
+def mutated(draw, valid, max_steps: int = 6):
+    """`valid` after 1..max_steps edits, each at a drawn place: a value replaced by an odd one (wrong
+    type, huge, negative, NaN, unicode), a key or item deleted, a key added, an item duplicated
+    (duplicate ids), a value nested in a list or dict."""
+    data = copy.deepcopy(valid)
+    for _ in range(draw(st.integers(1, max_steps))):
+        paths = [p for p in _paths(data) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
         parent = data
         for part in path[:-1]:
             parent = parent[part]
-        key = path[-1]
-        op = rng.randrange(5)
-        if op == 0:
-            parent[key] = copy.deepcopy(rng.choice(ODD_VALUES))
-        elif op == 1:
+        key, edit = path[-1], draw(st.sampled_from(EDITS))
+        if edit == "replace":
+            parent[key] = draw(ODD_VALUE)
+        elif edit == "delete":
             del parent[key]
-        elif op == 2 and isinstance(parent, dict):
-            parent[rng.choice(["extra", "id", "bbox", "ü"])] = copy.deepcopy(rng.choice(ODD_VALUES))
-        elif op == 3 and isinstance(parent, list):
+        elif edit == "add_key" and isinstance(parent, dict):
+            parent[draw(st.sampled_from(["extra", "id", "bbox", "ü", "iscrowd"]))] = draw(ODD_VALUE)
+        elif edit == "duplicate" and isinstance(parent, list):
             parent.append(copy.deepcopy(parent[key]))
         else:
-            parent[key] = [parent[key]] if rng.random() < 0.5 else {"v": parent[key]}
+            parent[key] = [parent[key]] if draw(st.booleans()) else {"v": parent[key]}
     return data
 
 
 def try_coco(data, folder: Path) -> str:
-    """'loaded' or 'user_error'; any other exception propagates (a bug)."""
+    """'loaded' or 'user_error'; any other exception propagates (a bug), as does an error message
+    that does not name the file or the image it is about."""
     from rcnn_trainer.data.coco import CocoDetection
     from rcnn_trainer.errors import UserError
 
@@ -80,7 +93,8 @@ def try_coco(data, folder: Path) -> str:
         for i in range(len(dataset)):
             dataset[i]
         dataset.coco_api()  # what evaluation builds from the file
-    except UserError:
+    except UserError as err:
+        assert str(folder) in str(err), f"the message does not name the file or image: {err}"
         return "user_error"
     return "loaded"
 
@@ -105,6 +119,7 @@ def try_config(raw, folder: Path) -> str:
     try:
         cfg = load_config(path)
         cfg.model_dump()
-    except UserError:
+    except UserError as err:
+        assert path.name in str(err), f"the message does not name the config file: {err}"
         return "user_error"
     return "loaded"

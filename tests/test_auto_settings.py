@@ -66,6 +66,33 @@ def test_fitted_anchors_cover_better_than_mismatched_ones(tmp_path):
     assert reach["above_0.5"] > 0.9 > float((too_large >= 0.5).float().mean())
 
 
+@pytest.mark.parametrize("height, width", [(480, 640), (333, 500), (97, 130)])
+@pytest.mark.parametrize("sizes, strides", [([[32], [64], [128], [256], [512]], [4, 8, 16, 32, 64]),
+                                            ([[33.5, 40], [66.9, 80], [133.9, 160]], [16, 32, 64])])
+def test_best_anchor_iou_equals_the_brute_force_over_every_anchor(height, width, sizes, strides):
+    """The nearest-center shortcut scores the same best anchor as box_iou against all of them."""
+    import numpy as np
+    import torch
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import box_iou
+
+    g = torch.Generator().manual_seed(0)
+    limit = torch.tensor([width, height]).float()
+    corner = torch.rand(300, 2, generator=g) * limit
+    boxes = torch.cat([corner, torch.maximum((corner + torch.rand(300, 2, generator=g) * limit * 0.6).minimum(limit),
+                                             corner + 0.5)], dim=1)
+    ratios = [0.5, 1.0, 2.0]
+    generator = AnchorGenerator(tuple(tuple(s) for s in sizes), (tuple(ratios),) * len(sizes))
+    padded = (int(np.ceil(height / 32) * 32), int(np.ceil(width / 32) * 32))
+    features = [torch.empty(1, 1, int(np.ceil(padded[0] / s)), int(np.ceil(padded[1] / s))) for s in strides]
+    anchors = generator(ImageList(torch.empty(1, 3, *padded), [(height, width)]), features)[0]
+    brute = box_iou(boxes, anchors).max(dim=1).values
+    fast = best_anchor_ious([((height, width), boxes)], sizes, ratios, strides)
+    assert torch.allclose(fast, brute, atol=1e-6)
+    assert fast.min() < 0.5 < fast.max()  # the boxes span good and poor coverage
+
+
 def test_explicit_num_classes_that_disagrees_is_exit_2(tmp_path, capsys):
     raw = coco_config(tmp_path, NON_CONTIGUOUS)
     raw["model"]["num_classes"] = 5

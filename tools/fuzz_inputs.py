@@ -1,7 +1,9 @@
 """Thousands of generated bad COCO files and configs through the real loaders.
 
-Each case must load or raise UserError (what the CLI turns into exit 2 with a message) within
---time-limit seconds; a traceback or a hang is counted, printed and makes the exit code 1.
+Each case must load or raise UserError (what the CLI turns into exit 2 with a message naming the
+file) within --time-limit seconds. Cases are drawn by hypothesis (tests/fuzz_inputs.py's
+`mutated`); a traceback or a hang stops the run, is shrunk to its smallest edit, printed, and
+makes the exit code 1.
 
     python tools/fuzz_inputs.py --coco 2000 --configs 2000
 """
@@ -9,7 +11,6 @@ Each case must load or raise UserError (what the CLI turns into exit 2 with a me
 from __future__ import annotations
 
 import argparse
-import random
 import signal
 import sys
 import tempfile
@@ -17,8 +18,10 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, seed, settings
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fuzz_inputs import mutate, try_coco, try_config, valid_coco, valid_config  # noqa: E402
+from fuzz_inputs import mutated, try_coco, try_config, valid_coco, valid_config  # noqa: E402
 
 
 class Hang(Exception):
@@ -29,26 +32,33 @@ def _alarm(_signum, _frame):
     raise Hang()
 
 
-def run(kind: str, cases: int, seed: int, time_limit: int) -> Counter:
+def run(kind: str, cases: int, random_seed: int, time_limit: int) -> Counter:
     outcomes: Counter = Counter()
     signal.signal(signal.SIGALRM, _alarm)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for case in range(cases):
-            rng = random.Random(seed * 1_000_003 + case)
-            base = valid_coco(folder) if kind == "coco" else valid_config(folder)
-            data = mutate(base, rng, steps=1 + case % 6)
+        valid = valid_coco(folder) if kind == "coco" else valid_config(folder)
+        attempt = try_coco if kind == "coco" else try_config
+
+        @seed(random_seed)
+        @settings(max_examples=cases, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(mutated(valid, max_steps=6 if kind == "coco" else 3))
+        def case(data):
             signal.alarm(time_limit)
             try:
-                outcomes[(try_coco if kind == "coco" else try_config)(data, folder)] += 1
-            except Hang:
-                outcomes["hang"] += 1
-                print(f"[{kind} case {case}] HANG over {time_limit} s")
-            except Exception:  # noqa: BLE001 - the bug being looked for
-                outcomes["traceback"] += 1
-                print(f"[{kind} case {case}] TRACEBACK\n{traceback.format_exc()[-1500:]}")
+                outcomes[attempt(data, folder)] += 1
             finally:
                 signal.alarm(0)
+
+        try:
+            case()
+        except Hang:
+            outcomes["hang"] += 1
+            print(f"[{kind}] HANG over {time_limit} s (the shrunk case is above)")
+        except Exception:  # noqa: BLE001 - the bug being looked for
+            outcomes["traceback"] += 1
+            print(f"[{kind}] TRACEBACK (shrunk)\n{traceback.format_exc()[-3000:]}")
     return outcomes
 
 

@@ -94,13 +94,28 @@ def main() -> int:
         Image.new("RGB", (64 + 8 * i, 64), (40 * i % 255, 90, 160)).save(images / f"im{i}.png")
     failures, counts = [], {"train": 0, "eval": 0, "predict": 0}
 
+    def command(kind: str, out: Path) -> list[str]:
+        common = ["--config", str(config), "--checkpoint", str(reference / "model_final.pth"), "--no-progress"]
+        extra = (["--output-dir", str(out), "--visualize", "6"] if kind == "eval"
+                 else [str(images), "--output-dir", str(out), "--score-thresh", "0.0"])
+        return [kind, *common, *extra]
+
+    # kill moments are drawn within each command's own uninterrupted duration, so that they land
+    duration = {"train": train_seconds}
+    for kind in ("eval", "predict"):
+        started = time.time()
+        assert run(command(kind, args.out / f"{kind}_reference")) == 0
+        duration[kind] = time.time() - started
+    print(f"uninterrupted durations (s): { {k: round(v, 1) for k, v in duration.items()} }", flush=True)
+
     for k in range(args.kills):
         # training: kill, check, resume, compare with the uninterrupted run
         run_dir = args.out / f"train{k}"
         cfg = dict(raw, output_dir=str(run_dir))
         cfg_path = args.out / f"train{k}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        code = run(["train", "--config", str(cfg_path), "--no-progress"], kill_after=rng.uniform(1.0, train_seconds))
+        code = run(["train", "--config", str(cfg_path), "--no-progress"],
+                   kill_after=rng.uniform(0.1, 0.95) * duration["train"])
         failures += [f"train kill {k}: {b}" for b in partial_files(run_dir)]
         if code == -9:
             counts["train"] += 1
@@ -115,10 +130,7 @@ def main() -> int:
         # evaluation and prediction: kill, check
         for kind in ("eval", "predict"):
             out = args.out / f"{kind}{k}"
-            common = ["--config", str(config), "--checkpoint", str(reference / "model_final.pth"), "--no-progress"]
-            extra = (["--output-dir", str(out), "--visualize", "6"] if kind == "eval"
-                     else [str(images), "--output-dir", str(out), "--score-thresh", "0.0"])
-            if run([kind, *common, *extra], kill_after=rng.uniform(0.5, 8.0)) == -9:
+            if run(command(kind, out), kill_after=rng.uniform(0.1, 0.95) * duration[kind]) == -9:
                 counts[kind] += 1
             failures += [f"{kind} kill {k}: {b}" for b in partial_files(out)] if out.exists() else []
         print(f"[{k + 1}/{args.kills}] kills that landed: {counts}; failures so far: {len(failures)}", flush=True)

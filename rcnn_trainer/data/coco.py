@@ -22,6 +22,8 @@ import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +36,9 @@ from rcnn_trainer.data.transforms import ToTensor
 from rcnn_trainer.errors import UserError
 
 BORDER_TOLERANCE_PX = 1.0  # boxes this close past the border are clipped without counting
+_NO_BOXES = np.zeros((0, 4), np.float32)  # shared by the images without objects (items copy them)
+_NO_LABELS = np.zeros(0, np.int64)
+_NO_BOXES.flags.writeable = _NO_LABELS.flags.writeable = False
 
 
 @dataclass
@@ -72,10 +77,7 @@ def read_coco_json(ann_file: Path) -> dict:
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise UserError(f"annotation file '{ann_file}' does not exist.")
-    try:
-        data = json.loads(ann_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"annotation file '{ann_file}' is not valid JSON: {err}.") from None
+    data = _parse_json(ann_file)
     if not isinstance(data, dict):
         raise UserError(f"annotation file '{ann_file}' is not COCO format: the top level is a "
                         f"{type(data).__name__}, expected an object with images, annotations, categories.")
@@ -97,6 +99,16 @@ def read_coco_json(ann_file: Path) -> dict:
     return data
 
 
+@dataclass
+class FileBoxes:
+    """The file's non-crowd annotations with a finite box, as written (before any check or clip):
+    what the preflight judges the file's box format and its per-class counts by."""
+
+    xywh: np.ndarray  # float64 [N, 4]
+    labels: np.ndarray  # int64 [N], 0 for a category not in 'categories'
+    image_wh: np.ndarray  # float64 [N, 2], inf for an image id not in 'images'
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO split. Items are (image float tensor [3, H, W] in [0, 1], target dict).
 
@@ -113,6 +125,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms if transforms is not None else ToTensor()
         self.seed = seed
         self.report = DropReport()
+        self._file_boxes: FileBoxes | None = None  # set by the vectorized index, else derived on demand
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
                             degenerate_box=degenerate_box, box_outside_image=box_outside_image,
                             non_finite_box=non_finite_box)
@@ -166,6 +179,18 @@ class CocoDetection(torch.utils.data.Dataset):
             anns = [dict(a, id=i + 1) for i, a in enumerate(anns)]
         return {**self.raw, "annotations": anns}
 
+    @property
+    def file_boxes(self) -> FileBoxes:
+        if self._file_boxes is None:  # the file was not plain enough for the vectorized index
+            size_of = {_hashable(im["id"]): (im["width"], im["height"]) for im in self.raw["images"]}
+            anns = [a for a in self.evaluation_json["annotations"] if not a.get("iscrowd", 0)]
+            self._file_boxes = FileBoxes(
+                np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
+                np.array([self.cat_id_to_label.get(_hashable(a.get("category_id")), 0) for a in anns], np.int64),
+                np.array([size_of.get(_hashable(a.get("image_id")), (np.inf, np.inf)) for a in anns],
+                         dtype=np.float64).reshape(-1, 2))
+        return self._file_boxes
+
     # ------------------------------------------------------------------ loading
     def _handle(self, kind: str, where: str, problem: str) -> None:
         """Apply the policy for a bad record: raise, or count the drop."""
@@ -184,36 +209,44 @@ class CocoDetection(torch.utils.data.Dataset):
         listing per folder, readability and size are checked when an image is first loaded."""
         images = self._index_images()
         anns = self.raw["annotations"]
-        ids = [a.get("id") for a in anns if isinstance(a, dict)]
+        columns = _annotation_columns(anns)
+        ids = columns.ids if columns is not None else [a.get("id") for a in anns if isinstance(a, dict)]
+        self._count_bad_ids(ids)
+        kept_by_image: dict = defaultdict(list)
+        clean_by_image: dict = {}
+        if columns is None:  # some record is not plain: the per-record path finds and names it
+            suspects, crowd_per_image = range(len(anns)), [0] * len(images)
+        else:
+            suspects, crowd_per_image = self._vector_checks(columns, images, clean_by_image)
+        for index in suspects:
+            self._check_one(index, anns[index], images, kept_by_image)
+        img_dir = str(self.img_dir)
+        paths = [os.path.join(img_dir, image["file_name"]) for image in images.values()]
+        existing = _existing_files(paths)
+        records = []
+        for (image_id, image), path, num_crowd in zip(images.items(), paths, crowd_per_image):
+            if path not in existing:
+                self._handle("missing_image", f"image id {image_id} '{path}'", "the image file does not exist")
+                continue
+            records.append(self._record(image, path, kept_by_image.get(image_id), clean_by_image.get(image_id),
+                                        num_crowd))
+        return records
+
+    def _count_bad_ids(self, ids: list) -> None:
         named = [i for i in ids if i is not None]
         try:
             distinct = len(set(named))
         except TypeError:  # a list or dict as an id
             distinct = len(set(_hashable(i) for i in named))
-        bad_ids = len(ids) - distinct
-        if bad_ids:
-            self.report.add("annotation ids renumbered for evaluation", f"{bad_ids} missing or duplicate ids")
-        columns = _annotation_columns(anns)
-        kept_by_image: dict = defaultdict(list)
-        clean_by_image: dict = {}
-        if columns is None:  # some record is not plain: the per-record path finds and names it
-            suspects = range(len(anns))
-        else:
-            suspects = self._vector_checks(columns, images, clean_by_image)
-        for index in suspects:
-            self._check_one(index, anns[index], images, kept_by_image)
-        existing = _existing_files(str(self.img_dir), images.values())
-        records = []
-        for image_id, image in images.items():
-            path = os.path.join(str(self.img_dir), image["file_name"])
-            if path not in existing:
-                self._handle("missing_image", f"image id {image_id} '{path}'", "the image file does not exist")
-                continue
-            records.append(self._record(image, path, kept_by_image.get(image_id, []), clean_by_image.get(image_id)))
-        return records
+        if len(ids) - distinct:
+            self.report.add("annotation ids renumbered for evaluation",
+                            f"{len(ids) - distinct} missing or duplicate ids")
 
     def _index_images(self) -> dict:
-        images: dict = {}
+        images = _plain_images(self.raw["images"])
+        if images is not None:
+            return images
+        images = {}  # some image is not plain: find and name it
         for index, image in enumerate(self.raw["images"]):
             where = f"images[{index}]"
             if not isinstance(image, dict) or not {"id", "file_name", "width", "height"} <= image.keys():
@@ -235,34 +268,43 @@ class CocoDetection(torch.utils.data.Dataset):
             images[key] = image
         return images
 
-    def _vector_checks(self, columns, images: dict, clean_by_image: dict) -> np.ndarray:
+    def _vector_checks(self, columns: "AnnotationColumns", images: dict, clean_by_image: dict):
         """Keep every annotation that passes all checks at once (clipped to its image within the
-        border tolerance, as the per-record path does); return the indices of the rest."""
-        bbox, image_ids, category_ids, crowd = columns
+        border tolerance, as the per-record path does) in `clean_by_image` as (rows, boxes,
+        labels); return the indices of the rest and the number of clean crowd boxes per image."""
+        n = len(columns.image_ids)
         position = {key: i for i, key in enumerate(images)}
-        image_pos = np.fromiter((position.get(i, -1) for i in image_ids), np.int64, len(image_ids))
+        image_pos = np.fromiter(map(position.get, columns.image_ids, repeat(-1)), np.int64, n)
+        label = np.fromiter(map(self.cat_id_to_label.get, columns.category_ids, repeat(0)), np.int64, n)
+        is_crowd = np.fromiter(map(bool, columns.crowd), bool, n)
         known_image = image_pos >= 0
-        label = np.fromiter((self.cat_id_to_label.get(c, 0) for c in category_ids), np.int64, len(category_ids))
         sizes = np.array([(im["width"], im["height"]) for im in images.values()], dtype=np.float64).reshape(-1, 2)
-        size = sizes[np.where(known_image, image_pos, 0)] if len(sizes) else np.zeros((len(bbox), 2))
+        size = sizes[np.where(known_image, image_pos, 0)] if len(sizes) else np.zeros((n, 2))
+        bbox = columns.bbox
         x0, y0, w, h = bbox.T
         with np.errstate(invalid="ignore", over="ignore"):
             xyxy = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
             clipped = np.clip(xyxy, 0.0, np.concatenate([size, size], axis=1))
             inside = ((np.abs(xyxy - clipped).max(axis=1) <= BORDER_TOLERANCE_PX)
                       & (clipped[:, 2] - clipped[:, 0] >= 1e-3) & (clipped[:, 3] - clipped[:, 1] >= 1e-3))
-            is_crowd = np.array([bool(c) for c in crowd], dtype=bool)
             clean = (np.isfinite(bbox).all(axis=1) & known_image & (label > 0)
                      & (is_crowd | ((w > 0) & (h > 0) & inside)))
-        keep = np.flatnonzero(clean)
+        as_written = ~is_crowd & np.isfinite(bbox).all(axis=1)
+        self._file_boxes = FileBoxes(bbox[as_written], label[as_written],
+                                     np.where(known_image[:, None], size, np.inf)[as_written])
+        crowd_per_image = np.bincount(image_pos[clean & is_crowd], minlength=len(images)).tolist()
+        keep = np.flatnonzero(clean & ~is_crowd)
         keep = keep[np.argsort(image_pos[keep], kind="stable")]  # grouped by image, file order within
-        keys = list(images)
-        starts = np.flatnonzero(np.r_[True, np.diff(image_pos[keep]) != 0]) if len(keep) else np.zeros(0, np.int64)
-        for start, stop in zip(starts, np.r_[starts[1:], len(keep)]):
-            rows = keep[start:stop]
-            clean_by_image[keys[image_pos[rows[0]]]] = (rows, clipped[rows].astype(np.float32), label[rows],
-                                                        is_crowd[rows])
-        return np.flatnonzero(~clean)
+        if len(keep):
+            bounds = np.flatnonzero(np.diff(image_pos[keep])) + 1
+            keys = list(images)
+            firsts = image_pos[keep[np.r_[0, bounds]]].tolist()
+            boxes, labels = clipped[keep].astype(np.float32), label[keep]
+            # slices, not np.split: its per-piece overhead was 0.7 s for 118,000 images
+            per_image = ((keep[a:b], boxes[a:b], labels[a:b])
+                         for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(keep)]))
+            clean_by_image.update(zip(map(keys.__getitem__, firsts), per_image))
+        return np.flatnonzero(~clean), crowd_per_image
 
     def _check_one(self, index: int, ann, images: dict, kept_by_image: dict) -> None:
         """The per-record checks of one annotation: policies applied, the record named."""
@@ -293,9 +335,26 @@ class CocoDetection(torch.utils.data.Dataset):
             return
         kept_by_image[image_id].append((index, ann))
 
-    def _record(self, image: dict, path: str, anns: list, clean=None) -> ImageRecord:
-        """The image's boxes: the vector-checked ones (`clean`: rows, boxes, labels, crowd) merged in
-        file order with the flagged ones, checked here one by one."""
+    def _record(self, image: dict, path: str, anns: list | None, clean: tuple | None, num_crowd: int) -> ImageRecord:
+        """The image's boxes: the vector-checked ones (`clean`: rows, boxes, labels) merged in
+        file order with the flagged ones (`anns`), checked here one by one."""
+        width, height = int(image["width"]), int(image["height"])
+        if not anns:  # the common case: nothing flagged
+            boxes, labels = clean[1:] if clean is not None else (_NO_BOXES, _NO_LABELS)
+            return ImageRecord(image_id=image["id"], file=path, width=width, height=height,
+                               boxes=boxes, labels=labels, num_crowd=num_crowd)
+        rows, boxes, labels, flagged_crowd = self._checked_boxes(image, anns)
+        if clean is not None:
+            clean_rows, clean_boxes, clean_labels = clean
+            order = np.argsort(np.concatenate([rows, clean_rows]), kind="stable")
+            boxes = np.concatenate([boxes, clean_boxes])[order]
+            labels = np.concatenate([labels, clean_labels])[order]
+        return ImageRecord(image_id=image["id"], file=path, width=width, height=height,
+                           boxes=boxes, labels=labels, num_crowd=num_crowd + flagged_crowd)
+
+    def _checked_boxes(self, image: dict, anns: list):
+        """(rows, boxes, labels, crowd count) of the flagged annotations of one image, each checked
+        with its policy and named."""
         width, height = float(image["width"]), float(image["height"])
         boxes, labels, rows, num_crowd = [], [], [], 0
         for index, ann in sorted(anns, key=lambda pair: pair[0]):
@@ -326,21 +385,8 @@ class CocoDetection(torch.utils.data.Dataset):
             boxes.append(clipped)
             labels.append(self.cat_id_to_label[_hashable(ann["category_id"])])
             rows.append(index)
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        labels = np.asarray(labels, dtype=np.int64)
-        if clean is not None:
-            clean_rows, clean_boxes, clean_labels, crowd = clean
-            if crowd.any():
-                num_crowd += int(crowd.sum())
-                clean_rows, clean_boxes, clean_labels = clean_rows[~crowd], clean_boxes[~crowd], clean_labels[~crowd]
-            if rows:
-                order = np.argsort(np.concatenate([np.asarray(rows, np.int64), clean_rows]), kind="stable")
-                boxes = np.concatenate([boxes, clean_boxes])[order]
-                labels = np.concatenate([labels, clean_labels])[order]
-            else:
-                boxes, labels = clean_boxes, clean_labels
-        return ImageRecord(image_id=image["id"], file=path, width=int(width), height=int(height),
-                           boxes=boxes, labels=labels, num_crowd=num_crowd)
+        return (np.asarray(rows, np.int64), np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64), num_crowd)
 
     def _check_image_files(self, check: int | str) -> list[ImageRecord]:
         """Read the header of `all` images or a seeded sample; the bad ones get the missing_image policy."""
@@ -388,6 +434,16 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+def _parse_json(path: Path):
+    """The standard library's parser. orjson parsed a COCO train2017-size file in 1.2 s instead of
+    2.8 s but its peak memory was 0.26 GiB higher (it builds its own document first): 1.55x
+    pycocotools' indexing memory, past the 1.5x we allow (docs/benchmarks.md)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"annotation file '{path}' is not valid JSON: {err}.") from None
+
+
 def _bbox_from_segmentation(segmentation, image: dict | None, ann_file, where) -> list | None:
     """[x, y, w, h] of a polygon (list of flat coordinate lists) or RLE segmentation; None if
     there is none. With `image` given, a malformed segmentation is a UserError naming the record."""
@@ -413,11 +469,16 @@ def _bbox_from_segmentation(segmentation, image: dict | None, ann_file, where) -
 
 @contextlib.contextmanager
 def _no_gc():
+    """The cyclic GC paused while millions of json containers are made (its scans were half of
+    the parse time); then they are frozen, so that no later full collection walks them again (it
+    cost 0.4-0.6 s per collection on a COCO-size file). Plain json holds no cycles: reference
+    counting still frees it."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
 
@@ -427,38 +488,70 @@ def _hashable(value):
     return value if isinstance(value, (int, str, float, type(None))) and not isinstance(value, bool) else repr(value)
 
 
-def _annotation_columns(anns: list):
-    """(bbox float64 [N, 4], image ids, category ids, iscrowd) of plain records, or None when any
-    record is not a dict with int/float fields (the per-record path then names it)."""
+def _plain_images(images: list) -> dict | None:
+    """{id: image} when every image is a dict with an int or str id (all distinct), a non-empty
+    file_name and a positive size under 1e6 px; else None. Checked per field in C-level passes:
+    the per-image loop took 0.5 s at 118,000 images."""
     try:
-        bbox = [a["bbox"] for a in anns]
-        image_ids = [a["image_id"] for a in anns]
-        category_ids = [a["category_id"] for a in anns]
-        crowd = [a.get("iscrowd", 0) for a in anns]
-    except (KeyError, TypeError, AttributeError):
+        ids, names, widths, heights = (list(map(itemgetter(key), images))
+                                       for key in ("id", "file_name", "width", "height"))
+    except (KeyError, TypeError):
         return None
-    plain = (int, float)
-    if not all(type(i) is int for i in image_ids) or not all(type(c) is int for c in category_ids):
+    if set(map(type, ids)) - {int, str} or set(map(type, names)) - {str} or (names and min(map(len, names)) == 0):
         return None
-    if not all(type(b) is list and len(b) == 4 and type(b[0]) in plain and type(b[1]) in plain
-               and type(b[2]) in plain and type(b[3]) in plain for b in bbox):
+    sizes = widths + heights
+    if set(map(type, sizes)) - {int, float}:
+        return None
+    sizes = np.array(sizes, dtype=np.float64)
+    if not ((sizes > 0) & (sizes < 1e6)).all():
+        return None
+    by_id = dict(zip(ids, images))
+    return by_id if len(by_id) == len(images) else None
+
+
+@dataclass
+class AnnotationColumns:
+    bbox: np.ndarray  # float64 [N, 4] xywh as in the file
+    image_ids: list
+    category_ids: list
+    crowd: list
+    ids: list
+
+
+def _annotation_columns(anns: list) -> AnnotationColumns | None:
+    """The annotations as columns, or None when any record is not a dict with plain int / float
+    fields (the per-record path then names it). One C-level pass per field (map, set, fromiter):
+    Python loops over 860,000 records were most of the indexing time."""
+    try:
+        bbox = list(map(itemgetter("bbox"), anns))
+        image_ids = list(map(itemgetter("image_id"), anns))
+        category_ids = list(map(itemgetter("category_id"), anns))
+        crowd = list(map(dict.get, anns, repeat("iscrowd"), repeat(0)))
+        ids = list(map(dict.get, anns, repeat("id")))
+    except (KeyError, TypeError):
+        return None
+    if set(map(type, image_ids)) - {int} or set(map(type, category_ids)) - {int}:
+        return None
+    if set(map(type, bbox)) - {list} or set(map(len, bbox)) - {4}:
+        return None
+    if set(map(type, chain.from_iterable(bbox))) - {int, float}:
         return None  # bools and strings are not numbers here, as in the per-record path
-    return np.array(bbox, dtype=np.float64).reshape(-1, 4), image_ids, category_ids, crowd
+    flat = np.fromiter(chain.from_iterable(bbox), np.float64, 4 * len(bbox))
+    return AnnotationColumns(flat.reshape(-1, 4), image_ids, category_ids, crowd, ids)
 
 
-def _existing_files(img_dir: str, images) -> set[str]:
-    """Paths of the images that exist: one listing per folder instead of a stat (or an open) per image."""
-    folders: dict[str, set[str]] = {}
+def _existing_files(paths: list[str]) -> set[str]:
+    """The paths that exist: one listing per folder instead of a stat (or an open) per image."""
+    listings: dict[str, set[str]] = {}
     found = set()
-    for image in images:
-        path = os.path.join(img_dir, image["file_name"])
-        folder, name = os.path.split(path)
-        if folder not in folders:
+    for path in paths:
+        folder, _, name = path.rpartition(os.sep)
+        if folder not in listings:
             try:
-                folders[folder] = {e.name for e in os.scandir(folder or ".") if not e.is_dir()}
+                listings[folder] = {e.name for e in os.scandir(folder or ".") if not e.is_dir()}
             except OSError:
-                folders[folder] = set()
-        if name in folders[folder]:
+                listings[folder] = set()
+        if name in listings[folder]:
             found.add(path)
     return found
 

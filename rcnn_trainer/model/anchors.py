@@ -1,17 +1,17 @@
 """Anchors measured against the data: how well the configured anchors cover the training boxes,
 and anchor sizes fitted to them (`model.anchors.sizes: auto`).
 
-Both use torchvision's AnchorGenerator on the real resized image shapes, so what is measured is
-what the RPN will see.
+Both use torchvision's AnchorGenerator's base anchors on the real resized image shapes, so what
+is measured is what the RPN will see.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou
 
 from rcnn_trainer.data.transforms import resize_scale
 
@@ -40,17 +40,51 @@ def resized_boxes(records: list, min_size: int, max_size: int) -> list[tuple[tup
 
 
 def best_anchor_ious(shaped_boxes, anchor_sizes, aspect_ratios, strides) -> torch.Tensor:
-    """For every box, the IoU of its best-matching anchor ([B])."""
+    """For every box, the IoU of its best-matching anchor ([B]), over the anchors torchvision's
+    AnchorGenerator makes for the padded image (its base anchors, grid sizes and strides).
+
+    The anchors of one shape form a grid, and the intersection of a box with a shifted anchor
+    only falls as the anchor's center moves away from the box's in x or in y: the best anchor of
+    each shape is the one whose grid center is nearest the box center on each axis. Scoring that
+    one per shape instead of every anchor (box_iou against ~77,000 anchors per image) made the
+    `auto` fit and the coverage check of a COCO-size preflight 10 s -> 0.1 s; a test checks it
+    against the brute force."""
     generator = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
-    anchors_by_shape: dict = {}
-    best = []
-    for (h, w), boxes in shaped_boxes:
-        if (h, w) not in anchors_by_shape:
-            padded = (int(np.ceil(h / 32) * 32), int(np.ceil(w / 32) * 32))
-            feats = [torch.empty(1, 1, int(np.ceil(padded[0] / s)), int(np.ceil(padded[1] / s))) for s in strides]
-            anchors_by_shape[(h, w)] = generator(ImageList(torch.empty(1, 3, *padded), [(h, w)]), feats)[0]
-        best.append(box_iou(boxes, anchors_by_shape[(h, w)]).max(dim=1).values)
+    bases = [generator.generate_anchors(sizes, aspect_ratios) for sizes, aspect_ratios
+             in zip(generator.sizes, generator.aspect_ratios)]
+    by_shape: dict = defaultdict(list)  # images of one size share their anchors: one pass per size
+    for position, ((h, w), boxes) in enumerate(shaped_boxes):
+        by_shape[(h, w)].append((position, boxes))
+    best: list = [None] * len(shaped_boxes)
+    for (h, w), members in by_shape.items():
+        boxes = torch.cat([b for _, b in members])
+        padded = (int(np.ceil(h / 32) * 32), int(np.ceil(w / 32) * 32))
+        per_level = []
+        for base, stride in zip(bases, strides):
+            grid = (int(np.ceil(padded[0] / stride)), int(np.ceil(padded[1] / stride)))
+            per_level.append(_nearest_anchor_ious(boxes, base, grid, (padded[0] // grid[0], padded[1] // grid[1])))
+        ious = torch.cat(per_level, dim=1).max(dim=1).values
+        for (position, _), part in zip(members, ious.split([len(b) for _, b in members])):
+            best[position] = part
     return torch.cat(best) if best else torch.zeros(0)
+
+
+def _nearest_anchor_ious(boxes: torch.Tensor, base: torch.Tensor, grid: tuple[int, int],
+                         stride: tuple[int, int]) -> torch.Tensor:
+    """[N, A]: each box's IoU with the grid copy of each base anchor centered nearest to it."""
+    shifts = []
+    for axis, (size, step) in enumerate(zip(grid, stride)):  # axis 0: y, 1: x
+        lo, hi = (1, 3) if axis == 0 else (0, 2)
+        box_center = (boxes[:, lo] + boxes[:, hi])[:, None] / 2
+        anchor_center = (base[:, lo] + base[:, hi])[None] / 2
+        shifts.append(torch.round((box_center - anchor_center) / step).clamp(0, size - 1) * step)
+    dy, dx = shifts
+    ax0, ay0, ax1, ay1 = (base[:, i][None] for i in range(4))
+    iw = (torch.minimum(boxes[:, 2:3], ax1 + dx) - torch.maximum(boxes[:, 0:1], ax0 + dx)).clamp(min=0)
+    ih = (torch.minimum(boxes[:, 3:4], ay1 + dy) - torch.maximum(boxes[:, 1:2], ay0 + dy)).clamp(min=0)
+    inter = iw * ih
+    box_area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
+    return inter / (box_area + ((ax1 - ax0) * (ay1 - ay0)) - inter)
 
 
 def box_sides(shaped_boxes) -> torch.Tensor:
