@@ -114,11 +114,15 @@ def main() -> int:
         cfg = dict(raw, output_dir=str(run_dir))
         cfg_path = args.out / f"train{k}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        code = run(["train", "--config", str(cfg_path), "--no-progress"],
-                   kill_after=rng.uniform(0.1, 0.95) * duration["train"])
-        failures += [f"train kill {k}: {b}" for b in partial_files(run_dir)]
-        if code == -9:
-            counts["train"] += 1
+        # a kill that comes after the process finished does not count: try again, on a fresh folder
+        for _attempt in range(4):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            code = run(["train", "--config", str(cfg_path), "--no-progress"],
+                       kill_after=rng.uniform(0.1, 0.9) * duration["train"])
+            failures += [f"train kill {k}: {b}" for b in partial_files(run_dir)]
+            if code == -9:
+                counts["train"] += 1
+                break
         if run(["train", "--config", str(cfg_path), "--resume", "--no-progress"]) != 0:
             failures.append(f"train kill {k}: resume failed")
             continue
@@ -130,9 +134,13 @@ def main() -> int:
         # evaluation and prediction: kill, check
         for kind in ("eval", "predict"):
             out = args.out / f"{kind}{k}"
-            if run(command(kind, out), kill_after=rng.uniform(0.1, 0.95) * duration[kind]) == -9:
-                counts[kind] += 1
-            failures += [f"{kind} kill {k}: {b}" for b in partial_files(out)] if out.exists() else []
+            for _attempt in range(4):
+                shutil.rmtree(out, ignore_errors=True)
+                code = run(command(kind, out), kill_after=rng.uniform(0.1, 0.9) * duration[kind])
+                failures += [f"{kind} kill {k}: {b}" for b in partial_files(out)] if out.exists() else []
+                if code == -9:
+                    counts[kind] += 1
+                    break
         print(f"[{k + 1}/{args.kills}] kills that landed: {counts}; failures so far: {len(failures)}", flush=True)
     print("\n".join(failures) or "no partial file, every resumed run equal to the uninterrupted one")
     print(f"kills that landed before the process finished: {counts}")
