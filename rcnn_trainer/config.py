@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -65,6 +65,10 @@ class BadRecordPolicy(Strict):
     box_outside_image: Literal["error", "drop", "clip"] = Field(
         "clip", description="A box that extends past the image border: clip it to the image "
         "(dropped if nothing is left), drop it, or stop with an error.")
+    bad_mask: Literal["error", "drop"] = Field(
+        "drop", description="With model.mask.enabled: an object whose segmentation gives no mask (missing, "
+        "empty, a polygon of fewer than 3 points, an RLE whose size is not the image's); the object is dropped "
+        "with its box.")
 
 
 class DataConfig(Strict):
@@ -267,6 +271,25 @@ class ROIConfig(Strict):
         return _check_iou_order(self, "roi")
 
 
+class MaskLossConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, description="Weight of loss_roi_mask in the total loss.")
+    weight_ramp: Optional[WeightRamp] = Field(None, description="Ramp the weight up (or down) at the start.")
+
+
+class MaskConfig(Strict):
+    enabled: bool = Field(False, description="Train and predict instance masks (Mask R-CNN) from the COCO "
+                          "`segmentation` of each object (polygons or RLE).")
+    pool_size: int = Field(14, ge=2, description="RoIAlign output of the mask branch; its masks are 2x this "
+                           "(28 x 28 at 14, as torchvision and detectron2).")
+    sampling_ratio: int = Field(2, ge=0, description="RoIAlign sampling points per bin (0 = adaptive).")
+    num_convs: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        4, description="3x3 convs before the upsampling (torchvision: 4); auto = sized for the number of "
+        "classes like the box head (2 below 10 classes, 4 from 10).")
+    conv_channels: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
+        256, description="Width of those convs (torchvision: 256); auto = 64 below 10 classes, 256 from 10.")
+    loss: MaskLossConfig = Field(default_factory=MaskLossConfig)
+
+
 class ModelConfig(Strict):
     num_classes: Union[Literal["auto"], int] = Field(
         "auto", description="Foreground classes (background is added by the model); auto = the number of "
@@ -275,6 +298,7 @@ class ModelConfig(Strict):
     anchors: AnchorConfig = Field(default_factory=AnchorConfig)
     rpn: RPNConfig = Field(default_factory=RPNConfig)
     roi: ROIConfig = Field(default_factory=ROIConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
 
     @model_validator(mode="after")
     def _anchor_levels(self) -> "ModelConfig":
@@ -293,15 +317,17 @@ class ModelConfig(Strict):
     # the settings that may be `auto` (resolved from the data before the model is built)
     AUTO_SETTINGS: ClassVar[tuple[str, ...]] = ("num_classes", "anchors.sizes", "backbone.fpn_channels",
                                               "roi.representation_size",
-                                              "roi.batch_size_per_image")
+                                              "roi.batch_size_per_image", "mask.num_convs",
+                                              "mask.conv_channels")
 
     def setting(self, dotted: str):
         section, _, name = dotted.rpartition(".")
         return getattr(getattr(self, section) if section else self, name)
 
     def unresolved(self) -> list[str]:
-        """The AUTO_SETTINGS still at `auto`."""
-        return [key for key in self.AUTO_SETTINGS if self.setting(key) == "auto"]
+        """The AUTO_SETTINGS still at `auto` (the mask head's only when it is on)."""
+        return [key for key in self.AUTO_SETTINGS if self.setting(key) == "auto"
+                and (self.mask.enabled or not key.startswith("mask."))]
 
 
 # --------------------------------------------------------------------------- solver
@@ -388,6 +414,7 @@ class MonitorConfig(Strict):
     proposal_iou: ProposalIouLimits = Field(default_factory=ProposalIouLimits)
     low_confidence: LowConfidenceLimits = Field(default_factory=LowConfidenceLimits)
     regressor_collapse: RegressorCollapseLimits = Field(default_factory=RegressorCollapseLimits)
+    mask_learning: MaskLearningLimits = Field(default_factory=MaskLearningLimits)
     learning_rate: LearningRateLimits = Field(default_factory=LearningRateLimits)
     lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
     gradients: GradientLimits = Field(default_factory=GradientLimits)

@@ -76,6 +76,12 @@ class RegressorCollapseLimits(Limits):
     constant: float = Field(0.005, gt=0.0, description="... to at least this (a spread of 1e-8 that doubles is still none).")
 
 
+class MaskLearningLimits(Limits):
+    margin: float = Field(0.05, gt=0.0, lt=1.0, description="mask_not_learning: the predicted masks' IoU with their "
+                          "targets on positive RoIs at most this above the best mask that ignores the RoI (the full "
+                          "box or the batch's mean mask), for monitor.sustain judgments after warmup.")
+
+
 class LearningRateLimits(Limits):
     negligible_share: float = Field(0.01, gt=0.0, lt=1.0, description="vanishing_lr: an lr below this x the base lr "
                                     "(or below negligible_lr) is negligible ...")

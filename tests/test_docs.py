@@ -51,7 +51,8 @@ def test_quoted_dashboard_has_the_current_format():
     start = next(i for i, l in enumerate(block) if l.startswith("---- monitor @ iter"))
     quoted = block[start:start + 7]
     window = {"loss": 1.0, "lr": 1e-3, "grad_norm": 2.0, "clipped": 0.0,
-              **{f"{n}_weighted": 0.25 for n in ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")},
+              **{f"{n}{w}": 0.25 for n in ("loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box")
+                 for w in ("", "_weighted")},
               S.RPN_POS: 3.0, S.ROI_POS: 20.0, S.GT_PER_IMAGE: 3.0, S.ROI_PROPOSAL_IOU: 0.6, S.ROI_PRED_IOU: 0.9, S.RPN_PRED_IOU: 0.8,
               S.ROI_DELTA_STD_RATIO: 0.9, S.ROI_DELTA_CORR: 0.9}
     seen = ProbeResult(ThresholdCounts((0.05, 0.3, 0.5, 0.7), (5.0, 3.0, 3.0, 3.0), 3.0),

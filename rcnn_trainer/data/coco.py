@@ -13,6 +13,7 @@ names the file and record, or drop it and count it in `report` (never silently).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import io
@@ -38,7 +39,8 @@ from rcnn_trainer.errors import UserError
 BORDER_TOLERANCE_PX = 1.0  # boxes this close past the border are clipped without counting
 _NO_BOXES = np.zeros((0, 4), np.float32)  # shared by the images without objects (items copy them)
 _NO_LABELS = np.zeros(0, np.int64)
-_NO_BOXES.flags.writeable = _NO_LABELS.flags.writeable = False
+_NO_ROWS = np.zeros(0, np.int64)
+_NO_BOXES.flags.writeable = _NO_LABELS.flags.writeable = _NO_ROWS.flags.writeable = False
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ImageRecord:
     boxes: np.ndarray  # float32 [N, 4] xyxy, valid
     labels: np.ndarray  # int64 [N], 1..C
     num_crowd: int = 0
+    rows: np.ndarray = field(default_factory=lambda: _NO_ROWS)  # int64 [N]: each box's index in 'annotations'
 
     @property
     def path(self) -> Path:
@@ -118,20 +121,25 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
                  unknown_category: str = "error", degenerate_box: str = "drop",
-                 box_outside_image: str = "clip", non_finite_box: str = "error", check_images: int | str = "all",
+                 box_outside_image: str = "clip", non_finite_box: str = "error", bad_mask: str = "drop",
+                 check_images: int | str = "all", masks: bool = False,
                  transforms: Optional[Callable] = None, seed: int = 0):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.transforms = transforms if transforms is not None else ToTensor()
         self.seed = seed
         self.report = DropReport()
+        self._bad_mask_rows: set[int] = set()
         self._file_boxes: FileBoxes | None = None  # set by the vectorized index, else derived on demand
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
                             degenerate_box=degenerate_box, box_outside_image=box_outside_image,
-                            non_finite_box=non_finite_box)
+                            non_finite_box=non_finite_box, bad_mask=bad_mask)
+        self.masks = masks  # targets carry "masks" uint8 [N, H, W] from each object's segmentation
         with _no_gc():  # millions of small containers: the cyclic GC's scans were half of the json time
             self.raw = read_coco_json(self.ann_file)
             self.records = self._index()
+        if masks:
+            self.records = [self._with_valid_masks(r) for r in self.records]
         self.records = self._check_image_files(check_images)
 
     def _index(self) -> list[ImageRecord]:
@@ -161,7 +169,9 @@ class CocoDetection(torch.utils.data.Dataset):
         unique id (duplicates would silently merge ground truth), an area and iscrowd; boxes
         derived from segmentations; records the loader rejected (bad boxes) left out."""
         anns, seen, fixed = [], set(), 0
-        for ann in self.raw["annotations"]:
+        for row, ann in enumerate(self.raw["annotations"]):
+            if row in self._bad_mask_rows:
+                continue  # dropped for its mask (pycocotools could not score it)
             if not isinstance(ann, dict) or any(isinstance(ann.get(k), (bool, list, dict))
                                                 for k in ("image_id", "category_id")):
                 continue  # the loader reported these (unknown image or category)
@@ -340,17 +350,39 @@ class CocoDetection(torch.utils.data.Dataset):
         file order with the flagged ones (`anns`), checked here one by one."""
         width, height = int(image["width"]), int(image["height"])
         if not anns:  # the common case: nothing flagged
-            boxes, labels = clean[1:] if clean is not None else (_NO_BOXES, _NO_LABELS)
+            rows, boxes, labels = clean if clean is not None else (_NO_ROWS, _NO_BOXES, _NO_LABELS)
             return ImageRecord(image_id=image["id"], file=path, width=width, height=height,
-                               boxes=boxes, labels=labels, num_crowd=num_crowd)
+                               boxes=boxes, labels=labels, num_crowd=num_crowd, rows=rows)
         rows, boxes, labels, flagged_crowd = self._checked_boxes(image, anns)
         if clean is not None:
             clean_rows, clean_boxes, clean_labels = clean
             order = np.argsort(np.concatenate([rows, clean_rows]), kind="stable")
             boxes = np.concatenate([boxes, clean_boxes])[order]
             labels = np.concatenate([labels, clean_labels])[order]
+            rows = np.concatenate([rows, clean_rows])[order]
         return ImageRecord(image_id=image["id"], file=path, width=width, height=height,
-                           boxes=boxes, labels=labels, num_crowd=num_crowd + flagged_crowd)
+                           boxes=boxes, labels=labels, num_crowd=num_crowd + flagged_crowd, rows=rows)
+
+    def _with_valid_masks(self, record: ImageRecord) -> ImageRecord:
+        """The record without the objects whose segmentation gives no mask (bad_mask policy)."""
+        from rcnn_trainer.data.masks import segmentation_problem
+
+        anns = self.raw["annotations"]
+        bad = []
+        for k, row in enumerate(record.rows.tolist()):
+            segmentation = anns[row].get("segmentation")
+            problem = ("it has no segmentation (model.mask.enabled needs one per object)" if not segmentation
+                       else segmentation_problem(segmentation, record.height, record.width))
+            if problem:
+                where = f"annotations[{row}] (id {anns[row].get('id')}, image '{os.path.basename(record.file)}')"
+                self._handle("bad_mask", where, problem)
+                bad.append(k)
+                self._bad_mask_rows.add(row)
+        if not bad:
+            return record
+        keep = np.setdiff1d(np.arange(len(record.rows)), bad)
+        return dataclasses.replace(record, boxes=record.boxes[keep], labels=record.labels[keep],
+                                   rows=record.rows[keep])
 
     def _checked_boxes(self, image: dict, anns: list):
         """(rows, boxes, labels, crowd count) of the flagged annotations of one image, each checked
@@ -428,6 +460,11 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }
+        if self.masks:
+            from rcnn_trainer.data.masks import rasterize
+
+            segmentations = [self.raw["annotations"][row]["segmentation"] for row in record.rows.tolist()]
+            target["masks"] = torch.from_numpy(rasterize(segmentations, record.height, record.width))
         # an image's repeats within an epoch (repeat-factor sampling) each draw their own
         rng = np.random.default_rng((self.seed, epoch, index) if copy == 0 else (self.seed, epoch, index, copy))
         image, target = self.transforms(image, target, rng)

@@ -29,7 +29,8 @@ SMALL_OBJECT_PX = (10, 20)
 SMALL_OBJECT_SHARE = 0.25
 EMPTY_IMAGE_SHARE = 0.08
 MAX_OBJECTS = 6
-FORMAT_VERSION = 2  # bump when the generator changes so old caches are not reused
+FORMAT_VERSION = 3  # bump when the generator changes so old caches are not reused (3: segmentations)
+ELLIPSE_POINTS = 48  # the polygon of a circle's mask
 
 
 def default_cache_root() -> Path:
@@ -93,6 +94,7 @@ def _generate_split(split: str, count: int, size: int, rng: np.random.Generator,
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                "segmentation": [shape_polygon(CLASSES[label][0], box)],
             })
         canvas.save(image_dir / file_name, optimize=False)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -140,18 +142,36 @@ def overlap_share(a, b) -> float:
     return iw * ih / max(smaller, 1e-6)
 
 
+def shape_polygon(shape: str, box) -> list[float]:
+    """The outline of a drawn shape as a COCO polygon [x1, y1, x2, y2, ...]: its exact mask (the
+    circle's as a 48-gon)."""
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        points = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    elif shape == "circle":
+        angles = np.linspace(0, 2 * np.pi, ELLIPSE_POINTS, endpoint=False)
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        points = list(zip(cx + rx * np.cos(angles), cy + ry * np.sin(angles)))
+    elif shape == "triangle":
+        points = [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)]
+    elif shape == "cross":
+        tw, th = (x1 - x0) / 3, (y1 - y0) / 3
+        points = [(x0 + tw, y0), (x1 - tw, y0), (x1 - tw, y0 + th), (x1, y0 + th), (x1, y1 - th), (x1 - tw, y1 - th),
+                  (x1 - tw, y1), (x0 + tw, y1), (x0 + tw, y1 - th), (x0, y1 - th), (x0, y0 + th), (x0 + tw, y0 + th)]
+    else:
+        raise ValueError(f"unknown shape {shape}")
+    return [round(float(v), 2) for point in points for v in point]
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, rng: np.random.Generator) -> None:
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     x0, y0, x1, y1 = box
-    if shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "circle":
+    if shape == "circle":
         draw.ellipse(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
     elif shape == "cross":
         tw, th = (x1 - x0) / 3, (y1 - y0) / 3
         draw.rectangle((x0 + tw, y0, x1 - tw, y1), fill=colour)
         draw.rectangle((x0, y0 + th, x1, y1 - th), fill=colour)
-    else:
-        raise ValueError(f"unknown shape {shape}")
+    else:  # the square and the triangle are their polygons
+        points = shape_polygon(shape, box)
+        draw.polygon(list(zip(points[0::2], points[1::2])), fill=colour)

@@ -1,6 +1,7 @@
-"""Image + box transforms. Each takes (PIL image or tensor, target, rng) and returns both.
+"""Image + box (+ mask) transforms. Each takes (PIL image or tensor, target, rng) and returns both.
 
-Boxes are xyxy in pixels of the current image. The rng is a numpy Generator seeded from
+Boxes are xyxy in pixels of the current image; masks (when the target has them) uint8 [N, H, W]
+at the image's size, resized with nearest neighbour and flipped with it. The rng is a numpy Generator seeded from
 (seed, epoch, index), so augmentation is reproducible and survives a resume.
 """
 
@@ -24,6 +25,13 @@ def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Te
     return boxes * factors
 
 
+def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [N, H, W] -> [N, height, width], nearest neighbour (an image without objects too)."""
+    if not len(masks):
+        return masks.new_zeros((0, height, width))
+    return TF.resize(masks, [height, width], TF.InterpolationMode.NEAREST)
+
+
 def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     """Mirror xyxy boxes [N, 4] in an image of the given width."""
     flipped = boxes.clone()
@@ -43,6 +51,8 @@ class Resize:
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BILINEAR)
             target = dict(target, boxes=scale_boxes(target["boxes"], new_w / width, new_h / height))
+            if "masks" in target:
+                target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target
 
 
@@ -54,6 +64,8 @@ class RandomHorizontalFlip:
         if self.prob > 0 and rng.random() < self.prob:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             target = dict(target, boxes=hflip_boxes(target["boxes"], image.size[0]))
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         return image, target
 
 

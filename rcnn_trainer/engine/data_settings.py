@@ -16,7 +16,8 @@ from rcnn_trainer.model.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, he
 TORCHVISION_ANCHOR_BASE = 32.0  # used when the training split has no boxes to fit to
 # the `auto` head settings -> their key in head_size's LIGHT_HEAD / WIDE_HEAD
 HEAD_SETTINGS = {"backbone.fpn_channels": "fpn_channels", "roi.representation_size": "representation_size",
-                 "roi.batch_size_per_image": "roi_batch_size_per_image"}
+                 "roi.batch_size_per_image": "roi_batch_size_per_image", "mask.num_convs": "mask_num_convs",
+                 "mask.conv_channels": "mask_conv_channels"}
 
 
 def prepare_datasets(cfg: Config, say: Callable[[str], None], world_size: int = 1):
@@ -92,11 +93,11 @@ def fitted_anchor_sizes(cfg: Config, train_set, say: Callable[[str], None]) -> l
 def head_size_settings(model, num_classes: int, say: Callable[[str], None]) -> dict:
     """FPN width, box-head width and RoIs per image left at `auto`: by the number of classes."""
     head = head_for(num_classes)
-    chosen = {f"model.{key}": head[head_key] for key, head_key in HEAD_SETTINGS.items()
-              if model.setting(key) == "auto"}
+    shown = [key for key in HEAD_SETTINGS if model.mask.enabled or not key.startswith("mask.")]
+    chosen = {f"model.{key}": head[HEAD_SETTINGS[key]] for key in shown if model.setting(key) == "auto"}
     if chosen:
         wide = head is WIDE_HEAD
-        light_sizes, wide_sizes = ("/".join(str(h[k]) for k in HEAD_SETTINGS.values()) for h in (LIGHT_HEAD, WIDE_HEAD))
+        light_sizes, wide_sizes = ("/".join(str(h[HEAD_SETTINGS[k]]) for k in shown) for h in (LIGHT_HEAD, WIDE_HEAD))
         say(f"[auto] {', '.join(f'{k}: {v}' for k, v in chosen.items())}: the {'wide' if wide else 'light'} head "
             f"for {num_classes} classes ({'>=' if wide else '<'} {MANY_CLASSES}; light {light_sizes}, "
             f"wide {wide_sizes})")

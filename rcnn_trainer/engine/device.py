@@ -74,6 +74,6 @@ def grad_scaler_for(device: torch.device, enabled: bool, setting: str = "auto") 
 
 def to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [dict(t, boxes=t["boxes"].to(device, non_blocking=True), labels=t["labels"].to(device, non_blocking=True))
-               for t in targets]
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+               for t in targets]  # boxes, labels and, with masks on, masks
     return images, targets

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFont
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from rcnn_trainer.atomic_io import atomic_save_image
 
@@ -32,14 +32,21 @@ def _font_file() -> str | None:
     return None
 
 
-def draw_detections(image: Image.Image, gt_boxes: list, predictions: list[tuple[list, str]], out: Path) -> None:
-    """gt_boxes: xyxy in image pixels; predictions: (xyxy box, label text). Saved as PNG at `out`."""
+def draw_detections(image: Image.Image, gt_boxes: list, predictions: list[tuple[list, str]], out: Path,
+                    masks: torch.Tensor | None = None) -> None:
+    """gt_boxes: xyxy in image pixels; predictions: (xyxy box, label text); masks: bool [D, H, W] of
+    the predictions at the image's size, drawn translucent under the boxes. Saved as PNG at `out`."""
     image = image.convert("RGB")
     scale = min(MAX_UPSCALE, max(1.0, MIN_DRAWN_SIDE / min(image.size)))
+    size = image.size
     if scale > 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
     width = max(2, round(min(image.size) / 256))
     pixels = pil_to_tensor(image)
+    if masks is not None and len(masks):
+        if image.size != size:  # nearest: the mask's edges stay where the predicted pixels are
+            masks = torch.nn.functional.interpolate(masks[None].float(), size=(image.height, image.width))[0] > 0.5
+        pixels = draw_segmentation_masks(pixels, masks.bool(), alpha=0.45, colors=[PRED_COLOUR] * len(masks))
     if gt_boxes:
         pixels = draw_bounding_boxes(pixels, torch.tensor(gt_boxes, dtype=torch.float32) * scale, colors=GT_COLOUR,
                                      width=width)

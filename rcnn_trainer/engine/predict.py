@@ -1,7 +1,8 @@
 """rcnn-predict: run a trained checkpoint on image files, folders or globs.
 
 Writes `predictions.json` (COCO-style results: file name, original category id and name, box
-[x, y, w, h] in original image pixels, score) and drawn images. Unreadable images are reported
+[x, y, w, h] in original image pixels, score, and with a mask head `segmentation` as COCO RLE of
+the mask at 0.5) and drawn images (masks translucent). Unreadable images are reported
 and skipped; none readable is a UserError (exit 2).
 """
 
@@ -24,6 +25,7 @@ from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
 from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.drawing import draw_detections
+from rcnn_trainer.engine.evaluate import masks_to_rles
 from rcnn_trainer.engine.run_eval import load_model_weights
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
@@ -122,12 +124,17 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
                           "score": round(score, 5)}
                          for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
                                                        det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
+                masks = det["masks"][keep] if "masks" in det else None
+                if masks is not None:
+                    for result, rle in zip(found, masks_to_rles(masks)):
+                        result["segmentation"] = rle
                 results += found
                 done += 1
                 if draw:
                     draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
                                                 for box, r in zip(boxes.tolist(), found)],
-                                    out / "vis" / f"{done:05d}_{path.stem}.png")
+                                    out / "vis" / f"{done:05d}_{path.stem}.png",
+                                    masks=None if masks is None else masks[:, 0].float().cpu() >= 0.5)
         bar.update(len(paths[start:start + batch]))
     bar.close()
     if not done:

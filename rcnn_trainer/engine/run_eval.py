@@ -81,6 +81,12 @@ def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
         shown = [r for r in by_image.get(record.image_id, []) if r["score"] >= min_score]
         xyxy = box_convert(torch.tensor([r["bbox"] for r in shown], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         preds = [(box, f"{names[r['category_id']]} {r['score']:.2f}") for box, r in zip(xyxy.tolist(), shown)]
-        draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png")
+        masks = None
+        if shown and "segmentation" in shown[0]:
+            from pycocotools import mask as mask_utils
+
+            rles = [dict(r["segmentation"], counts=r["segmentation"]["counts"].encode("ascii")) for r in shown]
+            masks = torch.from_numpy(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
+        draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png", masks=masks)
         written += 1
     return written

@@ -92,8 +92,10 @@ class Run:
         result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
                              progress=self.progress and self.info.is_main, autocast=self.autocast)
         self.metrics.write({"type": "eval", "iter": self.state.iteration,
-                            **{k: v for k, v in result.items() if k not in ("per_class_AP", "threshold_counts")},
+                            **{k: v for k, v in result.items()
+                               if k not in ("per_class_AP", "per_class_segm_AP", "threshold_counts")},
                             **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
+                            **{f"segm_AP/{k}": v for k, v in result.get("per_class_segm_AP", {}).items()},
                             **result["threshold_counts"].as_record()})
         self.say(f"[eval @ iter {self.state.iteration}]\n{format_metrics(result)}\n"
                  f"{format_threshold_table(result['threshold_counts'])}")

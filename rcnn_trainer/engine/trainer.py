@@ -34,6 +34,7 @@ from rcnn_trainer.engine.run_setup import Run, build_run
 from rcnn_trainer.engine.step_decision import StepDecision, StepOutcome, decide_step
 from rcnn_trainer.errors import TrainingStopped
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, short_name, weighted_total
+from rcnn_trainer.model import stats as S
 from rcnn_trainer.model.stats import require_stats
 from rcnn_trainer.monitor.dashboard import format_dashboard
 from rcnn_trainer.monitor.period import PeriodMeans
@@ -104,7 +105,8 @@ def train_step(run: Run, images, targets, first: bool) -> dict:
     with run.autocast():
         losses, stats = run.ddp_model(images, targets)
     if first:
-        require_stats(stats)  # the monitor reads these keys: a missing one is a bug, caught here
+        # the monitor reads these keys: a missing one is a bug, caught here
+        require_stats(stats, S.TRAIN_STATS + (S.MASK_STATS if "loss_roi_mask" in losses else ()))
     weights = loss_weights(run.cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
     total, weighted = weighted_total(losses, weights)  # the one place weights are applied
     scaler.scale(total).backward()
@@ -179,7 +181,7 @@ def stop_on_nonfinite_streak(run: Run) -> None:
 def log_step(run: Run, record: dict) -> None:
     run.metrics.write({"type": "train", **record})
     run.say(f"iter {record['iter']}/{run.cfg.solver.max_iters}  loss {record['loss']:.3f}  "
-            + "  ".join(f"{short_name(n)} {record.get(n, 0.0):.3f}" for n in LOSS_NAMES)
+            + "  ".join(f"{short_name(n)} {record[n]:.3f}" for n in LOSS_NAMES if n in record)
             + f"  lr {record['lr']:.2e}  gnorm {record.get('grad_norm', float('nan')):.2f}"
             + f"  {record['time']:.2f}s/it (data {record['data_time']:.2f}s)")
 

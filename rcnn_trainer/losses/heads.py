@@ -1,4 +1,4 @@
-"""The four loss terms, each `sum / avg_factor` with the avg_factor computed right here.
+"""The loss terms, each `sum / avg_factor` with the avg_factor computed right here.
 
 avg_factor modes: "sampled" counts the sampled anchors / RoIs (torchvision and detectron2
 semantics, the default); "positives" counts the sampled foreground ones (the usual choice
@@ -9,6 +9,7 @@ Shapes: S sampled elements, P positives among them, C foreground classes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rcnn_trainer.losses.box import BoxCoder, box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi, objectness_loss_per_anchor
@@ -61,3 +62,14 @@ def loss_roi_box(pred_deltas: torch.Tensor, proposals: torch.Tensor, gt_boxes: t
                  box_coder: BoxCoder, settings: BoxLoss, wiou=None):
     """pred_deltas (of each RoI's own gt class), proposals, gt_boxes: [P, 4] for positive RoIs."""
     return _box_term(pred_deltas, proposals, gt_boxes, num_sampled, box_coder, settings, wiou)
+
+
+def loss_roi_mask(mask_logits: torch.Tensor, mask_targets: torch.Tensor):
+    """mask_logits: [P, M, M], each positive RoI's logits of its own GT class; mask_targets:
+    [P, M, M] in [0, 1], its GT mask cropped to the RoI and resized. Per-pixel BCE summed, divided
+    by avg_factor x M x M with avg_factor = positive RoIs (averaged across ranks): the mean
+    per-pixel loss of a positive, whatever the batch size or the number of objects."""
+    avg_factor = avg_factor_from_count(mask_logits.shape[0], mask_logits.device)
+    per_pixel = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_targets.float(), reduction="none")
+    pixels = mask_logits.shape[-1] * mask_logits.shape[-2]
+    return sum_over_avg_factor(per_pixel, avg_factor * pixels), avg_factor

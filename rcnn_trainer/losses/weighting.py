@@ -13,21 +13,19 @@ from rcnn_trainer.config import ModelConfig, WeightRamp
 @dataclass(frozen=True)
 class LossTerm:
     """One term of the total: its key in the model's loss dict, how logs and the dashboard name
-    it, its head and the config section that sets it."""
+    it, its head, its kind and the config section that sets it (its weight and weight_ramp)."""
     name: str
     short: str
-    head: str      # "rpn" or "roi"
-    kind: str      # "cls" or "box"
-
-    @property
-    def config_key(self) -> str:
-        return f"model.{self.head}.{self.kind}_loss"
+    head: str        # "rpn", "roi" or "mask"
+    kind: str        # "cls", "box" or "mask"
+    config_key: str  # e.g. model.roi.box_loss
 
 
-LOSS_TERMS = {t.name: t for t in (LossTerm("loss_rpn_cls", "rpn_cls", "rpn", "cls"),
-                                  LossTerm("loss_rpn_box", "rpn_box", "rpn", "box"),
-                                  LossTerm("loss_roi_cls", "roi_cls", "roi", "cls"),
-                                  LossTerm("loss_roi_box", "roi_box", "roi", "box"))}
+LOSS_TERMS = {t.name: t for t in (LossTerm("loss_rpn_cls", "rpn_cls", "rpn", "cls", "model.rpn.cls_loss"),
+                                  LossTerm("loss_rpn_box", "rpn_box", "rpn", "box", "model.rpn.box_loss"),
+                                  LossTerm("loss_roi_cls", "roi_cls", "roi", "cls", "model.roi.cls_loss"),
+                                  LossTerm("loss_roi_box", "roi_box", "roi", "box", "model.roi.box_loss"),
+                                  LossTerm("loss_roi_mask", "roi_mask", "mask", "mask", "model.mask.loss"))}
 LOSS_NAMES = tuple(LOSS_TERMS)
 
 
@@ -36,7 +34,16 @@ def short_name(loss_name: str) -> str:
 
 
 def _loss_configs(model_cfg: ModelConfig) -> dict:
-    return {name: getattr(getattr(model_cfg, t.head), f"{t.kind}_loss") for name, t in LOSS_TERMS.items()}
+    """The config section of each term the model computes (the mask term only with masks on)."""
+    sections = {}
+    for name, term in LOSS_TERMS.items():
+        if term.head == "mask" and not model_cfg.mask.enabled:
+            continue
+        node = model_cfg
+        for part in term.config_key.split(".")[1:]:
+            node = getattr(node, part)
+        sections[name] = node
+    return sections
 
 
 def ramped_weight(final: float, ramp: WeightRamp | None, iteration: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
 from rcnn_trainer.config import ModelConfig
@@ -46,8 +47,21 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         fg_iou_thresh=o.fg_iou_thresh, bg_iou_thresh=o.bg_iou_thresh,
         batch_size_per_image=o.batch_size_per_image, positive_fraction=o.positive_fraction,
         bbox_reg_weights=tuple(o.bbox_reg_weights), score_thresh=o.score_thresh,
-        nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img, losses=head_losses(o), sampler=o.sampler)
+        nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img, losses=head_losses(o), sampler=o.sampler,
+        **(_mask_branch(cfg, backbone.out_channels, feature_names) if cfg.mask.enabled else {}))
     return TwoStageDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads)
+
+
+def _mask_branch(cfg: ModelConfig, in_channels: int, feature_names: list[str]) -> dict:
+    """torchvision's Mask R-CNN head and predictor (so its state dict loads), on our RoIAlign."""
+    m = cfg.mask
+    predictor = MaskRCNNPredictor(m.conv_channels, m.conv_channels, cfg.num_classes + 1)
+    # torchvision's kaiming init starts loss_roi_mask at 3.2-3.3; near-zero logits start it at ln 2
+    nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(predictor.mask_fcn_logits.bias)
+    return {"mask_roi_pool": multi_scale_roi_align(cfg.roi.roi_align, feature_names, m.pool_size, m.sampling_ratio),
+            "mask_head": MaskRCNNHeads(in_channels, [m.conv_channels] * m.num_convs, dilation=1),
+            "mask_predictor": predictor}
 
 
 def _init_predictor(predictor: FastRCNNPredictor) -> None:

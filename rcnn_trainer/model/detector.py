@@ -3,7 +3,8 @@
 Images arrive already resized by the data pipeline (data/transforms.py), as float [3, H, W]
 in [0, 1]. Training returns (losses, stats) with unweighted loss terms; weights are applied
 by the trainer (losses/weighting.py). Inference returns one dict per image with "boxes"
-(xyxy), "labels" (1..C) and "scores", mapped to `original_sizes` when those are given.
+(xyxy), "labels" (1..C) and "scores", mapped to `original_sizes` when those are given; with
+a mask head also "masks": probabilities [D, 1, H, W] pasted into the (original) image.
 Submodule names match torchvision's FasterRCNN (backbone, rpn, roi_heads), so its state dict loads.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, paste_masks_in_image, resize_boxes
 
 from rcnn_trainer.model import stats as S
 
@@ -59,16 +60,20 @@ class TwoStageDetector(nn.Module):
         return torch.softmax(class_logits.float(), dim=-1)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
-                original_sizes: list[tuple[int, int]] | None = None):
+                original_sizes: list[tuple[int, int]] | None = None, masks: bool = True):
+        """`masks=False` skips the mask branch at inference (the monitor's probe counts boxes only)."""
         image_list = self.preprocess(images)
         features = self.backbone(image_list.tensors)
         proposals, rpn_losses, rpn_stats = self.rpn(image_list, features, targets)
-        detections, roi_losses, roi_stats = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        detections, roi_losses, roi_stats = self.roi_heads(features, proposals, image_list.image_sizes, targets,
+                                                           masks=masks)
         if self.training:
             stats = {**rpn_stats, **roi_stats,
                      S.GT_PER_IMAGE: sum(len(t["boxes"]) for t in targets) / len(targets), S.IMAGES: len(targets)}
             return {**rpn_losses, **roi_losses}, stats
-        if original_sizes is not None:
-            for det, size, orig in zip(detections, image_list.image_sizes, original_sizes):
-                det["boxes"] = resize_boxes(det["boxes"], size, orig)
+        sizes = original_sizes if original_sizes is not None else image_list.image_sizes
+        for det, size, orig in zip(detections, image_list.image_sizes, sizes):
+            det["boxes"] = resize_boxes(det["boxes"], size, orig)
+            if "masks" in det:
+                det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], orig)
         return detections

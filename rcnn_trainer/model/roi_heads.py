@@ -1,8 +1,10 @@
-"""RoI box head: torchvision's RoIHeads with our losses and statistics.
+"""RoI heads (boxes, and masks when a mask branch is given): torchvision's RoIHeads with our
+losses and statistics.
 
 Shapes: N images, R sampled RoIs in the batch, P positive RoIs, C foreground classes.
 Names: `class_logits` [R, C+1] (column 0 = background), `box_deltas` [R, (C+1) * 4]
-class-specific, `gt_labels` [R] in 0..C, `matched_gt_boxes` [R, 4].
+class-specific, `gt_labels` [R] in 0..C, `matched_gt_boxes` [R, 4]; `mask_logits` [P, C+1, M, M]
+class-specific (M = 28: twice the mask RoIAlign's output).
 
 Subclassed from torchvision's RoIHeads for the same reason as the RPN (matching, sampling,
 post-processing and state-dict keys stay torchvision's). The training path spells out
@@ -13,47 +15,93 @@ mean IoU of positive proposals is measured on real RPN proposals only.
 from __future__ import annotations
 
 import torch
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, project_masks_on_boxes
 
 from rcnn_trainer.losses.box import box_loss_per_box
 from rcnn_trainer.losses.classification import class_loss_per_roi
-from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls
+from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls, loss_roi_mask
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
 from rcnn_trainer.losses.wise_iou import wise_iou_for
 from rcnn_trainer.model import stats as S
-from rcnn_trainer.model.stats import delta_agreement, refined_box_iou
+from rcnn_trainer.model.stats import delta_agreement, mask_agreement, refined_box_iou
 
 
 class BoxHeads(RoIHeads):
     def __init__(self, *, box_roi_pool, box_head, box_predictor, fg_iou_thresh: float, bg_iou_thresh: float,
                  batch_size_per_image: int, positive_fraction: float, bbox_reg_weights: tuple,
                  score_thresh: float, nms_thresh: float, detections_per_img: int,
-                 losses: HeadLosses = HeadLosses(ClsLoss("ce"), BoxLoss()), sampler: str = "random"):
+                 losses: HeadLosses = HeadLosses(ClsLoss("ce"), BoxLoss()), sampler: str = "random",
+                 mask_roi_pool=None, mask_head=None, mask_predictor=None):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
-                         nms_thresh, detections_per_img)
+                         nms_thresh, detections_per_img, mask_roi_pool=mask_roi_pool, mask_head=mask_head,
+                         mask_predictor=mask_predictor)
         if sampler not in ("random", "ohem"):
             raise ValueError(f"unknown RoI sampler '{sampler}' (random | ohem)")
         self.sampler = sampler
         self.losses = losses
         # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
         self.box_wiou = wise_iou_for(losses.box)
+        # the mask predictor upsamples the pooled features 2x (torchvision's MaskRCNNPredictor)
+        self.mask_size = 2 * _pool_size(mask_roi_pool) if mask_roi_pool is not None else 0
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_shapes: list[tuple[int, int]], targets: list[dict] | None = None):
-        """Returns (detections: list of {boxes, labels, scores}, losses, stats)."""
+                image_shapes: list[tuple[int, int]], targets: list[dict] | None = None, masks: bool = True):
+        """Returns (detections: list of {boxes, labels, scores[, masks]}, losses, stats). Masks are
+        probabilities [D, 1, M, M] in each detection's box (the detector pastes them)."""
         if not self.training:
             class_logits, box_deltas = self._predict(features, proposals, image_shapes)
             boxes, scores, labels = self.postprocess_detections(class_logits, box_deltas, proposals, image_shapes)
-            return [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)], {}, {}
+            detections = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)]
+            if self.has_mask() and masks:
+                mask_logits = self._predict_masks(features, boxes, image_shapes)
+                for det, probs in zip(detections, maskrcnn_inference(mask_logits, labels)):
+                    det["masks"] = probs
+            return detections, {}, {}
         if targets is None:
             raise ValueError("the RoI heads need targets in training mode")
-        rois, gt_labels, matched_gt_boxes, from_rpn = self._sample(proposals, targets, features, image_shapes)
+        sample = self._sample(proposals, targets, features, image_shapes)
+        rois, gt_labels, matched_gt_boxes, from_rpn, matched_per_image = sample
         class_logits, box_deltas = self._predict(features, rois, image_shapes)
         losses, stats = self._losses(class_logits, box_deltas, torch.cat(rois), gt_labels, matched_gt_boxes,
                                      from_rpn, len(rois))
+        if self.has_mask():
+            mask_loss, mask_stats = self._mask_loss(features, rois, gt_labels, matched_per_image, targets, image_shapes)
+            losses["loss_roi_mask"] = mask_loss
+            stats.update(mask_stats)
         return [], losses, stats
+
+    def _predict_masks(self, features, boxes: list[torch.Tensor], image_shapes) -> torch.Tensor:
+        pooled = self.mask_roi_pool(features, boxes, image_shapes)
+        return self.mask_predictor(self.mask_head(pooled)).float()  # fp32 for the loss under autocast
+
+    def _mask_loss(self, features, rois, gt_labels, matched_per_image, targets, image_shapes):
+        """loss_roi_mask on the positive RoIs: each one's logits of its own GT class against its
+        GT mask cropped to the RoI and resized to M x M (torchvision's RoIAlign projection)."""
+        labels_per_image = gt_labels.split([len(r) for r in rois])
+        pos_rois, pos_labels, mask_targets = [], [], []
+        for r, labels, matched, target in zip(rois, labels_per_image, matched_per_image, targets):
+            pos = torch.where(labels > 0)[0]
+            pos_rois.append(r[pos])
+            pos_labels.append(labels[pos])
+            mask_targets.append(self._mask_targets(target, r[pos], matched[pos]))
+        mask_logits = self._predict_masks(features, pos_rois, image_shapes)
+        labels = torch.cat(pos_labels)
+        own = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]
+        mask_targets = torch.cat(mask_targets)
+        loss, factor = loss_roi_mask(own, mask_targets)
+        with torch.no_grad():
+            iou, trivial_iou = mask_agreement(own, mask_targets)
+        return loss, {S.ROI_MASK_FACTOR: factor.detach(), S.ROI_MASK_IOU: iou, S.ROI_MASK_TRIVIAL_IOU: trivial_iou}
+
+    def _mask_targets(self, target: dict, boxes: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        size = self.mask_size
+        if "masks" not in target:
+            raise ValueError("model.mask.enabled needs targets with 'masks' (the dataset reads them when it is on)")
+        if not boxes.numel():
+            return boxes.new_zeros((0, size, size))
+        return project_masks_on_boxes(target["masks"], boxes, matched, size)
 
     def _predict(self, features, rois, image_shapes):
         pooled = self.box_roi_pool(features, rois, image_shapes)
@@ -62,7 +110,8 @@ class BoxHeads(RoIHeads):
 
     def _sample(self, proposals, targets, features, image_shapes):
         """The RoIs to train on: per image a list of boxes, and over the batch flat [R] labels,
-        [R, 4] matched GT boxes and [R] whether the RoI came from the RPN (not an appended GT).
+        [R, 4] matched GT boxes and [R] whether the RoI came from the RPN (not an appended GT),
+        and per image the GT index each RoI matched (for its mask).
         Matching and random sampling are torchvision's own, image by image."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
@@ -78,7 +127,8 @@ class BoxHeads(RoIHeads):
         gt_labels = torch.cat([l[inds] for l, inds in zip(labels, chosen)])
         matched = torch.cat([_matched_gt_boxes(g, m[inds]) for g, m, inds in zip(gt_boxes, matched_idxs, chosen)])
         from_rpn = torch.cat([inds < n for inds, n in zip(chosen, num_rpn)])
-        return rois, gt_labels, matched, from_rpn
+        matched_per_image = [m[inds].clamp(min=0) for m, inds in zip(matched_idxs, chosen)]  # GT index of each RoI
+        return rois, gt_labels, matched, from_rpn, matched_per_image
 
     @torch.no_grad()
     def _hardest(self, features, proposals, labels, matched_idxs, gt_boxes, image_shapes) -> list[torch.Tensor]:
@@ -130,6 +180,11 @@ class BoxHeads(RoIHeads):
             S.ROI_DELTA_CORR: delta_corr,
         }
         return {"loss_roi_cls": cls, "loss_roi_box": box}, stats
+
+
+def _pool_size(roi_pool) -> int:
+    size = roi_pool.output_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _matched_gt_boxes(gt_boxes: torch.Tensor, matched_idxs: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,10 @@ ROI_BOX_PER_POS = "roi/box_loss_per_pos"
 ROI_PRED_IOU = "roi/pred_iou"              # IoU of the refined boxes of positive RoIs with their GT
 ROI_DELTA_STD_RATIO = "roi/delta_std_ratio"  # std of predicted / target deltas over positives (mean of 4)
 ROI_DELTA_CORR = "roi/delta_corr"            # correlation of predicted with target deltas (mean of 4)
+# mask head (per batch, only with model.mask.enabled)
+ROI_MASK_FACTOR = "avg_factor/roi_mask"
+ROI_MASK_IOU = "roi/mask_iou"            # IoU of the predicted masks (logit > 0) of positives with their targets
+ROI_MASK_TRIVIAL_IOU = "roi/mask_trivial_iou"  # the best a mask that ignores the RoI scores: full or the batch's mean
 # The batch
 GT_PER_IMAGE = "gt_per_image"
 IMAGES = "images"
@@ -30,6 +34,7 @@ IMAGES = "images"
 RPN_STATS = (RPN_CLS_FACTOR, RPN_BOX_FACTOR, RPN_POS, RPN_NEG, RPN_BOX_PER_POS, RPN_PRED_IOU)
 ROI_STATS = (ROI_CLS_FACTOR, ROI_BOX_FACTOR, ROI_POS, ROI_NEG, ROI_PROPOSAL_IOU, ROI_FG_ARGMAX, ROI_BOX_PER_POS,
              ROI_PRED_IOU, ROI_DELTA_STD_RATIO, ROI_DELTA_CORR)
+MASK_STATS = (ROI_MASK_FACTOR, ROI_MASK_IOU, ROI_MASK_TRIVIAL_IOU)
 TRAIN_STATS = RPN_STATS + ROI_STATS + (GT_PER_IMAGE, IMAGES)
 
 
@@ -71,3 +76,24 @@ def delta_agreement(pred_deltas, reference_boxes, gt_boxes, box_coder) -> tuple:
     ratio = torch.where(degenerate, nan, pred_std / target_std.clamp(min=1e-3)).mean()
     corr = torch.where(degenerate, nan, (pred_c * target_c).mean(dim=0) / (pred_std * target_std).clamp(min=1e-12)).mean()
     return ratio, corr
+
+
+def mask_agreement(mask_logits, mask_targets) -> tuple:
+    """Over positives ([P, M, M] each): the mean IoU of the predicted masks (logit > 0) with their
+    targets (>= 0.5), and the best mean IoU of a mask that ignores the RoI: the full box (blank
+    scores 0) or the batch's mean target mask. A head that learned nothing cannot beat the
+    second. NaN when P < 2."""
+    import torch
+
+    nan = torch.tensor(float("nan"), device=mask_logits.device)
+    if mask_logits.shape[0] < 2:
+        return nan, nan
+    target = mask_targets.detach() >= 0.5
+
+    def mean_iou(pred):
+        inter = (pred & target).flatten(1).sum(1).float()
+        return (inter / (pred | target).flatten(1).sum(1).float().clamp(min=1)).mean()
+
+    mean_mask = (target.float().mean(dim=0, keepdim=True) >= 0.5).expand_as(target)
+    trivial = torch.maximum(target.flatten(1).float().mean(1).mean(), mean_iou(mean_mask))
+    return mean_iou(mask_logits.detach() > 0), trivial

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rcnn_trainer.config import CollapseConfig
 from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
@@ -42,12 +42,15 @@ def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: ClsLoss,
         pos_rpn, neg_rpn = ln2, ln2
     ln_c = math.log(num_classes + 1)
     focal = (1 - 1 / (num_classes + 1)) ** roi_cls.gamma if roi_cls.type == "focal" else 1.0
-    return {
+    expected_losses = {
         "loss_rpn_cls": expected(record[S.RPN_POS], record[S.RPN_NEG],
                                  record[S.RPN_CLS_FACTOR], pos_rpn * rpn_cls.pos_weight, neg_rpn),
         "loss_roi_cls": expected(record[S.ROI_POS], record[S.ROI_NEG],
                                  record[S.ROI_CLS_FACTOR], ln_c * focal * roi_cls.pos_weight, ln_c * focal),
     }
+    if "loss_roi_mask" in record:  # per-pixel BCE at zero logits, whatever the targets
+        expected_losses["loss_roi_mask"] = ln2
+    return expected_losses
 
 
 def check_initial_loss_scale(record: dict, expected: dict,
@@ -96,8 +99,9 @@ def check_dominant_term(history: list[PeriodMeans], *, max_share: float, sustain
     """A weighted term above `max_share` of the total for the last `sustain` periods."""
     if len(history) < sustain:
         return None
-    for name, key in WEIGHT_KEYS.items():
-        shares = [h.weighted[name] / h.loss for h in history[-sustain:] if h.loss > 0]
+    for name in history[-1].weighted:
+        key = WEIGHT_KEYS[name]
+        shares = [h.weighted.get(name, 0.0) / h.loss for h in history[-sustain:] if h.loss > 0]
         if len(shares) == sustain and min(shares) > max_share:
             return Alarm(
                 name="dominant_loss",
@@ -135,14 +139,14 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
     first = first if first is not None else history[0]
     recent = history[-window:]
     flat, falling = limits.flat, limits.falling
-    for name in WEIGHT_KEYS:
-        series = [h.terms[name] for h in recent]
+    for name in recent[-1].terms:
+        series = [h.terms.get(name, 0.0) for h in recent]
         if min(series) <= 1e-6:
             continue
-        highest = max([first.terms[name]] + [h.terms[name] for h in history])
+        highest = max([first.terms.get(name, 0.0)] + [h.terms.get(name, 0.0) for h in history])
         learned = series[-1] < limits.learned * highest
         level = abs(series[-1] / series[0] - 1.0) < flat
-        others = [h.loss - h.weighted[name] for h in recent]
+        others = [h.loss - h.weighted.get(name, 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
                 and relative_slope(others) < -falling):
             head = LOSS_TERMS[name].head
@@ -153,8 +157,9 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
                      f"{100 * relative_slope(others):+.0f}%",
                 why="this head is not learning: its gradient is too small (weight), its targets cannot be "
                     "reached (anchors), or its loss gives no gradient (IoU losses on disjoint boxes)",
-                change=[f"{WEIGHT_KEYS[name]}: raise it", f"{BOX_TYPE_KEYS[head]}: smooth_l1 or ciou if it is giou",
-                        "model.anchors.sizes: match the object sizes"])
+                change=[f"{WEIGHT_KEYS[name]}: raise it"]
+                + ([f"{BOX_TYPE_KEYS[head]}: smooth_l1 or ciou if it is giou", "model.anchors.sizes: match the object sizes"]
+                   if head in BOX_TYPE_KEYS else ["model.mask.num_convs / model.mask.conv_channels: a larger mask head"]))
     return None
 
 
@@ -412,6 +417,27 @@ def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int,
         change=["solver.lr: lower it (a too-high lr often ends here)", "solver.clip_grad_norm: set it (e.g. 10)",
                 "model.roi.box_loss.weight: raise it if it is 0 or tiny (no signal reaches the regressor); "
                 "lower it if it dominates"])
+
+
+def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
+                            limits: MaskLearningLimits = MaskLearningLimits()) -> Alarm | None:
+    """With masks on, after warmup: on the positive RoIs of training, the predicted masks score
+    no better than a mask that ignores the RoI (the full box, or the batch's mean mask; a blank
+    one scores 0), within `margin`, for `sustain` periods: the mask head learned nothing."""
+    pairs = [(h.mask_iou, h.mask_trivial_iou) for h in history]
+    pairs = [(m, t) for m, t in pairs if not (math.isnan(m) or math.isnan(t))][-sustain:]
+    if len(pairs) < sustain or any(m > t + limits.margin for m, t in pairs):
+        return None
+    return Alarm(
+        name="mask_not_learning",
+        seen=f"on positive RoIs, predicted masks' IoU with their targets {', '.join(f'{m:.2f}' for m, _ in pairs)} "
+             f"vs {', '.join(f'{t:.2f}' for _, t in pairs)} for the best mask that ignores the RoI (full box or "
+             f"mean mask), over the last {sustain} periods",
+        why="the mask head's output does not depend on the object: no signal reaches it (a mask weight of 0, a frozen "
+            "or too small head) or its targets do not match the objects (segmentations of other objects)",
+        change=["model.mask.loss.weight: raise it if it is 0 or tiny (1.0 is the Mask R-CNN weight)",
+                "model.mask.num_convs / model.mask.conv_channels: a larger mask head",
+                "the annotation file: check that each segmentation outlines its own box's object"])
 
 
 # ------------------------------------------------------------------ 6. learning rate

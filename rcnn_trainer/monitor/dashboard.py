@@ -3,6 +3,8 @@ classifier says about the GT boxes of the probe images, and the threshold-count 
 
 from __future__ import annotations
 
+import math
+
 from rcnn_trainer.losses.weighting import LOSS_NAMES, short_name
 from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ProbeResult
@@ -13,7 +15,7 @@ def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: 
     """window: means over the last period of the logged training numbers; seen: the probe."""
     total = window.loss or 1e-12
     terms = "  ".join(f"{short_name(name)} {window.weighted[name]:.3f} ({100 * window.weighted[name] / total:.0f}%)"
-                      for name in LOSS_NAMES)
+                      for name in LOSS_NAMES if name in window.weighted)
     c = seen.classes
     lines = [
         f"---- monitor @ iter {iteration}/{max_iters} " + "-" * 40,
@@ -27,4 +29,7 @@ def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: 
         f"  spread {c.spread:.2f}",
         format_threshold_table(seen.counts),
     ]
+    if not math.isnan(window.mask_iou):
+        lines.insert(4, f"  masks on positives: IoU {window.mask_iou:.2f} (a mask that ignores the RoI: "
+                        f"{window.mask_trivial_iou:.2f})")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rcnn_trainer.config import Config, MonitorConfig
 from rcnn_trainer.losses.settings import ClsLoss, head_losses
-from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights
+from rcnn_trainer.losses.weighting import loss_weights
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.period import PeriodMeans
@@ -54,7 +54,8 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
 
 
 # what a model that does not learn shows anyway; reported only when the lr is not the cause
-SYMPTOMS_OF_NO_LEARNING = {"class_confusion", "low_confidence", "collapse", "regressor_collapse", "flat_loss",
+SYMPTOMS_OF_NO_LEARNING = {"class_confusion", "low_confidence", "collapse", "regressor_collapse", "mask_not_learning",
+                           "flat_loss",
                            "proposal_iou_flat"}
 
 
@@ -125,6 +126,7 @@ class HealthMonitor:
                 st["warmup_end"] = len(history) - 1
             after_warmup = history[st["warmup_end"]:]
             found.append(checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse))
+            found.append(checks.check_mask_not_learning(after_warmup, sustain=m.sustain, limits=m.mask_learning))
             found.append(checks.check_flat_term(after_warmup, window=m.flat_window, first=history[0],
                                                 limits=m.flat_loss))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
@@ -164,5 +166,5 @@ def lowest_term_ratio(history: list[PeriodMeans]) -> float | None:
     judgment, not the first step: one batch's box term is noisy enough to halve by chance
     (seen with lr 1e-8, where nothing learns)."""
     first, now = history[0].terms, history[-1].terms
-    ratios = [now[n] / first[n] for n in LOSS_NAMES if first[n] > 0 and math.isfinite(now[n])]
+    ratios = [now[n] / first[n] for n in now if first.get(n, 0.0) > 0 and math.isfinite(now[n])]
     return min(ratios) if ratios else None

@@ -19,6 +19,8 @@ STAT_FIELDS = {S.GT_PER_IMAGE: "gt_per_image", S.RPN_POS: "rpn_pos", S.ROI_POS: 
                S.RPN_PRED_IOU: "rpn_pred_iou", S.ROI_PRED_IOU: "roi_pred_iou", S.ROI_PROPOSAL_IOU: "proposal_iou",
                S.ROI_DELTA_STD_RATIO: "delta_std_ratio", S.ROI_DELTA_CORR: "delta_corr"}
 
+MASK_FIELDS = {S.ROI_MASK_IOU: "mask_iou", S.ROI_MASK_TRIVIAL_IOU: "mask_trivial_iou"}  # only with masks on
+
 
 @dataclass(frozen=True)
 class PeriodMeans:
@@ -26,8 +28,8 @@ class PeriodMeans:
     lr: float
     grad_norm: float            # pre-clip
     clipped: float              # share of steps clipped
-    terms: dict[str, float]     # each loss term unweighted, by name (LOSS_NAMES)
-    weighted: dict[str, float]  # each loss term weighted
+    terms: dict[str, float]     # each loss term the model computes, unweighted, by name (of LOSS_NAMES)
+    weighted: dict[str, float]  # the same terms weighted
     gt_per_image: float
     rpn_pos: float              # positives sampled per image
     roi_pos: float
@@ -36,6 +38,8 @@ class PeriodMeans:
     proposal_iou: float         # IoU of positive RPN proposals (GT boxes excluded) with their GT
     delta_std_ratio: float      # RoI regressor: std of predicted / target deltas on positives
     delta_corr: float           # and their correlation
+    mask_iou: float = math.nan          # with masks on: IoU of the predicted masks of positives with their targets
+    mask_trivial_iou: float = math.nan  # and the best a mask that ignores the RoI scores (full or mean)
 
     @classmethod
     def from_means(cls, means: dict) -> "PeriodMeans":
@@ -44,7 +48,8 @@ class PeriodMeans:
             raise KeyError(f"monitor history lacks {missing} (contract: rcnn_trainer/model/stats.py)")
         return cls(loss=means.get("loss", 0.0), lr=means.get("lr", 0.0), grad_norm=means.get("grad_norm", math.nan),
                    clipped=means.get("clipped", 0.0),
-                   # a term a model does not compute counts as 0
-                   terms={n: means.get(n, 0.0) for n in LOSS_NAMES},
-                   weighted={n: means.get(f"{n}_weighted", 0.0) for n in LOSS_NAMES},
-                   **{name: means[key] for key, name in STAT_FIELDS.items()})
+                   # only the terms this model computes (the mask term only with masks on)
+                   terms={n: means[n] for n in LOSS_NAMES if n in means},
+                   weighted={n: means.get(f"{n}_weighted", 0.0) for n in LOSS_NAMES if n in means},
+                   **{name: means[key] for key, name in STAT_FIELDS.items()},
+                   **{name: means[key] for key, name in MASK_FIELDS.items() if key in means})

@@ -72,7 +72,7 @@ def probe(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict
     was_training = model.training
     model.eval()
     try:
-        detections = model(images)
+        detections = model(images, masks=False)
         boxes = [t["boxes"].to(images[0].device) for t in targets]
         probabilities = model.classify_boxes(images, boxes) if sum(len(b) for b in boxes) else None
     finally:

@@ -1,0 +1,68 @@
+"""Instance masks from COCO `segmentation` (polygons, uncompressed or compressed RLE) through
+pycocotools' mask API, as COCO's own annToRLE reads them.
+
+Masks are rasterized per image when it is loaded (never held for the whole dataset: a COCO-size
+file would need hundreds of GB), at the size the annotation file declares; the transforms
+resize and flip them with the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def segmentation_problem(segmentation, height: int, width: int) -> str | None:
+    """Why this segmentation cannot give a mask for an image of this size, or None."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "the segmentation is an empty list"
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in polygon):
+                return f"a polygon must be a list of finite numbers [x1, y1, x2, y2, ...], got {polygon!r:.80}"
+            if len(polygon) < 6 or len(polygon) % 2:
+                return f"a polygon needs at least 3 points (6 numbers, an even count), got {len(polygon)} numbers"
+    elif isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if size != [height, width]:
+            return f"the RLE's size {size!r:.40} is not the image's [height, width] = [{height}, {width}]"
+        if not isinstance(counts, (str, list)) or (isinstance(counts, list) and not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+            return "the RLE's counts must be a COCO string or a list of non-negative integers"
+        if isinstance(counts, list) and sum(counts) != height * width:
+            return f"the uncompressed RLE covers {sum(counts)} pixels, the image has {height * width}"
+    else:
+        return f"the segmentation must be polygons (a list) or an RLE (a dict), got {type(segmentation).__name__}"
+    try:
+        if not mask_area(segmentation, height, width):
+            return "the mask is empty (no pixel inside)"
+    except (ValueError, TypeError, KeyError, UnicodeError) as err:
+        return f"pycocotools cannot read it ({err})"
+    return None
+
+
+def to_rle(segmentation, height: int, width: int) -> dict:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def mask_area(segmentation, height: int, width: int) -> int:
+    from pycocotools import mask as mask_utils
+
+    return int(mask_utils.area(to_rle(segmentation, height, width)))
+
+
+def rasterize(segmentations: list, height: int, width: int) -> np.ndarray:
+    """uint8 [N, H, W] masks (0 / 1) of the segmentations."""
+    from pycocotools import mask as mask_utils
+
+    if not segmentations:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    rles = [to_rle(s, height, width) for s in segmentations]
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
