@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -36,14 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def global_batch():
+def global_batch(masks: bool = False, empty_first_rank: bool = False):
+    """4 images with 1..4 objects (with masks: the box's inscribed ellipse); optionally the first
+    rank's two images without any object."""
     g = torch.Generator().manual_seed(7)
     images, targets = [], []
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
     for i in range(4):
         images.append(torch.rand(3, 64, 64, generator=g))
-        xy = torch.rand(i + 1, 2, generator=g) * 40
-        targets.append({"boxes": torch.cat([xy, xy + 8 + torch.rand(i + 1, 2, generator=g) * 12], 1),
-                        "labels": torch.randint(1, 5, (i + 1,), generator=g)})
+        n = 0 if empty_first_rank and i < 2 else i + 1
+        xy = torch.rand(n, 2, generator=g) * 40
+        target = {"boxes": torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 12], 1),
+                  "labels": torch.randint(1, 5, (n,), generator=g)}
+        if masks:
+            b = target["boxes"]
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+            rx, ry = (b[:, 2] - b[:, 0]) / 2, (b[:, 3] - b[:, 1]) / 2
+            inside = ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 + ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2
+            target["masks"] = (inside <= 1).to(torch.uint8)
+        targets.append(target)
     return images, targets
 
 
@@ -54,12 +66,12 @@ def one_step(model, images, targets, weights):
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def _worker(rank, world, port, cfg, out_dir):
+def _worker(rank, world, port, cfg, out_dir, empty_first_rank=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(build_model(cfg.model).train())
-    images, targets = global_batch()
+    images, targets = global_batch(cfg.model.mask.enabled, empty_first_rank)
     per_rank = len(images) // world
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
     losses = one_step(model, images[sl], targets[sl], loss_weights(cfg.model))
@@ -68,14 +80,19 @@ def _worker(rank, world, port, cfg, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    cfg = tiny_config(tmp_path, model=PARITY)
-    mp.spawn(_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("masks, empty_first_rank", [(False, False), (True, False), (True, True)])
+def test_two_ranks_match_one_process(tmp_path, masks, empty_first_rank):
+    """With masks, the mask avg_factor (positive RoIs) is averaged across ranks too, also when one
+    rank's images hold no object at all (its mask loss is 0, its gradient still in the graph)."""
+    mask = {"mask": {"enabled": True, "num_convs": 1, "conv_channels": 16}} if masks else {}
+    cfg = tiny_config(tmp_path, model={**PARITY, **mask})
+    mp.spawn(_worker, args=(2, free_port(), cfg, str(tmp_path), empty_first_rank), nprocs=2, join=True)
     torch.manual_seed(0)
     single = build_model(cfg.model).train()
-    images, targets = global_batch()
+    images, targets = global_batch(masks, empty_first_rank)
     expected = one_step(single, images, targets, loss_weights(cfg.model))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ("loss_roi_mask" in expected) == masks
     for name, value in expected.items():
         mean = sum(r["losses"][name] for r in ranks) / 2
         assert abs(mean - value) <= 1e-4 * max(1.0, abs(value)), (name, mean, value)

@@ -329,3 +329,41 @@ def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():
     assert monitor.state["warmup_end"] == 2
     assert history[monitor.state["warmup_end"]:] == history[2:]
     assert "after_warmup" not in monitor.state
+
+
+def mask_periods(ious, trivial=0.7):
+    return [period(**{"roi/mask_iou": m, "roi/mask_trivial_iou": trivial, "loss_roi_mask": 0.3,
+                      "loss_roi_mask_weighted": 0.3}) for m in ious]
+
+
+@pytest.mark.parametrize("ious, trivial, fires", [
+    ([0.41, 0.40, 0.41], 0.7, True),    # mask weight 0: a near-random pattern, flat
+    ([0.69, 0.70, 0.70], 0.7, True),    # stuck at the full box
+    ([0.59, 0.70, 0.73], 0.7, False),   # below the trivial masks but climbing (healthy shapes, iterations 40-80)
+    ([0.84, 0.88, 0.90], 0.7, False),   # healthy: past them
+    ([0.93, 0.94, 0.94], 0.99, False),  # box-shaped segmentations: nothing more to learn
+    ([0.40, float("nan"), 0.41], 0.7, False),  # too few judgments with positives
+])
+def test_mask_not_learning(ious, trivial, fires):
+    alarm = checks.check_mask_not_learning(mask_periods(ious, trivial), sustain=3)
+    assert (alarm is not None) == fires
+    if fires:
+        assert alarm.name == "mask_not_learning" and "model.mask.loss.weight" in alarm.change[0]
+
+
+def test_a_box_only_history_has_no_mask_term_and_no_mask_alarm():
+    history = [period() for _ in range(4)]
+    assert "loss_roi_mask" not in history[-1].terms and math.isnan(history[-1].mask_iou)
+    assert checks.check_mask_not_learning(history, sustain=3) is None
+
+
+def test_initial_mask_loss_is_expected_at_ln2_and_a_wrong_normalization_fires():
+    record = {"images": 2, "rpn/pos_per_image": 10, "rpn/neg_per_image": 118, "avg_factor/rpn_cls": 256,
+              "roi/pos_per_image": 16, "roi/neg_per_image": 48, "avg_factor/roi_cls": 128}
+    expected = checks.expected_initial_losses({**record, "loss_roi_mask": 0.7}, num_classes=4,
+                                              rpn_cls=ClsLoss("bce"), roi_cls=ClsLoss("ce"))
+    assert expected["loss_roi_mask"] == pytest.approx(math.log(2))
+    sums_over_one = {**record, "loss_rpn_cls": expected["loss_rpn_cls"], "loss_roi_cls": expected["loss_roi_cls"],
+                     "loss_roi_mask": math.log(2) * 28 * 28 * 32}  # summed, divided by 1
+    alarm = checks.check_initial_loss_scale(sums_over_one, expected)
+    assert alarm is not None and "loss_roi_mask" in alarm.seen and "model.mask.loss.weight" in " ".join(alarm.change)

@@ -64,6 +64,12 @@ SCENARIOS = {
     "lr_far_too_low": Scenario("vanishing_lr", ["solver.lr=1e-8"]),
     "anchors_far_too_large": Scenario("anchor_coverage", ["model.anchors.sizes=[[128],[256],[512],[1024],[2048]]"]),
     "clip_every_step": Scenario("gradients", ["solver.clip_grad_norm=0.0001"]),
+    # instance masks (model.mask.enabled): healthy on three datasets, and a mask head without signal
+    "healthy_masks": Scenario(None, ["model.mask.enabled=true"]),
+    "healthy_masks@glyphs_large": Scenario(None, ["model.mask.enabled=true"], dataset="glyphs_large"),
+    "healthy_masks@digits_large": Scenario(None, ["model.mask.enabled=true"], dataset="digits_large",
+                                           recipe=MANY_CLASSES_RECIPE),
+    "mask_without_signal": Scenario("mask_not_learning", ["model.mask.enabled=true", "model.mask.loss.weight=0.0"]),
 }
 
 

@@ -423,11 +423,15 @@ def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
                             limits: MaskLearningLimits = MaskLearningLimits()) -> Alarm | None:
     """With masks on, after warmup: on the positive RoIs of training, the predicted masks score
     no better than a mask that ignores the RoI (the full box, or the batch's mean mask; a blank
-    one scores 0), within `margin`, for `sustain` periods: the mask head learned nothing."""
+    one scores 0), within `margin`, and do not rise by `min_rise`, for `sustain` periods: the
+    mask head learned nothing. Healthy shapes (600 iterations) climbed 0.59, 0.70, 0.73, 0.84
+    at iterations 40-100 past the full box's 0.66-0.75."""
     pairs = [(h.mask_iou, h.mask_trivial_iou) for h in history]
     pairs = [(m, t) for m, t in pairs if not (math.isnan(m) or math.isnan(t))][-sustain:]
-    if len(pairs) < sustain or any(m > t + limits.margin for m, t in pairs):
+    if len(pairs) < sustain or any(m > t + limits.margin or t >= limits.box_like for m, t in pairs):
         return None
+    if pairs[-1][0] - pairs[0][0] >= limits.min_rise:
+        return None  # below the trivial masks, but climbing: learning
     return Alarm(
         name="mask_not_learning",
         seen=f"on positive RoIs, predicted masks' IoU with their targets {', '.join(f'{m:.2f}' for m, _ in pairs)} "
