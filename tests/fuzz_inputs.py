@@ -67,12 +67,13 @@ def mutated(draw, valid, max_steps: int = 6):
         for part in path[:-1]:
             parent = parent[part]
         key, edit = path[-1], draw(st.sampled_from(EDITS))
+        # copies: a drawn value can be a module constant (ODD_VALUES), and a later edit must not change it
         if edit == "replace":
-            parent[key] = draw(ODD_VALUE)
+            parent[key] = copy.deepcopy(draw(ODD_VALUE))
         elif edit == "delete":
             del parent[key]
         elif edit == "add_key" and isinstance(parent, dict):
-            parent[draw(st.sampled_from(["extra", "id", "bbox", "ü", "iscrowd"]))] = draw(ODD_VALUE)
+            parent[draw(st.sampled_from(["extra", "id", "bbox", "ü", "iscrowd"]))] = copy.deepcopy(draw(ODD_VALUE))
         elif edit == "duplicate" and isinstance(parent, list):
             parent.append(copy.deepcopy(parent[key]))
         else:

@@ -58,7 +58,7 @@ def run(kind: str, cases: int, random_seed: int, time_limit: int) -> Counter:
             print(f"[{kind}] HANG over {time_limit} s (the shrunk case is above)")
         except Exception:  # noqa: BLE001 - the bug being looked for
             outcomes["traceback"] += 1
-            print(f"[{kind}] TRACEBACK (shrunk)\n{traceback.format_exc()[-3000:]}")
+            print(f"[{kind}] TRACEBACK (shrunk)\n{traceback.format_exc()[-12000:]}")
     return outcomes
 
 
