@@ -246,7 +246,8 @@ class ROIConfig(Strict):
     sampling_ratio: int = Field(2, ge=0, description="RoIAlign sampling points per bin (0 = adaptive).")
     roi_align: Literal["auto", "torchvision"] = Field(
         "auto", description="auto: RoIAlign as one sparse matrix product on CPU (multi-threaded, same numbers "
-        "as torchvision's op, ~9x faster forward+backward here) and torchvision's kernel on GPU; "
+        "as torchvision's op, ~9x faster forward+backward here) when training on CPU, torchvision's kernel on GPU "
+        "and for inference (faster without a backward to share the matrix with); "
         "torchvision: torchvision's kernel everywhere.")
     score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="Drop detections below this score.")
     nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")

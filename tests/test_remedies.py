@@ -181,8 +181,10 @@ def every_alarm():
     p["loss_roi_box_weighted"] = 0.85
     falling = [PeriodMeans.from_means(dict(p, loss=1 - 0.1 * i, loss_roi_cls_weighted=0.3 - 0.05 * i))
                for i in range(6)]
+    masked = PeriodMeans.from_means(dict(p, **{"roi/mask_iou": 0.4, "roi/mask_trivial_iou": 0.7}))
     p = PeriodMeans.from_means(p)
     alarms = [
+        checks.check_mask_not_learning([masked] * 3, sustain=3),
         checks.check_initial_loss_scale({"loss_rpn_cls": 100.0, "loss_roi_cls": 100.0, "loss_rpn_box": 9.0,
                                          "loss_roi_box": 9.0}, {"loss_rpn_cls": 0.69, "loss_roi_cls": 1.6}),
         checks.check_weight_ratio({"loss_rpn_cls": 1, "loss_rpn_box": 1, "loss_roi_cls": 0.5, "loss_roi_box": 7.5}),

@@ -91,12 +91,25 @@ def test_multiscale_pooler_matches_torchvision_level_assignment():
 def test_scales_of_padded_odd_sized_maps_match_torchvision():
     """Maps of a 1333 x 800 batch padded to 32: 25 x 42 at stride 32 is not an exact ratio."""
     names = ["0", "1", "2", "3"]
-    features = OrderedDict((n, torch.zeros(1, 2, 800 // 2 ** (i + 2), -(-1344 // 2 ** (i + 2))))
+    # requires_grad: the sparse path (without gradients the module uses torchvision's kernel)
+    features = OrderedDict((n, torch.zeros(1, 2, 800 // 2 ** (i + 2), -(-1344 // 2 ** (i + 2)), requires_grad=True))
                            for i, n in enumerate(names))
     boxes = [torch.tensor([[10.0, 10.0, 300.0, 200.0]])]
     reference, sparse = MultiScaleRoIAlign(names, 7, 2), SparseMultiScaleRoIAlign(names, 7, 2)
     torch.testing.assert_close(sparse(features, boxes, [(800, 1333)]), reference(features, boxes, [(800, 1333)]))
     assert sparse.scales == reference.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def test_without_gradients_the_pooler_gives_the_same_numbers():
+    names = ["0", "1"]
+    g = torch.Generator().manual_seed(3)
+    features = OrderedDict((n, torch.randn(2, 3, 32 // 2 ** i, 32 // 2 ** i, generator=g)) for i, n in enumerate(names))
+    boxes = [random_rois(6, 1, extent=120.0, generator=g)[:, 1:] for _ in range(2)]
+    sparse = SparseMultiScaleRoIAlign(names, 7, 2)
+    with torch.no_grad():
+        fast = sparse(features, boxes, [(128, 128)] * 2)
+    trained = sparse(OrderedDict((k, v.clone().requires_grad_()) for k, v in features.items()), boxes, [(128, 128)] * 2)
+    torch.testing.assert_close(fast, trained.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_features_pool_in_float32():

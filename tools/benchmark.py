@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: rcnn_trainer vs torchvision's FasterRCNN at identical settings.
+"""Side-by-side benchmark: rcnn_trainer vs torchvision's FasterRCNN (MaskRCNN with
+`model.mask.enabled=true`) at identical settings.
 
 Both models get the same backbone+FPN (same weights), anchors, RPN/RoI sampling and head
 sizes, the same batches from the same DataLoader, and the same thread count; torchvision
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -54,16 +55,24 @@ SMALL_OBJECT_OPTIONS = ["model.roi.box_loss.type=ciou", "model.roi.box_loss.weig
 
 
 class TorchvisionFasterRCNN(nn.Module):
-    """torchvision's FasterRCNN assembled from the same parts as our model, with our calling
-    convention: training returns (losses named like ours, {}), eval maps boxes to original sizes."""
+    """torchvision's FasterRCNN (MaskRCNN when our model has a mask branch) assembled from the
+    same parts as our model, with our calling convention: training returns (losses named like
+    ours, {}), eval maps boxes (and masks) to original sizes. torchvision keeps its own RoIAlign
+    kernel, matcher, sampler and losses (its mask loss: BCE mean over the positives' pixels)."""
 
     NAMES = {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_box",
-             "loss_classifier": "loss_roi_cls", "loss_box_reg": "loss_roi_box"}
+             "loss_classifier": "loss_roi_cls", "loss_box_reg": "loss_roi_box", "loss_mask": "loss_roi_mask"}
 
     def __init__(self, ours: nn.Module, cfg):
         super().__init__()
         r, o = cfg.model.rpn, cfg.model.roi
-        self.model = FasterRCNN(
+        heads = ours.roi_heads
+        masks = {}
+        if heads.has_mask():
+            m = cfg.model.mask
+            masks = {"mask_roi_pool": MultiScaleRoIAlign(heads.box_roi_pool.featmap_names, m.pool_size, m.sampling_ratio),
+                     "mask_head": heads.mask_head, "mask_predictor": heads.mask_predictor}
+        self.model = (MaskRCNN if masks else FasterRCNN)(
             ours.backbone, num_classes=None, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
             rpn_anchor_generator=ours.rpn.anchor_generator, rpn_head=ours.rpn.head,
             rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
@@ -76,9 +85,9 @@ class TorchvisionFasterRCNN(nn.Module):
             box_nms_thresh=o.nms_thresh, box_detections_per_img=o.detections_per_img,
             box_fg_iou_thresh=o.fg_iou_thresh, box_bg_iou_thresh=o.bg_iou_thresh,
             box_batch_size_per_image=o.batch_size_per_image, box_positive_fraction=o.positive_fraction,
-            bbox_reg_weights=tuple(o.bbox_reg_weights))
+            bbox_reg_weights=tuple(o.bbox_reg_weights), **masks)
 
-    def forward(self, images, targets=None, original_sizes=None):
+    def forward(self, images, targets=None, original_sizes=None, masks=True):
         if self.training:
             losses = self.model(images, targets)
             return {self.NAMES[k]: v for k, v in losses.items()}, {}
@@ -86,6 +95,13 @@ class TorchvisionFasterRCNN(nn.Module):
         if original_sizes is not None:
             for det, img, orig in zip(detections, images, original_sizes):
                 det["boxes"] = resize_boxes(det["boxes"], img.shape[-2:], orig)
+                if "masks" in det:  # pasted at the input size by torchvision: to the original size
+                    det["masks"] = nn.functional.interpolate(det["masks"], size=tuple(orig), mode="bilinear",
+                                                             align_corners=False) if len(det["masks"]) else \
+                        det["masks"].new_zeros((0, 1, *orig))
+        if not masks:
+            for det in detections:
+                det.pop("masks", None)
         return detections
 
 
@@ -190,7 +206,8 @@ def measure_convergence(cfg, which: str, iters: int, device) -> dict:
         scheduler.step()
     metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), device, cfg.monitor.score_thresholds,
                           progress=False, autocast=autocast)
-    return {"AP": metrics["AP"], "AP50": metrics["AP50"], "train_wall_s": time.perf_counter() - t0}
+    return {"AP": metrics["AP"], "AP50": metrics["AP50"], "train_wall_s": time.perf_counter() - t0,
+            **{k: metrics[k] for k in ("segm_AP", "segm_AP50") if k in metrics}}
 
 
 def child(args) -> None:
@@ -322,6 +339,8 @@ def main() -> None:
             report["convergence"][label] = {"ours fp32": ours, "torchvision fp32": theirs}
             line = (f"[converge {label}, {backbone}, {args.converge_iters} iters] AP {ours['AP']:.3f} vs "
                     f"{theirs['AP']:.3f}; AP50 {ours['AP50']:.3f} vs {theirs['AP50']:.3f}")
+            if "segm_AP" in ours:
+                line += f"; segm AP {ours['segm_AP']:.3f} vs {theirs.get('segm_AP', float('nan')):.3f}"
             if with_amp and label == "default":
                 amp = run_child(args, "rcnn_trainer", "converge", backbone, "amp", extra)
                 report["convergence"][label]["ours amp"] = amp

@@ -21,6 +21,11 @@ linear warmup over the first epoch (at most 1000 iterations) and x0.1 at 16/26 a
 training. Both are scored by the same COCO evaluation on the same val split.
 Each training run is a subprocess; results are cached in --out, so rerunning with another
 recipe reuses the torchvision runs (pass --fresh to run them again).
+
+--masks trains instance masks on both sides (Mask R-CNN: our `model.mask.enabled=true`;
+torchvision's MaskRCNN with its 4 x 256 mask head) and reports segm AP beside box AP.
+--tv-lr-scales runs torchvision at several multiples of its reference lr and keeps the best
+(by segm AP with masks, else AP): its best recipe at this budget, all runs in --out.
 """
 
 from __future__ import annotations
@@ -87,16 +92,17 @@ def run_ours(recipe: str, overrides: list[str], threads: int, workdir: Path) -> 
     times = [r["time"] for r in records if r["type"] == "train"]
     alarms = [f"{r['name']}@{r['iter']}" for r in records if r["type"] == "alarm"]
     return {"AP": final["AP"], "AP50": final["AP50"], "APs": final["APs"], "wall_s": wall,
+            **{k: final[k] for k in ("segm_AP", "segm_AP50") if k in final},
             "s_per_iter": statistics.median(times), "alarms": alarms,
             "log_tail": proc.stdout.splitlines()[-12:]}
 
 
 # --------------------------------------------------------------------------- torchvision
-def torchvision_child(recipe: str, overrides: list[str], threads: int) -> dict:
+def torchvision_child(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0) -> dict:
     import torch
 
     from benchmark import TorchvisionFasterRCNN
-    from rcnn_trainer.config import BackboneConfig, ROIConfig, RPNConfig
+    from rcnn_trainer.config import BackboneConfig, MaskConfig, ROIConfig, RPNConfig
     from rcnn_trainer.config_loader import load_config
     from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
     from rcnn_trainer.engine.device import to_device
@@ -110,12 +116,14 @@ def torchvision_child(recipe: str, overrides: list[str], threads: int) -> dict:
     cfg = load_config(recipe, overrides)
     cfg.model.backbone = BackboneConfig(name="resnet18", weights=None, norm="bn")
     cfg.model.rpn, cfg.model.roi = RPNConfig(), ROIConfig()
+    if cfg.model.mask.enabled:  # torchvision's MaskRCNN head: 4 convs of 256
+        cfg.model.mask = MaskConfig(enabled=True)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     torch.manual_seed(cfg.seed)
     model = TorchvisionFasterRCNN(build_model(cfg.model), cfg).train()
     batch, iters = cfg.data.batch_size, cfg.solver.max_iters
     r = TORCHVISION_RECIPE
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=r["lr_per_image"] * batch,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=r["lr_per_image"] * batch * lr_scale,
                                 momentum=r["momentum"], weight_decay=r["weight_decay"])
     warmup = min(1000, max(1, len(train_set) // batch - 1))
     milestones = [int(m * iters) for m in r["milestones"]]
@@ -145,11 +153,13 @@ def torchvision_child(recipe: str, overrides: list[str], threads: int) -> dict:
                           progress=False)
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
             "wall_s": time.perf_counter() - t_start, "s_per_iter": statistics.median(times),
-            "anchors": cfg.model.anchors.sizes}
+            "anchors": cfg.model.anchors.sizes, "lr_scale": lr_scale,
+            **{k: metrics[k] for k in ("segm_AP", "segm_AP50") if k in metrics}}
 
 
-def run_torchvision(recipe: str, overrides: list[str], threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--threads", str(threads), "--", *overrides]
+def run_torchvision(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--threads", str(threads),
+           "--lr-scale", str(lr_scale), "--", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -162,14 +172,26 @@ def run_torchvision(recipe: str, overrides: list[str], threads: int) -> dict:
 
 # --------------------------------------------------------------------------- report
 def format_table(rows: list[dict]) -> str:
-    lines = ["| dataset | AP ours / tv | AP50 ours / tv | APs ours / tv | AP gain | wall s ours / tv | s/iter ours / tv |",
-             "|---|---|---|---|---|---|---|"]
+    segm = all("segm_AP" in row["ours"] for row in rows)
+    lines = ["| dataset | AP ours / tv | AP50 ours / tv | APs ours / tv | AP gain |"
+             + (" segm AP ours / tv | segm AP gain |" if segm else "") + " wall s ours / tv | s/iter ours / tv |",
+             "|---|---|---|---|---|" + ("---|---|" if segm else "") + "---|---|"]
     for row in rows:
         o, t = row["ours"], row["torchvision"]
+        masks = (f" {o['segm_AP']:.3f} / {t['segm_AP']:.3f} | {o['segm_AP'] - t['segm_AP']:+.3f} |" if segm else "")
         lines.append(f"| {row['dataset']} | {o['AP']:.3f} / {t['AP']:.3f} | {o['AP50']:.3f} / {t['AP50']:.3f} | "
-                     f"{o['APs']:.3f} / {t['APs']:.3f} | {o['AP'] - t['AP']:+.3f} | {o['wall_s']:.0f} / "
+                     f"{o['APs']:.3f} / {t['APs']:.3f} | {o['AP'] - t['AP']:+.3f} |{masks} {o['wall_s']:.0f} / "
                      f"{t['wall_s']:.0f} | {o['s_per_iter']:.2f} / {t['s_per_iter']:.2f} |")
     return "\n".join(lines)
+
+
+def best_torchvision(runs: list[dict]) -> dict:
+    """The lr that scored best (segm AP with masks, else AP), with every run's score beside it."""
+    score = "segm_AP" if all("segm_AP" in r for r in runs) else "AP"
+    best = dict(max(runs, key=lambda r: r[score]))
+    best["lr_sweep"] = {str(r["lr_scale"]): {k: r[k] for k in ("AP", "segm_AP", "s_per_iter") if k in r}
+                        for r in runs}
+    return best
 
 
 def main() -> None:
@@ -184,33 +206,48 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("recipe_bench.json"))
     p.add_argument("--fresh", action="store_true", help="rerun torchvision even if --out has its result")
     p.add_argument("--only", choices=["ours", "torchvision"], help="run one side only (tuning; caching torchvision)")
+    p.add_argument("--masks", action="store_true", help="instance masks on both sides (Mask R-CNN)")
+    p.add_argument("--tv-lr-scales", type=float, nargs="+", default=[1.0],
+                   help="torchvision at these multiples of its reference lr; the best is compared")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra overrides for our recipe only")
     args = p.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(torchvision_child(args.recipe, args.overrides, args.threads)), flush=True)
+        result = torchvision_child(args.recipe, args.overrides, args.threads, args.lr_scale)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"torchvision": {}}
     report = {"recipe": args.recipe, "iters": args.iters, "batch": args.batch, "threads": args.threads,
               "overrides": args.overrides, "rows": [], "torchvision": previous.get("torchvision", {})}
     for name in args.datasets:
         overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed)
+        overrides += ["model.mask.enabled=true"] if args.masks else []
         shared = resolved_model_settings(args.recipe, overrides + args.overrides)
         # every setting torchvision's run depends on (not the data paths: the dataset's name says it)
         settings = [o for o in overrides + shared if not o.startswith(("data.train=", "data.val="))]
-        key = f"{name}/threads={args.threads}/" + " ".join(settings)
+        key = (f"{name}/threads={args.threads}/lr_scales={args.tv_lr_scales}/" if args.tv_lr_scales != [1.0]
+               else f"{name}/threads={args.threads}/") + " ".join(settings)
         if args.only != "torchvision":
             with tempfile.TemporaryDirectory() as tmp:
                 ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
             print(f"[{name}] ours: AP {ours['AP']:.3f} AP50 {ours['AP50']:.3f} APs {ours['APs']:.3f} "
+                  + (f"segm AP {ours['segm_AP']:.3f} " if "segm_AP" in ours else "") +
                   f"{ours['s_per_iter']:.2f} s/it, {ours['wall_s']:.0f} s; alarms: "
                   f"{', '.join(ours['alarms']) or 'none'}", flush=True)
         if args.only == "ours":
             continue
         if key not in report["torchvision"] or args.fresh:
-            report["torchvision"][key] = run_torchvision(args.recipe, overrides + shared, args.threads)
+            runs = []
+            for scale in args.tv_lr_scales:
+                runs.append(run_torchvision(args.recipe, overrides + shared, args.threads, scale))
+                print(f"[{name}] torchvision lr x{scale:g}: AP {runs[-1]['AP']:.3f}"
+                      + (f" segm AP {runs[-1]['segm_AP']:.3f}" if "segm_AP" in runs[-1] else "")
+                      + f" {runs[-1]['s_per_iter']:.2f} s/it", flush=True)
+            report["torchvision"][key] = best_torchvision(runs)
         theirs = report["torchvision"][key]
-        print(f"[{name}] torchvision: AP {theirs['AP']:.3f} AP50 {theirs['AP50']:.3f} APs {theirs['APs']:.3f} "
+        print(f"[{name}] torchvision (lr x{theirs.get('lr_scale', 1.0):g}): AP {theirs['AP']:.3f} "
+              f"AP50 {theirs['AP50']:.3f} APs {theirs['APs']:.3f} "
               f"{theirs['s_per_iter']:.2f} s/it, {theirs['wall_s']:.0f} s", flush=True)
         if args.only == "torchvision":
             args.out.write_text(json.dumps(report, indent=1))

@@ -152,11 +152,13 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign (same level mapping and scales) pooled by `pool_levels`
-    on CPU; on other devices torchvision's own kernels."""
+    on CPU in training; torchvision's own kernels on other devices and without gradients (its
+    forward alone was 1.6-1.9x faster than the sparse product for 800 boxes at 7 x 7 and
+    14 x 14 here: the sparse product pays for building its matrix, which the backward reuses)."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
-        if features[0].device.type != "cpu":
+        if features[0].device.type != "cpu" or not (torch.is_grad_enabled() and features[0].requires_grad):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = level_scales(features, image_shapes, self.canonical_scale,
