@@ -423,15 +423,18 @@ def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
                             limits: MaskLearningLimits = MaskLearningLimits()) -> Alarm | None:
     """With masks on, after warmup: on the positive RoIs of training, the predicted masks score
     no better than a mask that ignores the RoI (the full box, or the batch's mean mask; a blank
-    one scores 0), within `margin`, and do not rise by `min_rise`, for `sustain` periods: the
-    mask head learned nothing. Healthy shapes (600 iterations) climbed 0.59, 0.70, 0.73, 0.84
-    at iterations 40-100 past the full box's 0.66-0.75."""
+    one scores 0), within `margin`, for `sustain` periods, and either do not rise by `min_rise`
+    over them or stay `well_below` them: the mask head learned nothing.
+    Measured (300 iterations, judgments at 60, 75, 90): mask weight 0 on the shapes 0.53, 0.52,
+    0.52 vs trivial 0.72, 0.69, 0.70 (its noise: 0.49-0.55); healthy shapes 0.68, 0.70, 0.77 vs
+    0.70, 0.70, 0.69 (past them from iteration 90)."""
     pairs = [(h.mask_iou, h.mask_trivial_iou) for h in history]
     pairs = [(m, t) for m, t in pairs if not (math.isnan(m) or math.isnan(t))][-sustain:]
     if len(pairs) < sustain or any(m > t + limits.margin or t >= limits.box_like for m, t in pairs):
         return None
-    if pairs[-1][0] - pairs[0][0] >= limits.min_rise:
-        return None  # below the trivial masks, but climbing: learning
+    worse_than_trivial = all(m < t - limits.well_below for m, t in pairs)
+    if pairs[-1][0] - pairs[0][0] >= limits.min_rise and not worse_than_trivial:
+        return None  # at the trivial masks, but climbing: learning
     return Alarm(
         name="mask_not_learning",
         seen=f"on positive RoIs, predicted masks' IoU with their targets {', '.join(f'{m:.2f}' for m, _ in pairs)} "
