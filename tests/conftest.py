@@ -103,3 +103,11 @@ def image(i: int, w: int = 40, h: int = 30) -> dict:
 def ann(i: int, image_id: int, cat: int, bbox, crowd: int = 0) -> dict:
     return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "iscrowd": crowd,
             "area": bbox[2] * bbox[3]}
+
+
+# torchvision's detector defaults in our schema (for the parity tests): 256-channel FPN, its
+# anchors, proposal counts, RoI sampling and 1024-wide head; frozen BatchNorm as its backbone
+TORCHVISION_SIZES = {"backbone": {"norm": "frozen_bn", "fpn_channels": 256},
+                     "anchors": {"sizes": [[32], [64], [128], [256], [512]]},
+                     "rpn": {"batch_size_per_image": 256, "pre_nms_top_n_test": 1000, "post_nms_top_n_test": 1000},
+                     "roi": {"batch_size_per_image": 512, "representation_size": 1024, "score_thresh": 0.0}}

@@ -1,5 +1,6 @@
-"""Instance masks: the loss's start and normalization, torchvision MaskRCNN parity, the data
-path (polygons, RLE, bad masks), and outputs (segm metrics, RLE predictions)."""
+"""Instance masks: the loss's start and normalization, the data path (polygons, RLE, bad
+masks), and outputs (segm metrics, RLE predictions). torchvision MaskRCNN parity is in
+test_model.py beside the FasterRCNN one."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import pytest
 import torch
 import yaml
 from pycocotools import mask as mask_utils
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from conftest import ann, image, tiny_config, tiny_dict, write_coco
 from rcnn_trainer.cli import eval_main, predict_main, train_main
@@ -79,31 +78,6 @@ def test_images_without_objects_give_a_zero_mask_loss_with_a_gradient(tmp_path):
     losses, _ = model([torch.rand(3, 64, 64)] * 2, [empty, empty])
     assert float(losses["loss_roi_mask"]) == 0.0
     sum(losses.values()).backward()  # the graph holds: DDP needs every parameter in it
-
-
-def test_parity_with_torchvision_mask_rcnn(tmp_path):
-    """A torchvision MaskRCNN state dict loads as it is and gives the same boxes and masks."""
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
-    reference = MaskRCNN(backbone, num_classes=5, min_size=96, max_size=128, box_score_thresh=0.0).eval()
-    cfg = tiny_config(tmp_path, model={"backbone": {"norm": "frozen_bn", "fpn_channels": 256},
-                                       "anchors": {"sizes": [[32], [64], [128], [256], [512]]},
-                                       "rpn": {"batch_size_per_image": 256, "pre_nms_top_n_test": 1000,
-                                               "post_nms_top_n_test": 1000},
-                                       "roi": {"batch_size_per_image": 512, "representation_size": 1024,
-                                               "score_thresh": 0.0},
-                                       "mask": {"enabled": True, "num_convs": 4, "conv_channels": 256}})
-    ours = build_model(cfg.model).eval()
-    ours.load_state_dict(reference.state_dict())
-    images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
-    with torch.no_grad():
-        expected, got = reference(images), ours(images)
-    for e, g in zip(expected, got):
-        assert len(e["boxes"]) > 0 and len(e["boxes"]) == len(g["boxes"])
-        assert torch.allclose(e["boxes"], g["boxes"], atol=1e-3)
-        assert torch.equal(e["labels"], g["labels"])
-        assert e["masks"].shape == g["masks"].shape
-        assert (e["masks"] - g["masks"]).abs().max() < 1e-3
 
 
 def _rle(mask: np.ndarray, compressed: bool = True) -> dict:

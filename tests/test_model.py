@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from conftest import tiny_config
+from conftest import TORCHVISION_SIZES, tiny_config
 from rcnn_trainer.model.build import build_model
 
 EXHAUSTIVE = {"rpn": {"batch_size_per_image": 100000, "positive_fraction": 1.0},
@@ -73,19 +73,18 @@ def test_empty_and_tiny_targets_train(tmp_path):
         total.backward()
 
 
-def test_parity_with_torchvision_faster_rcnn(tmp_path):
-    """Same weights, default loss settings: the same detections as torchvision's FasterRCNN."""
+@pytest.mark.parametrize("reference_class", [FasterRCNN, MaskRCNN])
+def test_parity_with_torchvision(tmp_path, reference_class):
+    """A torchvision FasterRCNN / MaskRCNN state dict loads as it is (same keys, no conversion)
+    and gives the same detections (and masks) at equal settings."""
     torch.manual_seed(0)
     tv_backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
-    reference = FasterRCNN(tv_backbone, num_classes=5, min_size=96, max_size=128, box_score_thresh=0.0).eval()
-    cfg = tiny_config(tmp_path, model={"backbone": {"norm": "frozen_bn", "fpn_channels": 256},
-                                       "anchors": {"sizes": [[32], [64], [128], [256], [512]]},
-                                       "rpn": {"batch_size_per_image": 256, "pre_nms_top_n_test": 1000,
-                                               "post_nms_top_n_test": 1000},
-                                       "roi": {"batch_size_per_image": 512, "representation_size": 1024,
-                                               "score_thresh": 0.0}})
+    reference = reference_class(tv_backbone, num_classes=5, min_size=96, max_size=128, box_score_thresh=0.0).eval()
+    masks = reference_class is MaskRCNN
+    cfg = tiny_config(tmp_path, model={**TORCHVISION_SIZES,
+                                       "mask": {"enabled": masks, "num_convs": 4, "conv_channels": 256}})
     ours = build_model(cfg.model).eval()
-    ours.load_state_dict(reference.state_dict())  # same keys: no conversion needed
+    ours.load_state_dict(reference.state_dict())
     images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
     with torch.no_grad():
         expected, got = reference(images), ours(images)
@@ -94,6 +93,9 @@ def test_parity_with_torchvision_faster_rcnn(tmp_path):
         assert torch.allclose(e["boxes"], g["boxes"], atol=1e-3)
         assert torch.allclose(e["scores"], g["scores"], atol=1e-5)
         assert torch.equal(e["labels"], g["labels"])
+        assert ("masks" in g) == masks
+        if masks:
+            assert e["masks"].shape == g["masks"].shape and (e["masks"] - g["masks"]).abs().max() < 1e-3
 
 
 def test_learns_a_handful_of_images(tmp_path):
