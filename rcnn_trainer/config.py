@@ -300,6 +300,11 @@ class ModelConfig(Strict):
     rpn: RPNConfig = Field(default_factory=RPNConfig)
     roi: ROIConfig = Field(default_factory=ROIConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
+    init_from: Optional[str] = Field(
+        None, description="Start a new run from this file: an rcnn_trainer checkpoint or a torchvision FasterRCNN / "
+        "MaskRCNN state dict. Tensors whose name and shape match are loaded, the rest (e.g. the class-dependent "
+        "predictor layers when the class count differs) keep their init; the log names both. --resume still "
+        "continues a run from its own checkpoint.")
 
     @model_validator(mode="after")
     def _anchor_levels(self) -> "ModelConfig":

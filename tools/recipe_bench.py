@@ -52,8 +52,9 @@ TORCHVISION_RECIPE = {"lr_per_image": 0.02 / 16, "momentum": 0.9, "weight_decay"
                       "milestones": (16 / 26, 22 / 26), "gamma": 0.1}
 
 
-def data_overrides(name: str, data_dir: Path, batch: int, iters: int, seed: int) -> list[str]:
-    size = DATASETS[name]
+def data_overrides(name: str, data_dir: Path, batch: int, iters: int, seed: int, size: int | None = None) -> list[str]:
+    """`size`: the images' side in training and evaluation (default: the dataset's own)."""
+    size = size or DATASETS[name]
     common = [f"data.batch_size={batch}", f"data.min_size={size}", f"data.max_size={size}",
               f"solver.max_iters={iters}", f"seed={seed}"]
     if name == "synthetic":
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("recipe_bench.json"))
     p.add_argument("--fresh", action="store_true", help="rerun torchvision even if --out has its result")
     p.add_argument("--only", choices=["ours", "torchvision"], help="run one side only (tuning; caching torchvision)")
+    p.add_argument("--size", type=int, help="train and evaluate at this image side (default: each dataset's own)")
     p.add_argument("--masks", action="store_true", help="instance masks on both sides (Mask R-CNN)")
     p.add_argument("--tv-lr-scales", type=float, nargs="+", default=[1.0],
                    help="torchvision at these multiples of its reference lr; the best is compared")
@@ -221,7 +223,7 @@ def main() -> None:
     report = {"recipe": args.recipe, "iters": args.iters, "batch": args.batch, "threads": args.threads,
               "overrides": args.overrides, "rows": [], "torchvision": previous.get("torchvision", {})}
     for name in args.datasets:
-        overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed)
+        overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed, args.size)
         overrides += ["model.mask.enabled=true"] if args.masks else []
         shared = resolved_model_settings(args.recipe, overrides + args.overrides)
         # every setting torchvision's run depends on (not the data paths: the dataset's name says it)

@@ -29,6 +29,7 @@ from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.engine.resume import compare_resume_config
+from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.alarms import Alarm
@@ -144,6 +145,8 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
               **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
     if resume:
         resume_from_latest(run)
+    if run.state.iteration == 0 and cfg.model.init_from:  # a new run (or a resume that found no checkpoint)
+        initialize_from(run.model, Path(cfg.model.init_from), say)
     if run.state.iteration == 0:  # a resumed run has these lines from its first start
         log_findings(metrics, findings)
     if info.world_size > 1:

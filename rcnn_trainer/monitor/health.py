@@ -37,6 +37,7 @@ class HealthSettings:
     monitor: MonitorConfig  # every number the checks compare against
     advice: checks.CapacityAdvice  # the resolved values class_confusion may suggest changing
     flips: bool = False  # training images are mirrored (data.hflip_prob > 0)
+    pretrained: bool = False  # model.init_from: trained heads start below their zero-logit losses
 
 
 def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
@@ -50,7 +51,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
         advice=checks.CapacityAdvice(representation_size=roi.representation_size,
                                      fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.min_size,
                                      max_iters=cfg.solver.max_iters),
-        flips=cfg.data.hflip_prob > 0))
+        flips=cfg.data.hflip_prob > 0, pretrained=cfg.model.init_from is not None))
 
 
 # what a model that does not learn shows anyway; reported only when the lr is not the cause
@@ -89,7 +90,7 @@ class HealthMonitor:
         self.state["initial_loss"] = record.get("loss")
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
-        found = [checks.check_initial_loss_scale(record, expected, s.monitor.initial_loss),
+        found = [checks.check_initial_loss_scale(record, expected, s.monitor.initial_loss, pretrained=s.pretrained),
                  checks.check_weight_ratio(s.loss_weights, s.monitor.weight_ratio)]
         return [a for a in found if a is not None]
 

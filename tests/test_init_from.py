@@ -1,0 +1,74 @@
+"""model.init_from: a new run from a detector trained on other classes (or torchvision's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from conftest import TORCHVISION_SIZES, tiny_config, tiny_dict
+from rcnn_trainer.cli import train_main
+from rcnn_trainer.errors import UserError
+from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.init_from import initialize_from
+
+
+def test_four_classes_to_ten_loads_the_matching_tensors_and_names_the_rest(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_config(tmp_path, model={"num_classes": 4}).model)
+    torch.save({"model": source.state_dict(), "iteration": 100}, tmp_path / "four.pth")  # a checkpoint's layout
+    torch.manual_seed(1)
+    target = build_model(tiny_config(tmp_path, model={"num_classes": 10}).model)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    said = []
+    report = initialize_from(target, tmp_path / "four.pth", said.append)
+    after, theirs = target.state_dict(), source.state_dict()
+    for name in report.loaded:
+        assert torch.equal(after[name], theirs[name]), name
+    assert set(report.reinitialized) == {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                                         "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"}
+    for name in report.reinitialized:  # kept their own initialization
+        assert torch.equal(after[name], before[name]), name
+    assert report.unused == report.reinitialized  # the 4-class versions of the same layers
+    assert any("re-initialized 4: roi_heads.box_predictor (4)" in line for line in said)
+
+
+def test_a_torchvision_state_dict_and_a_new_mask_head(tmp_path):
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+    torch.save({f"module.{k}": v for k, v in FasterRCNN(backbone, num_classes=91).state_dict().items()},
+               tmp_path / "tv.pth")  # saved from a DDP wrapper, as the reference scripts do
+    cfg = tiny_config(tmp_path, model={**TORCHVISION_SIZES, "num_classes": 3,
+                                       "mask": {"enabled": True, "num_convs": 2, "conv_channels": 64}})
+    report = initialize_from(build_model(cfg.model), tmp_path / "tv.pth", lambda _: None)
+    assert "backbone.body.conv1.weight" in report.loaded and "rpn.head.conv.0.0.weight" in report.loaded
+    assert any(n.startswith("roi_heads.mask_head.") for n in report.reinitialized)
+    assert "roi_heads.box_head.fc6.weight" in report.loaded  # class-independent: kept
+
+
+def test_a_file_that_matches_almost_nothing_is_exit_2(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"only 0% of the model's parameters match"):
+        initialize_from(build_model(tiny_config(tmp_path).model), tmp_path / "other.pth", print)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="holds no state dict"):
+        initialize_from(build_model(tiny_config(tmp_path).model), tmp_path / "list.pth", print)
+
+
+def test_training_from_a_checkpoint_of_other_classes(tmp_path):
+    """rcnn-train with model.init_from: a new run (iteration 0), the first-step check quiet about
+    the trained heads' low losses, and the log naming what was loaded."""
+    first = tiny_dict(tmp_path / "a", solver={"max_iters": 4})
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(first))
+    assert train_main(["--config", str(tmp_path / "a.yaml"), "--no-progress"]) == 0
+    second = tiny_dict(tmp_path / "b", solver={"max_iters": 4},
+                       model={"init_from": str(tmp_path / "a" / "run" / "model_final.pth")})
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(second))
+    assert train_main(["--config", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
+    lines = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iter"] for l in lines if l["type"] == "train"][0] == 1
+    assert not [l for l in lines if l["type"] == "alarm" and l["name"] == "initial_loss_scale"]
