@@ -80,10 +80,8 @@ class MaskLearningLimits(Limits):
     margin: float = Field(0.0, ge=0.0, lt=1.0, description="mask_not_learning: the predicted masks' IoU with their "
                           "targets on positive RoIs at most this above the best mask that ignores the RoI (the full "
                           "box or the batch's mean mask), for monitor.sustain judgments after warmup ...")
-    min_rise: float = Field(0.02, ge=0.0, description="... and either rising by less than this over them (a head "
-                            "that is learning climbs past the trivial masks) ...")
-    well_below: float = Field(0.1, gt=0.0, lt=1.0, description="... or this far below the trivial masks at every one "
-                              "of them (worse than predicting the whole box, whatever its trend) ...")
+    min_fall: float = Field(0.03, ge=0.0, lt=1.0, description="... while loss_roi_mask falls by less than this "
+                            "share over them (a head on its way can pass through blank masks, its loss falling) ...")
     box_like: float = Field(0.95, gt=0.0, le=1.0, description="... unless the full box already scores this: the "
                             "segmentations are the boxes themselves, there is nothing more to learn.")
 
