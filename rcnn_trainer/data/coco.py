@@ -122,7 +122,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
                  unknown_category: str = "error", degenerate_box: str = "drop",
                  box_outside_image: str = "clip", non_finite_box: str = "error", bad_mask: str = "drop",
-                 check_images: int | str = "all", masks: bool = False,
+                 check_images: int | str = "all", masks: bool = False, load_masks: bool | None = None,
                  transforms: Optional[Callable] = None, seed: int = 0):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
@@ -134,7 +134,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
                             degenerate_box=degenerate_box, box_outside_image=box_outside_image,
                             non_finite_box=non_finite_box, bad_mask=bad_mask)
-        self.masks = masks  # targets carry "masks" uint8 [N, H, W] from each object's segmentation
+        # masks: every kept object's segmentation checked (bad_mask policy); load_masks (default: the
+        # same): targets carry "masks" uint8 [N, H, W] (evaluation reads them from the file instead)
+        self.masks = masks if load_masks is None else load_masks
         with _no_gc():  # millions of small containers: the cyclic GC's scans were half of the json time
             self.raw = read_coco_json(self.ann_file)
             self.records = self._index()

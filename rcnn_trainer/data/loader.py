@@ -92,7 +92,7 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
         missing_image=policy.missing_image, unknown_category=policy.unknown_category,
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
         non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, check_images=cfg.data.check_images,
-        masks=cfg.model.mask.enabled,
+        masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and split == "train",
         transforms=build_transforms(cfg.data.min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
         seed=cfg.seed)
     if not dataset.records:
