@@ -36,7 +36,7 @@ class InitReport:
             counts = Counter(".".join(n.split(".")[:2]) for n in names)
             return ", ".join(f"{m} ({c})" for m, c in sorted(counts.items())) or "none"
 
-        return [f"loaded {len(self.loaded)} tensors ({100 * self.matched_share:.0f}% of the parameters): "
+        return [f"loaded {len(self.loaded)} tensors ({100 * self.matched_share:.1f}% of the parameters): "
                 f"{modules(self.loaded)}",
                 f"re-initialized {len(self.reinitialized)}: {modules(self.reinitialized)}"
                 + (f" ({', '.join(self.reinitialized[:6])}{', ...' if len(self.reinitialized) > 6 else ''})"
