@@ -13,6 +13,7 @@ from rcnn_trainer.atomic_io import atomic_write_text
 from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
+from rcnn_trainer.data.masks import rasterize
 from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import check_dataset_fits_model
@@ -82,11 +83,8 @@ def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
         xyxy = box_convert(torch.tensor([r["bbox"] for r in shown], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         preds = [(box, f"{names[r['category_id']]} {r['score']:.2f}") for box, r in zip(xyxy.tolist(), shown)]
         masks = None
-        if shown and "segmentation" in shown[0]:
-            from pycocotools import mask as mask_utils
-
-            rles = [dict(r["segmentation"], counts=r["segmentation"]["counts"].encode("ascii")) for r in shown]
-            masks = torch.from_numpy(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
+        if shown and "segmentation" in shown[0]:  # the results' RLEs, decoded as the loader reads masks
+            masks = torch.from_numpy(rasterize([r["segmentation"] for r in shown], record.height, record.width)).bool()
         draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png", masks=masks)
         written += 1
     return written
