@@ -337,6 +337,15 @@ class ModelConfig(Strict):
 
 
 # --------------------------------------------------------------------------- solver
+class EMAConfig(Strict):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the weights; it is evaluated, "
+                          "saved in every checkpoint (`ema`) and used by rcnn-eval and rcnn-predict.")
+    decay: float = Field(0.9998, gt=0.0, lt=1.0, description="Its decay once warmed up (YOLOv5 / timm: 0.9998 "
+                         "for long runs; about 1 - 10 / max_iters for runs of a few hundred iterations).")
+    warmup: int = Field(2000, ge=0, description="The decay ramps as decay x (1 - exp(-updates / warmup)), so the "
+                        "average follows the early weights closely (0 = the full decay from the first step).")
+
+
 class SolverConfig(Strict):
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum) or AdamW.")
     lr: float = Field(0.02, gt=0.0, description="Base learning rate (0.02 for 16 images with SGD).")
@@ -359,6 +368,7 @@ class SolverConfig(Strict):
         "auto", description="Autocast dtype with amp: auto = float16 on CUDA, bfloat16 on CPU (AMX). float16 "
         "always runs with a GradScaler (its overflow steps are skipped and logged as amp_overflow, which is normal).")
     max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
+    ema: EMAConfig = Field(default_factory=EMAConfig)
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> "SolverConfig":

@@ -99,27 +99,37 @@ def run_ours(recipe: str, overrides: list[str], threads: int, workdir: Path) -> 
 
 
 # --------------------------------------------------------------------------- torchvision
-def torchvision_child(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0) -> dict:
+def torchvision_child(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0,
+                      heads: str = "torchvision") -> dict:
     import torch
 
     from benchmark import TorchvisionFasterRCNN
     from rcnn_trainer.config import BackboneConfig, MaskConfig, ROIConfig, RPNConfig
     from rcnn_trainer.config_loader import load_config
     from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
+    from rcnn_trainer.engine.data_settings import resolve_from_data
     from rcnn_trainer.engine.device import to_device
     from rcnn_trainer.engine.evaluate import evaluate
     from rcnn_trainer.model.build import build_model
 
     torch.set_num_threads(threads)
     # The recipe's data settings (size, batch, flips) and the anchors and num_classes ours
-    # resolved (in the overrides); torchvision's defaults for the rest (our schema's defaults
-    # are torchvision's), with a from-scratch resnet18-FPN and trainable BatchNorm.
+    # resolved (in the overrides); a from-scratch resnet18-FPN with trainable BatchNorm, and
+    # heads="torchvision": torchvision's default sizes for the rest (our schema's defaults are
+    # torchvision's); heads="ours": the sizes our recipe resolves (FPN width, proposals, RoIs,
+    # head widths, mask convs), i.e. identical settings but for torchvision's own losses,
+    # sampler and optimizer recipe.
     cfg = load_config(recipe, overrides)
-    cfg.model.backbone = BackboneConfig(name="resnet18", weights=None, norm="bn")
-    cfg.model.rpn, cfg.model.roi = RPNConfig(), ROIConfig()
-    if cfg.model.mask.enabled:  # torchvision's MaskRCNN head: 4 convs of 256
-        cfg.model.mask = MaskConfig(enabled=True)
+    if heads == "torchvision":
+        cfg.model.backbone = BackboneConfig(name="resnet18", weights=None, norm="bn")
+        cfg.model.rpn, cfg.model.roi = RPNConfig(), ROIConfig()
+        if cfg.model.mask.enabled:  # torchvision's MaskRCNN head: 4 convs of 256
+            cfg.model.mask = MaskConfig(enabled=True)
+    else:
+        backbone = cfg.model.backbone
+        cfg.model.backbone = BackboneConfig(name="resnet18", weights=None, norm="bn", fpn_channels=backbone.fpn_channels)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    cfg = resolve_from_data(cfg, train_set, lambda _: None)  # the `auto` head sizes, as ours resolves them
     torch.manual_seed(cfg.seed)
     model = TorchvisionFasterRCNN(build_model(cfg.model), cfg).train()
     batch, iters = cfg.data.batch_size, cfg.solver.max_iters
@@ -154,13 +164,14 @@ def torchvision_child(recipe: str, overrides: list[str], threads: int, lr_scale:
                           progress=False)
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
             "wall_s": time.perf_counter() - t_start, "s_per_iter": statistics.median(times),
-            "anchors": cfg.model.anchors.sizes, "lr_scale": lr_scale,
+            "anchors": cfg.model.anchors.sizes, "lr_scale": lr_scale, "heads": heads,
             **{k: metrics[k] for k in ("segm_AP", "segm_AP50") if k in metrics}}
 
 
-def run_torchvision(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0) -> dict:
+def run_torchvision(recipe: str, overrides: list[str], threads: int, lr_scale: float = 1.0,
+                    heads: str = "torchvision") -> dict:
     cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--threads", str(threads),
-           "--lr-scale", str(lr_scale), "--", *overrides]
+           "--lr-scale", str(lr_scale), "--tv-heads", heads, "--", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -211,12 +222,14 @@ def main() -> None:
     p.add_argument("--masks", action="store_true", help="instance masks on both sides (Mask R-CNN)")
     p.add_argument("--tv-lr-scales", type=float, nargs="+", default=[1.0],
                    help="torchvision at these multiples of its reference lr; the best is compared")
+    p.add_argument("--tv-heads", choices=["torchvision", "ours"], default="torchvision",
+                   help="torchvision's default head sizes, or the sizes our recipe resolves (identical settings)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra overrides for our recipe only")
     args = p.parse_args()
     if args.child:
-        result = torchvision_child(args.recipe, args.overrides, args.threads, args.lr_scale)
+        result = torchvision_child(args.recipe, args.overrides, args.threads, args.lr_scale, args.tv_heads)
         print("RESULT " + json.dumps(result), flush=True)
         return
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"torchvision": {}}
@@ -228,8 +241,8 @@ def main() -> None:
         shared = resolved_model_settings(args.recipe, overrides + args.overrides)
         # every setting torchvision's run depends on (not the data paths: the dataset's name says it)
         settings = [o for o in overrides + shared if not o.startswith(("data.train=", "data.val="))]
-        key = (f"{name}/threads={args.threads}/lr_scales={args.tv_lr_scales}/" if args.tv_lr_scales != [1.0]
-               else f"{name}/threads={args.threads}/") + " ".join(settings)
+        key = (f"{name}/threads={args.threads}/" + (f"lr_scales={args.tv_lr_scales}/" if args.tv_lr_scales != [1.0] else "")
+               + (f"heads={args.tv_heads}/" if args.tv_heads != "torchvision" else "") + " ".join(settings))
         if args.only != "torchvision":
             with tempfile.TemporaryDirectory() as tmp:
                 ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
@@ -242,7 +255,7 @@ def main() -> None:
         if key not in report["torchvision"] or args.fresh:
             runs = []
             for scale in args.tv_lr_scales:
-                runs.append(run_torchvision(args.recipe, overrides + shared, args.threads, scale))
+                runs.append(run_torchvision(args.recipe, overrides + shared, args.threads, scale, args.tv_heads))
                 print(f"[{name}] torchvision lr x{scale:g}: AP {runs[-1]['AP']:.3f}"
                       + (f" segm AP {runs[-1]['segm_AP']:.3f}" if "segm_AP" in runs[-1] else "")
                       + f" {runs[-1]['s_per_iter']:.2f} s/it", flush=True)

@@ -33,12 +33,25 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Pa
     current = flatten(config_to_dict(cfg)["model"])
     differ = [k for k in saved if saved.get(k) != current.get(k) and not k.startswith(("rpn.", "roi.score", "roi.nms", "roi.detections"))]
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(chosen_weights(ckpt, cfg, path))
     except RuntimeError as err:
         hint = ("; ".join(f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}" for k in differ[:6])
                 or str(err).splitlines()[0][:300])
         raise UserError(f"checkpoint '{path}' was trained with a different model than --config describes ({hint}). "
                         f"Evaluate with the config the checkpoint was trained with (its run folder has config.yaml).") from None
+
+
+def chosen_weights(ckpt: dict, cfg: Config, path: Path, say=print) -> dict:
+    """The averaged weights (solver.ema) when the config has them on and the checkpoint holds
+    them, else the raw ones; says which when there is a choice."""
+    if cfg.solver.ema.enabled and "ema" in ckpt:
+        say(f"[weights] the EMA of '{path}' (solver.ema, {ckpt['ema']['updates']} updates)")
+        return ckpt["ema"]["weights"]
+    if cfg.solver.ema.enabled:
+        say(f"[weights] WARNING solver.ema is on but '{path}' holds no average: its raw weights are used")
+    elif "ema" in ckpt:
+        say(f"[weights] the raw weights of '{path}'; it also holds their EMA: solver.ema.enabled=true uses it")
+    return ckpt["model"]
 
 
 def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True) -> dict:

@@ -22,6 +22,7 @@ from rcnn_trainer.data.loader import build_eval_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.data_settings import prepare_datasets
+from rcnn_trainer.engine.ema import WeightAverage
 from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
                                         pick_device, use_channels_last)
 from rcnn_trainer.engine.distributed import DistInfo, all_gather_objects, init_distributed
@@ -72,6 +73,7 @@ class Run:
     probe_images: list
     probe_targets: list
     val_loader: object
+    ema: Optional[WeightAverage] = None  # solver.ema: the averaged weights, evaluated and saved beside the raw ones
 
     @property
     def ckpt_dir(self) -> Path:
@@ -87,18 +89,35 @@ class Run:
                 "iteration": self.state.iteration, "train_state": self.state.__dict__.copy(),
                 "health": self.health.state_dict(), "rng": rng_states, "config": config_to_dict(self.cfg),
                 "class_names": self.train_set.class_names, "label_to_cat_id": self.train_set.label_to_cat_id,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             }, path)
 
-    def evaluate(self) -> dict:
+    def evaluate_weights(self) -> dict:
         result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
                              progress=self.progress and self.info.is_main, autocast=self.autocast)
+        return result
+
+    def evaluate(self) -> dict:
+        """The weights a user gets (the average with solver.ema on; the raw weights' figures
+        are logged beside it as raw/AP ...)."""
+        raw = {}
+        if self.ema is not None:
+            raw_result = self.evaluate_weights()
+            raw = {f"raw/{k}": raw_result[k] for k in ("AP", "AP50", "AP75", "segm_AP") if k in raw_result}
+            self.ema.sync_from_main()
+            with self.ema.applied_to(self.model):
+                result = self.evaluate_weights()
+        else:
+            result = self.evaluate_weights()
         self.metrics.write({"type": "eval", "iter": self.state.iteration,
                             **{k: v for k, v in result.items()
-                               if k not in ("per_class_AP", "per_class_segm_AP", "threshold_counts")},
+                               if k not in ("per_class_AP", "per_class_segm_AP", "threshold_counts")}, **raw,
                             **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
                             **{f"segm_AP/{k}": v for k, v in result.get("per_class_segm_AP", {}).items()},
                             **result["threshold_counts"].as_record()})
-        self.say(f"[eval @ iter {self.state.iteration}]\n{format_metrics(result)}\n"
+        self.say(f"[eval @ iter {self.state.iteration}]"
+                 + (f" (EMA weights; the raw weights: AP {raw['raw/AP']:.3f} AP50 {raw['raw/AP50']:.3f})" if raw else "")
+                 + f"\n{format_metrics(result)}\n"
                  f"{format_threshold_table(result['threshold_counts'])}")
         return result
 
@@ -147,6 +166,8 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
         resume_from_latest(run)
     if run.state.iteration == 0 and cfg.model.init_from:  # a new run (or a resume that found no checkpoint)
         initialize_from(run.model, Path(cfg.model.init_from), say)
+    if cfg.solver.ema.enabled and run.ema is None:  # from the weights the run starts with
+        run.ema = WeightAverage(run.model, cfg.solver.ema.decay, cfg.solver.ema.warmup)
     if run.state.iteration == 0:  # a resumed run has these lines from its first start
         log_findings(metrics, findings)
     if info.world_size > 1:
@@ -218,6 +239,12 @@ def resume_from_latest(run: Run) -> None:
     run.scaler.load_state_dict(ckpt["scaler"])
     run.state = TrainState(**ckpt["train_state"])
     run.health.load_state_dict(ckpt["health"])
+    if run.cfg.solver.ema.enabled:
+        run.ema = WeightAverage(run.model, run.cfg.solver.ema.decay, run.cfg.solver.ema.warmup)
+        if "ema" in ckpt:
+            run.ema.load_state_dict(ckpt["ema"])
+        else:
+            run.say(f"[resume] solver.ema is on but '{path}' holds no average: it starts from these weights.")
     rng_states, rank = ckpt["rng"], run.info.rank
     ckpt_io.restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
     run.metrics.truncate_after(run.state.iteration, final=run.state.iteration >= run.cfg.solver.max_iters)

@@ -148,6 +148,8 @@ def apply_step(run: Run, decision: StepDecision) -> None:
     if decision.calls_optimizer:
         scaler.step(run.optimizer)  # skips the update itself on an fp16 overflow
         state.nonfinite_in_row = 0
+    if decision.outcome is StepOutcome.APPLY and run.ema is not None:
+        run.ema.update(run.model)
     scaler.update()  # also after a skipped step: unscale_ ran, and a non-finite loss lowers the scale
     if decision.outcome is StepOutcome.AMP_OVERFLOW:
         state.amp_overflows += 1

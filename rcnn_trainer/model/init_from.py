@@ -1,6 +1,6 @@
 """`model.init_from`: start a new run from a detector trained before, usually on other classes.
 
-The source is an rcnn_trainer checkpoint or a torchvision FasterRCNN / MaskRCNN state dict
+The source is an rcnn_trainer checkpoint (its EMA weights when it has them) or a torchvision FasterRCNN / MaskRCNN state dict
 (the same key names as ours; a reference-script checkpoint's {"model": ...} too). Every tensor
 whose name and shape match is copied; the others keep their initialization: the class-dependent
 predictor layers when the class count differs, a mask head the source does not have. The file
@@ -49,6 +49,8 @@ def source_state(path: Path) -> dict[str, torch.Tensor]:
     state dict itself; DDP's "module." prefix removed."""
     obj = load_weights_only(path, "model.init_from")
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("weights"), dict):
+        state = obj["ema"]["weights"]  # a run trained with solver.ema: its averaged weights are what it evaluated
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.init_from '{path}' holds no state dict (a dict of tensors, or a checkpoint whose "
                         f"'model' entry is one).")
