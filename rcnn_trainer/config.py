@@ -78,7 +78,9 @@ class DataConfig(Strict):
         None, description="Use the built-in synthetic dataset instead of train/val.")
     batch_size: int = Field(2, ge=1, description="Images per batch per process.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0 = main process).")
-    min_size: int = Field(800, ge=8, description="Resize so the short side is this long ...")
+    min_size: Union[Annotated[int, Field(ge=8)], Annotated[list[Annotated[int, Field(ge=8)]], Field(min_length=1)]] = Field(
+        800, description="Resize so the short side is this long ... A list: multi-scale training, one of its sizes "
+        "drawn per batch (detectron2's ResizeShortestEdge, choice); evaluation and inference at the largest.")
     max_size: int = Field(1333, ge=8, description="... unless the long side would exceed this.")
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (train).")
     aspect_ratio_grouping: bool = Field(
@@ -108,9 +110,18 @@ class DataConfig(Strict):
         if self.synthetic is None and (self.train is None or self.val is None):
             raise ValueError("data needs both data.train and data.val (ann_file, img_dir), "
                              "or data.synthetic for the built-in dataset")
-        if self.max_size < self.min_size:
+        if self.max_size < self.test_min_size:
             raise ValueError(f"data.max_size ({self.max_size}) must be >= data.min_size ({self.min_size})")
         return self
+
+    @property
+    def train_min_sizes(self) -> list[int]:
+        return list(self.min_size) if isinstance(self.min_size, list) else [self.min_size]
+
+    @property
+    def test_min_size(self) -> int:
+        """The short side at evaluation and inference (and for fitting anchors): the largest."""
+        return max(self.train_min_sizes)
 
 
 # --------------------------------------------------------------------------- model

@@ -73,7 +73,7 @@ class TorchvisionFasterRCNN(nn.Module):
             masks = {"mask_roi_pool": MultiScaleRoIAlign(heads.box_roi_pool.featmap_names, m.pool_size, m.sampling_ratio),
                      "mask_head": heads.mask_head, "mask_predictor": heads.mask_predictor}
         self.model = (MaskRCNN if masks else FasterRCNN)(
-            ours.backbone, num_classes=None, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+            ours.backbone, num_classes=None, min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
             rpn_anchor_generator=ours.rpn.anchor_generator, rpn_head=ours.rpn.head,
             rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
             rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,

@@ -441,12 +441,12 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, key):
-        index, epoch, copy = (*key, 0)[:3] if isinstance(key, tuple) else (key, 0, 0)
+        index, epoch, copy, min_size = parse_key(key)
         record = self.records[index]
         problem = check_image_file(record.path, (record.width, record.height))
         if problem:  # found at first load (indexing reads a sample): the same policy and message
             self._handle("missing_image", f"image id {record.image_id} '{record.path}'", problem)
-            return self[((index + 1) % len(self.records), epoch, copy)]  # dropped: the next image instead
+            return self[((index + 1) % len(self.records), epoch, copy, min_size)]  # dropped: the next image instead
         try:
             with Image.open(record.path) as img:
                 image = to_rgb(img)
@@ -469,8 +469,17 @@ class CocoDetection(torch.utils.data.Dataset):
             target["masks"] = torch.from_numpy(rasterize(segmentations, record.height, record.width))
         # an image's repeats within an epoch (repeat-factor sampling) each draw their own
         rng = np.random.default_rng((self.seed, epoch, index) if copy == 0 else (self.seed, epoch, index, copy))
-        image, target = self.transforms(image, target, rng)
+        image, target = (self.transforms(image, target, rng) if min_size is None
+                         else self.transforms(image, target, rng, min_size))
         return image, target
+
+
+def parse_key(key) -> tuple[int, int, int, int | None]:
+    """(index, epoch, copy, min_size) from the train sampler's (index, epoch[, copy[, min_size]])
+    (min_size: the batch's short side under multi-scale training), or from a plain index."""
+    if not isinstance(key, tuple):
+        return key, 0, 0, None
+    return key[0], key[1] if len(key) > 1 else 0, key[2] if len(key) > 2 else 0, key[3] if len(key) > 3 else None
 
 
 def _parse_json(path: Path):

@@ -30,11 +30,13 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 class TrainBatchSampler:
     """Yields lists of (index, epoch, copy) for one rank, forever, starting at `start_iter`.
     `repeat_factors` (one per image, >= 1): repeat-factor sampling; None draws each image once
-    per epoch."""
+    per epoch. `min_sizes` of more than one size: multi-scale training, each global batch's
+    short side drawn from them by (seed, step), so that every rank and a resumed run draw alike;
+    the items are then (index, epoch, copy, min_size)."""
 
     def __init__(self, aspect_ratios: list[float], batch_size: int, seed: int, group_by_aspect: bool,
                  start_iter: int = 0, rank: int = 0, world_size: int = 1,
-                 repeat_factors: list[float] | None = None):
+                 repeat_factors: list[float] | None = None, min_sizes: list[int] | None = None):
         if not aspect_ratios:
             raise UserError(f"no training image is left to sample batches from (0 images kept; data.batch_size "
                             f"{batch_size} x {world_size} processes): check data.train and the dropped-record summary.")
@@ -42,6 +44,7 @@ class TrainBatchSampler:
         self.batch_size, self.seed = batch_size, seed
         self.start_iter, self.rank, self.world_size = start_iter, rank, world_size
         self.repeat_factors = repeat_factors
+        self.min_sizes = min_sizes if min_sizes and len(min_sizes) > 1 else None
 
     def epoch_draws(self, epoch: int) -> list[tuple[int, int, int]]:
         """This epoch's (index, epoch, copy) items in random order; copy numbers an image's
@@ -68,10 +71,18 @@ class TrainBatchSampler:
                     bucket.clear()
             epoch += 1
 
+    def batch_min_size(self, step: int) -> int:
+        generator = torch.Generator().manual_seed(self.seed * 100019 + step)
+        return self.min_sizes[int(torch.randint(len(self.min_sizes), (1,), generator=generator))]
+
     def __iter__(self):
         for step, batch in enumerate(self.global_batches()):
             if step >= self.start_iter:
-                yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                if self.min_sizes is not None:
+                    size = self.batch_min_size(step)
+                    mine = [(*draw, size) for draw in mine]
+                yield mine
 
 
 def resolve_splits(cfg: Config) -> dict[str, tuple[Path, Path]]:
@@ -93,7 +104,7 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
         non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, check_images=cfg.data.check_images,
         masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and split == "train",
-        transforms=build_transforms(cfg.data.min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
+        transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
         seed=cfg.seed)
     if not dataset.records:
         raise UserError(f"{ann_file}: no image left in the {split} split ({len(dataset.raw['images'])} in the file; "
@@ -107,7 +118,8 @@ def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
     sampler = TrainBatchSampler(
         [r.width / r.height for r in dataset.records], cfg.data.batch_size, cfg.seed,
         cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size,
-        repeat_factors=None if threshold is None else repeat_factors([r.labels for r in dataset.records], threshold))
+        repeat_factors=None if threshold is None else repeat_factors([r.labels for r in dataset.records], threshold),
+        min_sizes=cfg.data.train_min_sizes)
     # An own generator: creating the loader must not draw from the global torch RNG, or a
     # resumed run would sample differently from an uninterrupted one.
     workers = cfg.data.num_workers

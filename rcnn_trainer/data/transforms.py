@@ -44,6 +44,9 @@ class Resize:
     def __init__(self, min_size: int, max_size: int):
         self.min_size, self.max_size = min_size, max_size
 
+    def at(self, min_size: int) -> "Resize":
+        return Resize(min_size, self.max_size)
+
     def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator):
         width, height = image.size
         scale = resize_scale(height, width, self.min_size, self.max_size)
@@ -78,8 +81,11 @@ class Compose:
     def __init__(self, transforms: list):
         self.transforms = transforms
 
-    def __call__(self, image, target, rng):
+    def __call__(self, image, target, rng, min_size: int | None = None):
+        """`min_size`: this batch's short side (multi-scale training) instead of Resize's own."""
         for transform in self.transforms:
+            if min_size is not None and isinstance(transform, Resize):
+                transform = transform.at(min_size)
             image, target = transform(image, target, rng)
         return image, target
 

@@ -78,7 +78,7 @@ def fitted_anchor_sizes(cfg: Config, train_set, say: Callable[[str], None]) -> l
     try:
         sizes, reach = fit_anchor_sizes(
             train_set.records, levels=model.num_levels, aspect_ratios=model.anchors.aspect_ratios,
-            strides=fpn_strides(model.backbone.name), min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+            strides=fpn_strides(model.backbone.name), min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
             fg_iou_thresh=model.rpn.fg_iou_thresh, seed=cfg.seed)
     except ValueError:
         sizes = [[TORCHVISION_ANCHOR_BASE * 2 ** level] for level in range(model.num_levels)]

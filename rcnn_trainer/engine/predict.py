@@ -98,7 +98,7 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     model = build_model(cfg.model).to(device).eval()
     load_model_weights(model, ckpt, cfg, checkpoint)
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
-    transform = build_transforms(cfg.data.min_size, cfg.data.max_size, 0.0, train=False)
+    transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
     autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
     results, skipped, done = [], [], 0
     batch = cfg.data.batch_size

@@ -49,7 +49,7 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
         base_lr=cfg.solver.lr, optimizer=cfg.solver.optimizer, batch_size=cfg.data.batch_size * world_size,
         warmup_iters=cfg.solver.warmup_iters, loss_weights=loss_weights(cfg.model), monitor=m,
         advice=checks.CapacityAdvice(representation_size=roi.representation_size,
-                                     fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.min_size,
+                                     fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.test_min_size,
                                      max_iters=cfg.solver.max_iters),
         flips=cfg.data.hflip_prob > 0, pretrained=cfg.model.init_from is not None))
 

@@ -237,7 +237,7 @@ def preflight_from_config(cfg, dataset: CocoDetection, split: str) -> PreflightR
     """run_preflight with the model's anchors and the data's resize (the only config reader here)."""
     return run_preflight(dataset, split, anchor_sizes=cfg.model.anchors.sizes,
                          aspect_ratios=cfg.model.anchors.aspect_ratios, strides=fpn_strides(cfg.model.backbone.name),
-                         min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+                         min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
                          fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed,
                          head={"representation_size": cfg.model.roi.representation_size,
                                "fpn_channels": cfg.model.backbone.fpn_channels})
