@@ -58,6 +58,26 @@ def after_forward(monkeypatch):
     return install
 
 
+class Crash(Exception):
+    pass
+
+
+def crashed_then_resumed(folder: Path, install_after_forward, crash_at: int = 4, **settings) -> None:
+    """Train in `folder`, crash after the forward of step `crash_at`, then --resume to the end."""
+    from rcnn_trainer.engine.trainer import train
+
+    crashed = []
+
+    def crash(step, losses):
+        if step == crash_at and not crashed:
+            crashed.append(step)
+            raise Crash()
+    install_after_forward(crash)
+    with pytest.raises(Crash):
+        train(tiny_config(folder, **settings), log=lambda _: None, progress=False)
+    train(tiny_config(folder, **settings), resume=True, log=lambda _: None, progress=False)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(config path, model_final.pth) of one tiny run, shared by a test module."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config, tiny_dict, write_yaml
+from conftest import crashed_then_resumed, tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main
 from rcnn_trainer.engine.ema import WeightAverage
 from rcnn_trainer.engine.metrics_log import MetricsLog
@@ -39,17 +39,7 @@ def test_average_follows_the_formula_and_copies_integer_buffers():
 def test_ema_is_saved_and_exact_across_resume(tmp_path, after_forward):
     settings = dict(solver={"max_iters": 6, "ema": EMA}, train={"checkpoint_period": 3})
     train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
-
-    crashed = []
-
-    def crash(it, losses):
-        if it == 4 and not crashed:
-            crashed.append(it)
-            raise RuntimeError("crash")
-    after_forward(crash)
-    with pytest.raises(RuntimeError, match="crash"):
-        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False)
-    train(tiny_config(tmp_path / "b", **settings), resume=True, log=quiet, progress=False)
+    crashed_then_resumed(tmp_path / "b", after_forward, **settings)
 
     a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "run" / "model_final.pth", weights_only=True)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_dict, write_yaml
+from conftest import crashed_then_resumed, tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main, train_main
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.engine import checkpoint as ckpt_io
@@ -66,25 +66,11 @@ def test_eval_with_other_config_is_clear(tmp_path, capsys):
     assert code == 2 and "different model" in err and "fpn_channels" in err and "Traceback" not in err
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_is_exact(tmp_path, after_forward):
     """Interrupted at iteration 5 (last checkpoint at 3) and resumed == never interrupted."""
     settings = dict(solver={"max_iters": 6}, train={"checkpoint_period": 3})
     train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
-
-    crashed = []
-
-    def crash(it, losses):
-        if it == 4 and not crashed:
-            crashed.append(it)
-            raise _Crash()
-    after_forward(crash)
-    with pytest.raises(_Crash):
-        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False)
-    train(tiny_config(tmp_path / "b", **settings), resume=True, log=quiet, progress=False)
+    crashed_then_resumed(tmp_path / "b", after_forward, **settings)
 
     a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "run" / "model_final.pth", weights_only=False)["model"]

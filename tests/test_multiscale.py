@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_config
+from conftest import crashed_then_resumed, tiny_config
 from rcnn_trainer.config_loader import validate_config
 from rcnn_trainer.data.loader import TrainBatchSampler, build_dataset, build_train_loader
 from rcnn_trainer.engine.metrics_log import MetricsLog
@@ -48,16 +48,7 @@ def test_multiscale_training_runs_and_resumes_exactly(tmp_path, after_forward):
     settings = dict(data={"min_size": [48, 64], "max_size": 64}, solver={"max_iters": 6},
                     train={"checkpoint_period": 3})
     train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
-    crashed = []
-
-    def crash(it, losses):
-        if it == 4 and not crashed:
-            crashed.append(it)
-            raise RuntimeError("crash")
-    after_forward(crash)
-    with pytest.raises(RuntimeError):
-        train(tiny_config(tmp_path / "b", **settings), log=quiet, progress=False)
-    train(tiny_config(tmp_path / "b", **settings), resume=True, log=quiet, progress=False)
+    crashed_then_resumed(tmp_path / "b", after_forward, **settings)
     strip = lambda lines: [{k: v for k, v in l.items() if "time" not in k} for l in lines]
     assert strip(MetricsLog(tmp_path / "a" / "run" / "metrics.jsonl").read()) == \
         strip(MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read())
