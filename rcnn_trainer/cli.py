@@ -41,6 +41,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
     p.add_argument("--output-dir", help="Where results go (default: <output_dir>/eval).")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="Draw N images with GT and predictions.")
+    p.add_argument("--tta", action="store_true", help="Test-time augmentation: the sizes and flips of tta.*, merged by NMS.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides.")
     return p
@@ -54,6 +55,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="predictions", help="Where predictions.json and vis/ go.")
     p.add_argument("--score-thresh", type=float, default=0.5, help="Keep detections with at least this score.")
     p.add_argument("--no-draw", action="store_true", help="Only the json, no drawn images.")
+    p.add_argument("--tta", action="store_true", help="Test-time augmentation: the sizes and flips of tta.*, merged by NMS.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Config override (repeatable), e.g. --set train.device=cpu.")
@@ -107,7 +109,8 @@ def _run_eval(argv) -> int:
     from rcnn_trainer.engine.run_eval import run_evaluation
 
     out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / "eval"
-    run_evaluation(cfg, Path(args.checkpoint), out, visualize=args.visualize, progress=not args.no_progress)
+    run_evaluation(cfg, Path(args.checkpoint), out, visualize=args.visualize, progress=not args.no_progress,
+                   tta=args.tta)
     return 0
 
 
@@ -125,7 +128,7 @@ def _run_predict(argv) -> int:
     from rcnn_trainer.engine.predict import run_prediction
 
     run_prediction(cfg, Path(args.checkpoint), args.inputs, Path(args.output_dir), score_thresh=args.score_thresh,
-                   draw=not args.no_draw, progress=not args.no_progress)
+                   draw=not args.no_draw, progress=not args.no_progress, tta=args.tta)
     return 0
 
 

@@ -471,6 +471,17 @@ class MonitorConfig(Strict):
         return values
 
 
+class TTAConfig(Strict):
+    min_sizes: list[Annotated[int, Field(ge=8)]] = Field(
+        default_factory=list, description="Short sides run besides data.min_size's evaluation size with --tta "
+        "(e.g. [96, 160] around 128); [] = that size only.")
+    flip: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Also run each size mirrored; auto = when training flipped (data.hflip_prob > 0), "
+        "i.e. when the classes are left-right symmetric.")
+    nms_thresh: Optional[float] = Field(None, ge=0.0, le=1.0, description="IoU of the per-class NMS that merges "
+                                        "the passes (null = model.roi.nms_thresh).")
+
+
 class Config(Strict):
     seed: int = Field(42, description="Seed for python, numpy, torch and the data order.")
     output_dir: Path = Field(Path("output"), description="Run folder: config, metrics.jsonl, checkpoints.")
@@ -479,6 +490,7 @@ class Config(Strict):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    tta: TTAConfig = Field(default_factory=TTAConfig)
 
     def with_settings(self, updates: dict) -> "Config":
         """A new, validated config with the dotted keys of `updates` set ("model.num_classes": 3);

@@ -26,9 +26,8 @@ from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
 from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.evaluate import masks_to_rles
-from rcnn_trainer.engine.run_eval import load_model_weights
+from rcnn_trainer.engine.run_eval import inference_model
 from rcnn_trainer.errors import UserError
-from rcnn_trainer.model.build import build_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -87,7 +86,7 @@ def prepare_output_dir(out: Path) -> None:
 
 
 def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, score_thresh: float = 0.5,
-                   draw: bool = True, progress: bool = True, log=print) -> dict:
+                   draw: bool = True, progress: bool = True, log=print, tta: bool = False) -> dict:
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError(f"no image found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
@@ -95,8 +94,7 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
-    model = build_model(cfg.model).to(device).eval()
-    load_model_weights(model, ckpt, cfg, checkpoint)
+    model = inference_model(cfg, ckpt, checkpoint, device, tta, say=log)
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
     transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
     autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)

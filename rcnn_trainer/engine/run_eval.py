@@ -22,6 +22,7 @@ from rcnn_trainer.engine.device import autocast_for, pick_device
 from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.engine.resume import flatten
+from rcnn_trainer.engine.tta import TTAModel
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
@@ -54,20 +55,31 @@ def chosen_weights(ckpt: dict, cfg: Config, path: Path, say=print) -> dict:
     return ckpt["model"]
 
 
-def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True) -> dict:
+def inference_model(cfg: Config, ckpt: dict, path: Path, device, tta: bool = False, say=print) -> torch.nn.Module:
+    """The checkpoint's model for rcnn-eval / rcnn-predict, in eval mode, wrapped for --tta."""
+    model = build_model(cfg.model).to(device).eval()
+    load_model_weights(model, ckpt, cfg, path)
+    if not tta:
+        return model
+    augmented = TTAModel.from_config(model, cfg)
+    say(f"[tta] {augmented.describe()}")
+    return augmented
+
+
+def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True,
+                   tta: bool = False) -> dict:
     device = pick_device(cfg.train.device)
     val_set = build_dataset(cfg, "val")
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, ckpt, cfg, checkpoint)
+    model = inference_model(cfg, ckpt, checkpoint, device, tta)
     loader = build_eval_loader(cfg, val_set)
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "coco_results.json", json.dumps(results))
-    atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), **metrics,
+    atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), "tta": tta, **metrics,
                                                            "threshold_counts": metrics["threshold_counts"].as_record()},
                                                           indent=1))
     print(f"[eval] {checkpoint} on {len(val_set)} images of {val_set.ann_file}")
