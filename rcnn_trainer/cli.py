@@ -62,6 +62,17 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="rcnn-export", description="Export a checkpoint as one ONNX or TorchScript file "
+                   "(resize and normalization inside; input float32 [1, 3, H, W] RGB in [0, 1]).")
+    p.add_argument("--config", required=True, help="YAML config the checkpoint was trained with.")
+    p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx (opset 17) or torchscript.")
+    p.add_argument("--output", required=True, help="The file to write; FILE.labels.json is written beside it.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides.")
+    return p
+
+
 def _load(args, output_dir: str | None = None):
     from rcnn_trainer.config_loader import load_config
 
@@ -132,6 +143,15 @@ def _run_predict(argv) -> int:
     return 0
 
 
+def _run_export(argv) -> int:
+    args = _export_parser().parse_intermixed_args(argv)
+    cfg = _load(args)
+    from rcnn_trainer.engine.export import export_model
+
+    result = export_model(cfg, Path(args.checkpoint), args.format, Path(args.output))
+    return 0 if result.get("matches", True) else 1
+
+
 def _without_worker_traceback(message: str) -> str:
     """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback
     ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep our message."""
@@ -167,11 +187,15 @@ def predict_main(argv=None) -> int:
     return _guard(_run_predict, sys.argv[1:] if argv is None else argv)
 
 
+def export_main(argv=None) -> int:
+    return _guard(_run_export, sys.argv[1:] if argv is None else argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "eval": eval_main, "predict": predict_main}
+    commands = {"train": train_main, "eval": eval_main, "predict": predict_main, "export": export_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m rcnn_trainer.cli {train,eval,predict} ...", file=sys.stderr)
+        print("usage: python -m rcnn_trainer.cli {train,eval,predict,export} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import MultiScaleRoIAlign
 
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
@@ -44,6 +42,7 @@ from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+from rcnn_trainer.model.as_torchvision import torchvision_detector
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.probe import probe
 
@@ -65,27 +64,7 @@ class TorchvisionFasterRCNN(nn.Module):
 
     def __init__(self, ours: nn.Module, cfg):
         super().__init__()
-        r, o = cfg.model.rpn, cfg.model.roi
-        heads = ours.roi_heads
-        masks = {}
-        if heads.has_mask():
-            m = cfg.model.mask
-            masks = {"mask_roi_pool": MultiScaleRoIAlign(heads.box_roi_pool.featmap_names, m.pool_size, m.sampling_ratio),
-                     "mask_head": heads.mask_head, "mask_predictor": heads.mask_predictor}
-        self.model = (MaskRCNN if masks else FasterRCNN)(
-            ours.backbone, num_classes=None, min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
-            rpn_anchor_generator=ours.rpn.anchor_generator, rpn_head=ours.rpn.head,
-            rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
-            rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,
-            rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
-            rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
-            box_roi_pool=MultiScaleRoIAlign(ours.roi_heads.box_roi_pool.featmap_names, o.pool_size, o.sampling_ratio),
-            box_head=ours.roi_heads.box_head,
-            box_predictor=ours.roi_heads.box_predictor, box_score_thresh=o.score_thresh,
-            box_nms_thresh=o.nms_thresh, box_detections_per_img=o.detections_per_img,
-            box_fg_iou_thresh=o.fg_iou_thresh, box_bg_iou_thresh=o.bg_iou_thresh,
-            box_batch_size_per_image=o.batch_size_per_image, box_positive_fraction=o.positive_fraction,
-            bbox_reg_weights=tuple(o.bbox_reg_weights), **masks)
+        self.model = torchvision_detector(ours, cfg)
 
     def forward(self, images, targets=None, original_sizes=None, masks=True):
         if self.training:
