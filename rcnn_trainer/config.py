@@ -133,10 +133,11 @@ class BackboneConfig(Strict):
         "(downloaded by torchvision); or the path of a local state dict of the classifier.")
     trainable_layers: int = Field(
         3, ge=0, le=6, description="Backbone stages left trainable, counted from the top "
-        "(resnet: 0-5, mobilenet: 0-6). Ignored (all trainable) with weights: null.")
+        "(resnet: 0-5, mobilenet: 0-6). Ignored (all trainable) with weights: null, unless model.init_from "
+        "brings trained weights.")
     norm: Literal["frozen_bn", "bn", "gn", "syncbn"] = Field(
-        "frozen_bn", description="Backbone normalization. frozen_bn suits pretrained weights; "
-        "with weights: null it is an identity, so from-scratch runs need bn or gn.")
+        "frozen_bn", description="Backbone normalization. frozen_bn suits pretrained weights (or model.init_from, "
+        "whose BatchNorm statistics it keeps); from scratch it is an identity, so those runs need bn or gn.")
     fpn_channels: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
         256, description="FPN output channels (256 in the literature); auto = sized for the number of classes "
         "(rcnn_trainer/model/head_size.py: 64 below 10 classes, 128 from 10).")

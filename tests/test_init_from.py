@@ -72,3 +72,15 @@ def test_training_from_a_checkpoint_of_other_classes(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["iter"] for l in lines if l["type"] == "train"][0] == 1
     assert not [l for l in lines if l["type"] == "alarm" and l["name"] == "initial_loss_scale"]
+
+
+def test_trainable_layers_apply_when_init_from_brings_trained_weights(tmp_path):
+    from rcnn_trainer.model.build import build_model
+
+    def frozen(**model):
+        cfg = tiny_config(tmp_path, model={"backbone": {"norm": "frozen_bn", "trainable_layers": 3}, **model})
+        net = build_model(cfg.model)
+        return {n.split(".")[1] for n, p in net.backbone.named_parameters() if not p.requires_grad}
+
+    assert frozen() == set()  # from scratch nothing may stay frozen
+    assert frozen(init_from=str(tmp_path / "any.pth")) == {"conv1", "layer1"}  # the stem and first stage

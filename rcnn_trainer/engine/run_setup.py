@@ -191,7 +191,7 @@ def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_siz
     if report.errors:
         log_findings(metrics, report.findings)
         raise_on_errors(report)
-    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
+    if cfg.model.backbone.weights is None and cfg.model.init_from is None and cfg.model.backbone.norm == "frozen_bn":
         say("WARNING model.backbone.weights is null and model.backbone.norm is frozen_bn: frozen BatchNorm "
             "at random init is an identity. From scratch, set model.backbone.norm to bn or gn.")
     return cfg, train_set, val_set, report.findings

@@ -37,12 +37,14 @@ def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
 
 
 def build_backbone(name: str, *, weights: Optional[str], trainable_layers: int, norm: str,
-                   fpn_channels: int) -> BackboneWithFPN:
+                   fpn_channels: int, trained_later: bool = False) -> BackboneWithFPN:
+    """`trained_later`: trained weights arrive after building (model.init_from), so
+    `trainable_layers` applies as it does with `weights`."""
     norm_layer = norm_layer_for(norm)
     classifier = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
     if weights is not None:
         _load_classifier_weights(classifier, name, weights, norm)
-    else:
+    elif not trained_later:
         trainable_layers = 6 if name.startswith("mobilenet") else 5  # nothing to keep frozen
     if name.startswith("resnet"):
         return _resnet_fpn(classifier, trainable_layers, fpn_channels)

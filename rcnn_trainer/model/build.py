@@ -23,7 +23,7 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
                          f"from the data first (rcnn_trainer/engine/data_settings.py)")
     b = cfg.backbone
     backbone = build_backbone(b.name, weights=b.weights, trainable_layers=b.trainable_layers,
-                              norm=b.norm, fpn_channels=b.fpn_channels)
+                              norm=b.norm, fpn_channels=b.fpn_channels, trained_later=cfg.init_from is not None)
     num_levels = len(cfg.anchors.sizes)
     anchor_generator = AnchorGenerator(sizes=tuple(tuple(s) for s in cfg.anchors.sizes),
                                        aspect_ratios=(tuple(cfg.anchors.aspect_ratios),) * num_levels)
