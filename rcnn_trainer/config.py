@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         MaskLearningLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, OverfittingLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -443,6 +443,7 @@ class MonitorConfig(Strict):
     low_confidence: LowConfidenceLimits = Field(default_factory=LowConfidenceLimits)
     regressor_collapse: RegressorCollapseLimits = Field(default_factory=RegressorCollapseLimits)
     mask_learning: MaskLearningLimits = Field(default_factory=MaskLearningLimits)
+    overfitting: OverfittingLimits = Field(default_factory=OverfittingLimits)
     learning_rate: LearningRateLimits = Field(default_factory=LearningRateLimits)
     lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
     gradients: GradientLimits = Field(default_factory=GradientLimits)

@@ -70,6 +70,9 @@ SCENARIOS = {
     "healthy_masks@digits_large": Scenario(None, ["model.mask.enabled=true"], dataset="digits_large",
                                            recipe=MANY_CLASSES_RECIPE),
     "mask_without_signal": Scenario("mask_not_learning", ["model.mask.enabled=true", "model.mask.loss.weight=0.0"]),
+    # 8 training images and a constant lr: the model memorizes them (needs --eval-period)
+    "tiny_training_set": Scenario("overfitting", ["data.synthetic={num_train: 8, num_val: 60, image_size: 128, seed: 0}",
+                                                  "data.hflip_prob=0", "solver.schedule=constant"]),
 }
 
 
@@ -100,7 +103,8 @@ def data_overrides(scenario: Scenario, iters: int, data_dir: Path) -> list[str]:
     return [o for o in data if not o.startswith("solver.max_iters")]
 
 
-def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path, keep: Path) -> dict:
+def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path, keep: Path,
+        eval_period: int = 0) -> dict:
     """One scenario; its metrics.jsonl is kept as keep/<name>.metrics.jsonl (the probe series
     behind every alarm, for a look after the run)."""
     overrides = data_overrides(scenario, iters, data_dir) + scenario.overrides
@@ -110,7 +114,8 @@ def run(name: str, scenario: Scenario, iters: int, threads: int, data_dir: Path,
         out = Path(tmp) / name.replace("@", "_")
         recipe = REPO / scenario.recipe  # the recipes of this checkout, wherever the suite is run from
         cmd = [sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(recipe), "--output-dir",
-               str(out), "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}", *overrides]
+               str(out), "--no-progress", f"solver.max_iters={iters}", f"train.threads={threads}",
+               f"train.eval_period={eval_period}", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if (out / "metrics.jsonl").is_file():
             keep.mkdir(parents=True, exist_ok=True)
@@ -127,6 +132,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
+    p.add_argument("--eval-period", type=int, default=0, help="evaluations during training (the overfitting check "
+                   "reads them; 0 = only at the end)")
     p.add_argument("--out", type=Path, default=Path("pathology.json"))
     p.add_argument("--data-dir", type=Path, default=Path("data/bench"))
     args = p.parse_args()
@@ -136,7 +143,7 @@ def main() -> None:
     for name in args.only or SCENARIOS:
         scenario = SCENARIOS[name]
         result = run(name, scenario, args.iters, args.threads, args.data_dir,
-                     keep=args.out.with_name(args.out.stem + "_runs"))
+                     keep=args.out.with_name(args.out.stem + "_runs"), eval_period=args.eval_period)
         fired = [it for alarm, it in result["alarms"] if alarm == scenario.expected]
         first = min(fired) if fired else None
         others = sorted({f"{a}@{it}" for a, it in result["alarms"] if a != scenario.expected},

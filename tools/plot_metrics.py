@@ -52,6 +52,9 @@ def plot(run_dir: Path, out: Path) -> Path:
     ax.plot(it, [l["loss"] for l in train], color="black", label="total (weighted)")
     for name in LOSS_NAMES:
         ax.plot(it, [l.get(f"{name}_weighted", float("nan")) for l in train], label=short_name(name))
+    evals = [l for l in lines if l.get("type") == "eval" and "val/loss" in l]
+    if evals:  # the same weighted total on the val split, at each evaluation
+        ax.plot([l["iter"] for l in evals], [l["val/loss"] for l in evals], "o--", color="black", label="val total")
     ax.set_yscale("log")
     ax.set_title("losses")
     ax.legend(fontsize=7)

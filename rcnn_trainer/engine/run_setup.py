@@ -30,6 +30,8 @@ from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.engine.resume import compare_resume_config
+from rcnn_trainer.engine.val_loss import val_loss_loader, validation_losses
+from rcnn_trainer.losses.weighting import loss_weights, short_name
 from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
@@ -74,6 +76,7 @@ class Run:
     probe_targets: list
     val_loader: object
     ema: Optional[WeightAverage] = None  # solver.ema: the averaged weights, evaluated and saved beside the raw ones
+    val_loss_loader: object = None  # the val loader, with masks when the model trains them (engine/val_loss.py)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -95,7 +98,10 @@ class Run:
     def evaluate_weights(self) -> dict:
         result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
                              progress=self.progress and self.info.is_main, autocast=self.autocast)
-        return result
+        if self.val_loss_loader is None:
+            self.val_loss_loader = val_loss_loader(self.val_loader, self.cfg.model.mask.enabled)
+        weights = loss_weights(self.cfg.model, self.state.iteration)
+        return {**result, **validation_losses(self.model, self.val_loss_loader, self.device, weights, self.autocast)}
 
     def evaluate(self) -> dict:
         """The weights a user gets (the average with solver.ema on; the raw weights' figures
@@ -115,8 +121,11 @@ class Run:
                             **{f"AP/{k}": v for k, v in result["per_class_AP"].items()},
                             **{f"segm_AP/{k}": v for k, v in result.get("per_class_segm_AP", {}).items()},
                             **result["threshold_counts"].as_record()})
+        val_terms = "  ".join(f"{short_name(k[len('val/'):])} {v:.3f}" for k, v in result.items()
+                              if k.startswith("val/loss_"))
         self.say(f"[eval @ iter {self.state.iteration}]"
                  + (f" (EMA weights; the raw weights: AP {raw['raw/AP']:.3f} AP50 {raw['raw/AP50']:.3f})" if raw else "")
+                 + f"\n  val loss {result['val/loss']:.3f} = {val_terms}"
                  + f"\n{format_metrics(result)}\n"
                  f"{format_threshold_table(result['threshold_counts'])}")
         return result
@@ -126,6 +135,8 @@ class Run:
         if result["AP"] > self.state.best_ap:
             self.state.best_ap = result["AP"]
             self.save_checkpoint(self.out / "model_best.pth")
+        for alarm in self.health.at_evaluation(self.state.iteration, result["val/loss"], result["AP"]):
+            self.report_alarm(alarm)
         return result
 
     def report_alarm(self, alarm: Alarm) -> None:

@@ -201,7 +201,9 @@ def judge(run: Run) -> None:
                                scaler.get_scale() if scaler.is_enabled() else None)
     state.window = []
     if alarms or (state.iteration // period) % cfg.monitor.dashboard_every == 0 or state.iteration == max_iters:
-        run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen))
+        evals = run.health.state["evals"]
+        run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen,
+                                 evals[-1] if evals else None))
     for alarm in alarms:
         run.report_alarm(alarm)
     # rank 0 decides for everyone: ranks see different local batches and must stop together

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rcnn_trainer.config import CollapseConfig
 from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         MaskLearningLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, OverfittingLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 from rcnn_trainer.losses.settings import ClsLoss
 from rcnn_trainer.losses.weighting import LOSS_TERMS
 from rcnn_trainer.model import stats as S
@@ -452,6 +452,47 @@ def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
         change=["model.mask.loss.weight: raise it if it is 0 or tiny (1.0 is the Mask R-CNN weight)",
                 "model.mask.num_convs / model.mask.conv_channels: a larger mask head",
                 "the annotation file: check that each segmentation outlines its own box's object"])
+
+
+# ------------------------------------------------------------------ overfitting (at evaluations)
+def check_overfitting(evals: list[dict], limits: OverfittingLimits = OverfittingLimits()) -> Alarm | None:
+    """`evals`: one {"iter", "val_loss", "train_loss", "AP"} per evaluation of the run. Fires when
+    the val loss rose at each of the last `sustain` evaluations, to `min_rise` above its lowest,
+    while the training loss fell over them; or when val AP stayed `ap_drop` below its best for
+    the last `sustain` evaluations. Both need evaluations during training (train.eval_period)."""
+    n = limits.sustain
+    if len(evals) < n + 1:
+        return None
+    recent = evals[-(n + 1):]
+    val, train = [e["val_loss"] for e in recent], [e["train_loss"] for e in recent]
+    lowest = min(e["val_loss"] for e in evals)
+    finite = all(math.isfinite(v) for v in val + train)
+    loss_rising = (finite and all(b > a for a, b in zip(val, val[1:])) and val[-1] >= (1 + limits.min_rise) * lowest
+                   and train[-1] < train[0])
+    best = max(evals, key=lambda e: e["AP"])
+    ap_falling = best["AP"] > 0 and all(e["AP"] <= best["AP"] - limits.ap_drop for e in evals[-n:])
+    if not (loss_rising or ap_falling):
+        return None
+    at = ", ".join(str(e["iter"]) for e in recent)
+    seen = []
+    if loss_rising:
+        seen.append(f"val loss {' -> '.join(f'{v:.3f}' for v in val)} at iterations {at} (lowest {lowest:.3f}) while "
+                    f"the training loss fell {train[0]:.3f} -> {train[-1]:.3f}")
+    if ap_falling:
+        aps = ", ".join(f"{e['AP']:.3f}" for e in evals[-n:])
+        seen.append(f"val AP {aps} at the last {n} evaluations, below its best {best['AP']:.3f} at iteration "
+                    f"{best['iter']}")
+    return Alarm(
+        name="overfitting",
+        seen="; ".join(seen),
+        why="the model fits the training images better while doing worse on images it does not train on: it "
+            "memorizes the training set (too little data or augmentation for this many iterations)",
+        change=["model_best.pth: the checkpoint of the best val AP so far (kept by every evaluation)",
+                "solver.max_iters: stop about where val AP peaked",
+                "data.hflip_prob (when the classes are mirror-safe) and data.min_size as a list (multi-scale): "
+                "more augmentation",
+                "solver.weight_decay: raise it (e.g. x10)",
+                "data.train: more (or more varied) training images"])
 
 
 # ------------------------------------------------------------------ 6. learning rate

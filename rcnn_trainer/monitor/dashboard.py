@@ -11,8 +11,10 @@ from rcnn_trainer.monitor.probe import ProbeResult
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 
 
-def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: ProbeResult) -> str:
-    """window: means over the last period of the logged training numbers; seen: the probe."""
+def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: ProbeResult,
+                     last_eval: dict | None = None) -> str:
+    """window: means over the last period of the logged training numbers; seen: the probe;
+    last_eval: the latest evaluation's {"iter", "val_loss", "AP"}, if any."""
     total = window.loss or 1e-12
     terms = "  ".join(f"{short_name(name)} {window.weighted[name]:.3f} ({100 * window.weighted[name] / total:.0f}%)"
                       for name in LOSS_NAMES if name in window.weighted)
@@ -29,6 +31,9 @@ def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: 
         f"  spread {c.spread:.2f}",
         format_threshold_table(seen.counts),
     ]
+    if last_eval is not None:
+        lines.insert(2, f"  val loss {last_eval['val_loss']:.3f}  AP {last_eval['AP']:.3f} (evaluation at iter "
+                        f"{last_eval['iter']})")
     if not math.isnan(window.mask_iou):
         lines.insert(4, f"  masks on positives: IoU {window.mask_iou:.2f} (a mask that ignores the RoI: "
                         f"{window.mask_trivial_iou:.2f})")

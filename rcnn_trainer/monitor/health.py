@@ -1,7 +1,8 @@
 """HealthMonitor: keeps the history the checks need and runs them at the right moments.
 
 - `first_step(record)`: after the first iteration (loss scale at init, lr per image).
-- `period(...)`: every `monitor.period` iterations (all the other checks).
+- `period(...)`: every `monitor.period` iterations (all the other checks but one).
+- `at_evaluation(...)`: after each evaluation (overfitting: val loss and AP against the training loss).
 Alarms are rate-limited: one already shown in the last `repeat_every` checks is summarised in
 one line instead of reprinted; every occurrence still goes to metrics.jsonl. The state is a
 plain dict saved in checkpoints, so a resumed run raises the same alarms.
@@ -64,7 +65,7 @@ class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
         self.state = {"history": [], "warmup_end": None, "grad_norms": [], "scales": [], "probe": [], "checks": 0,
-                      "initial_loss": None, "last_shown": {}, "counts": {}}
+                      "initial_loss": None, "last_shown": {}, "counts": {}, "evals": []}
 
     def state_dict(self) -> dict:
         return self.state
@@ -146,6 +147,15 @@ class HealthMonitor:
         if any(a.name == "vanishing_lr" for a in found):
             found = [a for a in found if a.name not in SYMPTOMS_OF_NO_LEARNING]
         return found
+
+    def at_evaluation(self, iteration: int, val_loss: float, ap: float) -> list[Alarm]:
+        """After each evaluation in training: the val loss and AP against the training loss of
+        the latest judgment."""
+        history = self.state["history"]
+        train_loss = history[-1].get("loss", math.nan) if history else math.nan
+        self.state["evals"].append({"iter": iteration, "val_loss": val_loss, "train_loss": train_loss, "AP": ap})
+        found = checks.check_overfitting(self.state["evals"], self.settings.monitor.overfitting)
+        return [found] if found is not None else []
 
     def should_print_in_full(self, alarm: Alarm) -> bool:
         """Count the alarm; False when the same alarm was shown in the last repeat_every checks."""
