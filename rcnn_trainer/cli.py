@@ -42,6 +42,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="Where results go (default: <output_dir>/eval).")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="Draw N images with GT and predictions.")
     p.add_argument("--tta", action="store_true", help="Test-time augmentation: the sizes and flips of tta.*, merged by NMS.")
+    p.add_argument("--analyze", action="store_true", help="Also write the confusion matrix, PR curves, the AP error "
+                   "breakdown and label_issues.json into the eval folder.")
+    p.add_argument("--analyze-score", type=float, default=0.3, help="Detections at or above this score count for "
+                   "--analyze's confusion matrix and label issues.")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="The split to evaluate (train: look for "
+                   "label issues in the training file; the output says how that biases them).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides.")
     return p
@@ -120,8 +126,10 @@ def _run_eval(argv) -> int:
     from rcnn_trainer.engine.run_eval import run_evaluation
 
     out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / "eval"
+    if not 0.0 <= args.analyze_score <= 1.0:
+        raise UserError(f"--analyze-score takes a score in [0, 1], got {args.analyze_score}.")
     run_evaluation(cfg, Path(args.checkpoint), out, visualize=args.visualize, progress=not args.no_progress,
-                   tta=args.tta)
+                   tta=args.tta, analyze=args.analyze, analyze_score=args.analyze_score, split=args.split)
     return 0
 
 

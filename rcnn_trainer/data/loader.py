@@ -95,16 +95,19 @@ def resolve_splits(cfg: Config) -> dict[str, tuple[Path, Path]]:
     return {"train": (data.train.ann_file, data.train.img_dir), "val": (data.val.ann_file, data.val.img_dir)}
 
 
-def build_dataset(cfg: Config, split: str) -> CocoDetection:
+def build_dataset(cfg: Config, split: str, for_eval: bool = False) -> CocoDetection:
+    """`for_eval`: the split as evaluation reads it (no augmentation, no masks rasterized),
+    whichever split it is (rcnn-eval --split train)."""
     ann_file, img_dir = resolve_splits(cfg)[split]
+    training = split == "train" and not for_eval
     policy = cfg.data.bad_records
     dataset = CocoDetection(
         ann_file, img_dir,
         missing_image=policy.missing_image, unknown_category=policy.unknown_category,
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
         non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, check_images=cfg.data.check_images,
-        masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and split == "train",
-        transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=split == "train"),
+        masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and training,
+        transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=training),
         seed=cfg.seed)
     if not dataset.records:
         raise UserError(f"{ann_file}: no image left in the {split} split ({len(dataset.raw['images'])} in the file; "

@@ -67,9 +67,9 @@ def inference_model(cfg: Config, ckpt: dict, path: Path, device, tta: bool = Fal
 
 
 def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True,
-                   tta: bool = False) -> dict:
+                   tta: bool = False, analyze: bool = False, analyze_score: float = 0.3, split: str = "val") -> dict:
     device = pick_device(cfg.train.device)
-    val_set = build_dataset(cfg, "val")
+    val_set = build_dataset(cfg, split, for_eval=True)
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
@@ -88,6 +88,10 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     if visualize:
         written = draw_predictions(val_set, results, out / "vis", visualize)
         print(f"[eval] drew {written} images in {out / 'vis'} (green: ground truth, red: predictions >= 0.5)")
+    if analyze:
+        from rcnn_trainer.analysis.report import analyze as analyze_results
+
+        analyze_results(val_set, results, out, score=analyze_score, split=split, visualize=visualize)
     print(f"[eval] results: {out / 'coco_results.json'}, metrics: {out / 'metrics.json'}")
     return metrics
 

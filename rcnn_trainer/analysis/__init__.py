@@ -1,0 +1,1 @@
+"""After training: what the model and the labels get wrong (rcnn-eval --analyze)."""
