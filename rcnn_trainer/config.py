@@ -402,6 +402,10 @@ class TrainConfig(Strict):
         "auto", description="NHWC memory layout for images, activations and conv weights. auto = on with "
         "autocast (bf16 on an AMX/AVX512-BF16 CPU, fp16 on CUDA), off in fp32 (NHWC measured 5% slower in fp32 "
         "on an AVX2 CPU).")
+    compile: bool = Field(
+        False, description="torch.compile (inductor) of the backbone + FPN, in place (checkpoints unchanged). "
+        "Compiling costs about a minute per process on a 2-core CPU and saves a share of each step: it pays in "
+        "long runs only (figures: docs/benchmarks.md, tools/compile_bench.py).")
     data_timeout_s: int = Field(
         300, ge=0, description="Watchdog: stop (exit 1, saying where it waited, after saving a checkpoint) when no "
         "training batch arrives for this many seconds; 0 = wait forever.")

@@ -13,6 +13,9 @@ Speed, in one run on the same batches: fp32 ours vs fp32 torchvision, and AMP ou
 CPU with AMX/AVX512-BF16, fp16 on CUDA) vs fp32 torchvision where the hardware has it: median
 s/iter after warm-up, data wait share, inference images/s, COCO eval time, peak RSS (CPU) or
 CUDA memory, and a per-component profile of the step (tools/step_profile.py).
+Inference with trained weights (`--inference-checkpoint RUN/model_final.pth`): both models hold
+that checkpoint's weights, so their detections and AP are the same; img/s at each
+`--inference-batches` size and the time per stage.
 Convergence: COCO AP/AP50 after the same iterations with the config's optimizer and
 schedule, for fp32 ours, fp32 torchvision and AMP ours, so speed never hides an accuracy
 loss (`--small-objects` adds the small-object options: anchors from 8 px, CIoU box loss).
@@ -189,6 +192,63 @@ def measure_convergence(cfg, which: str, iters: int, device) -> dict:
             **{k: metrics[k] for k in ("segm_AP", "segm_AP50") if k in metrics}}
 
 
+def stage_timer(modules: dict[str, nn.Module]) -> tuple[dict[str, float], list]:
+    """Wall time spent inside each named module's forward (forward hooks), summed over calls."""
+    spent, started, handles = {name: 0.0 for name in modules}, {}, []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: started.__setitem__(name, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, name=name: spent.__setitem__(name, spent[name] + time.perf_counter() - started[name])))
+    return spent, handles
+
+
+def inference_comparison(cfg, checkpoint: Path, batches: list[int], repeats: int, count: int) -> dict:
+    """Ours and torchvision's FasterRCNN holding the same trained weights (the torchvision model
+    is built from our modules: model/as_torchvision.py), on the same validation images at each
+    batch size: img/s (best of `repeats`, alternated), where the time goes, and the AP each
+    reaches on the val split (the same detections, so the same AP, is the check that the two
+    compute the same thing)."""
+    from rcnn_trainer.engine.checkpoint import load_checkpoint
+    from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(ckpt["model"])
+    theirs = TorchvisionFasterRCNN(ours, cfg).eval()
+    val_set = build_dataset(cfg, "val")
+    images = [val_set[i][0] for i in range(min(count, len(val_set)))]
+    report = {"checkpoint": str(checkpoint), "images": len(images), "by_batch": {}}
+    models = {"ours": ours, "torchvision": theirs}
+    stages = {"ours": {"backbone": ours.backbone, "rpn": ours.rpn, "roi_heads": ours.roi_heads},
+              "torchvision": {"transform": theirs.model.transform, "backbone": theirs.model.backbone,
+                              "rpn": theirs.model.rpn, "roi_heads": theirs.model.roi_heads}}
+    with torch.no_grad():
+        for name, model in models.items():
+            metrics, _ = evaluate(model, val_set, build_eval_loader(cfg, val_set), torch.device("cpu"),
+                                  cfg.monitor.score_thresholds, progress=False)
+            report[f"AP_{name}"], report[f"AP50_{name}"] = metrics["AP"], metrics["AP50"]
+        for batch in batches:
+            best, parts = {n: float("inf") for n in models}, {}
+            for _ in range(repeats + 1):  # the first round warms up
+                for name, model in models.items():
+                    spent, handles = stage_timer(stages[name])
+                    t0 = time.perf_counter()
+                    for start in range(0, len(images), batch):
+                        model(images[start:start + batch])
+                    wall = time.perf_counter() - t0
+                    for h in handles:
+                        h.remove()
+                    if wall < best[name]:
+                        best[name] = wall
+                        parts[name] = {k: 1000 * v / len(images) for k, v in spent.items()}
+                        parts[name]["rest (pre/post-processing)"] = 1000 * wall / len(images) - sum(parts[name].values())
+            report["by_batch"][batch] = {"img_per_s": {n: len(images) / t for n, t in best.items()},
+                                         "ms_per_image": parts,
+                                         "ratio": best["torchvision"] / best["ours"]}
+    return report
+
+
 def child(args) -> None:
     """One measurement, in this process; prints one JSON line."""
     overrides = [f"model.backbone.name={args.backbone}", f"train.threads={args.threads}", *args.overrides]
@@ -265,6 +325,9 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides for both models (e.g. data.batch_size=4)")
+    p.add_argument("--inference-checkpoint", type=Path, help="only compare inference, both models holding the "
+                   "weights of this trained checkpoint (its config's sizes; overrides may change test-time ones)")
+    p.add_argument("--inference-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -279,6 +342,22 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if args.inference_checkpoint:
+        torch.set_num_threads(args.threads)
+        found = inference_comparison(load_config(args.config, list(args.overrides)), args.inference_checkpoint,
+                                     args.inference_batches, max(args.repeats, 1), 32)
+        print(f"[inference, same weights: {found['checkpoint']}, {found['images']} val images, {args.threads} threads] "
+              f"AP ours {found['AP_ours']:.3f} / torchvision {found['AP_torchvision']:.3f}, AP50 "
+              f"{found['AP50_ours']:.3f} / {found['AP50_torchvision']:.3f}")
+        for batch, row in found["by_batch"].items():
+            ips = row["img_per_s"]
+            print(f"  batch {batch}: img/s ours {ips['ours']:.1f}, torchvision {ips['torchvision']:.1f}, "
+                  f"ours / torchvision {row['ratio']:.3f}; ms/image " + "; ".join(
+                      f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                      for n, parts in row["ms_per_image"].items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps(found, indent=1))
+        return
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     with_amp, why_not = amp_runs(device, args.force_amp)
     if why_not:

@@ -218,6 +218,9 @@ def build_training_parts(cfg: Config, info: DistInfo, device: torch.device, say:
         say(amp_summary(device, amp, dtype, scaler.is_enabled()))
     if use_channels_last(device, cfg.train.channels_last, amp_dtype(device, amp, dtype)):
         model.use_channels_last()
+    if cfg.train.compile:
+        model.backbone.compile()  # in place, so state dict names (checkpoints) stay as they are
+        say("[compile] torch.compile of the backbone + FPN: the first iterations include compiling it")
     optimizer = build_optimizer(model, cfg.solver, grad_scaler=scaler.is_enabled())
     return dict(model=model, ddp_model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.solver),
                 scaler=scaler, autocast=autocast_for(device, amp, dtype))
