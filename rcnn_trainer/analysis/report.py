@@ -132,7 +132,7 @@ def _plots(out: Path, matrix: np.ndarray, classes: list[str], breakdown: dict) -
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("AP at IoU 0.5, and what each error type costs")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     save(fig, "error_analysis.png")
     return True
 
