@@ -68,7 +68,7 @@ def export_model(cfg: Config, checkpoint: Path, fmt: str, output: Path, say=prin
     ours = inference_model(cfg, ckpt, checkpoint, torch.device("cpu"), say=say)
     wrapper = (ExportedMasks if cfg.model.mask.enabled else ExportedBoxes)(torchvision_detector(ours, cfg)).eval()
     names = ["boxes", "scores", "labels"] + (["masks"] if cfg.model.mask.enabled else [])
-    sample = sample_image(cfg)
+    sample = sample_image(cfg, say)
     payload = onnx_bytes(wrapper, sample, names) if fmt == "onnx" else torchscript_bytes(wrapper)
     try:
         atomic_write(output, lambda f: f.write(payload))
@@ -87,16 +87,23 @@ def export_model(cfg: Config, checkpoint: Path, fmt: str, output: Path, say=prin
     return {"output": str(output), "labels": str(labels_file), **check}
 
 
-def sample_image(cfg: Config) -> torch.Tensor:
-    """The first validation image at its own size (the exported model resizes it)."""
+def sample_image(cfg: Config, say=print) -> torch.Tensor:
+    """The first validation image at its own size (the exported model resizes it); a seeded
+    random image when the config's val split cannot be read here (exporting on another machine)."""
     from PIL import Image
-
-    from rcnn_trainer.data.pixels import to_rgb
     import torchvision.transforms.functional as TF
 
-    record = build_dataset(cfg, "val").records[0]
-    with Image.open(record.path) as img:
-        return TF.pil_to_tensor(to_rgb(img)).float().div_(255.0)[None]
+    from rcnn_trainer.data.pixels import to_rgb
+
+    try:
+        record = build_dataset(cfg, "val").records[0]
+        with Image.open(record.path) as img:
+            return TF.pil_to_tensor(to_rgb(img)).float().div_(255.0)[None]
+    except (UserError, OSError) as err:
+        say(f"[export] no validation image to trace and check with ({str(err).splitlines()[0][:160]}); "
+            f"using a random {cfg.data.test_min_size} px image instead")
+        side = cfg.data.test_min_size
+        return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
 
 
 def torchscript_bytes(wrapper: nn.Module) -> bytes:
@@ -150,6 +157,6 @@ def compare_with_eager(wrapper: nn.Module, path: Path, fmt: str, image: torch.Te
     same_labels = same_count and torch.equal(exported[2].long(), eager[2].long())
     ok = same_count and same_labels and box_diff < 1.0
     return {"checked": True, "matches": ok, "detections": len(eager[0]), "max_box_diff_px": box_diff,
-            "message": (f"checked on one validation image {tuple(image.shape[-2:])}: {len(exported[0])} detections "
+            "message": (f"checked on one validation image {tuple(image.shape[-2:])} against the eager model: {len(exported[0])} detections "
                         f"(eager {len(eager[0])}), labels {'equal' if same_labels else 'DIFFER'}, largest box "
                         f"difference {box_diff:.3g} px" + ("" if ok else " - the exported model does NOT match"))}
