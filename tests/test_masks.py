@@ -169,3 +169,10 @@ def _val_split(raw):
     from rcnn_trainer.data.loader import resolve_splits
 
     return resolve_splits(validate_config(raw, source="test"))["val"]
+
+
+def test_masks_on_a_file_without_segmentations_says_so(tmp_path):
+    ann_file = write_coco(tmp_path, [image(1, 40, 30), image(2, 40, 30)],
+                          [ann(1, 1, 7, [2, 4, 10, 12]), ann(2, 2, 3, [5, 5, 10, 10])])
+    with pytest.raises(UserError, match="none of its 2 objects has a usable segmentation.*model.mask.enabled=false"):
+        CocoDetection(ann_file, tmp_path, masks=True, check_images=0)

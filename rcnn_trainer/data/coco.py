@@ -141,7 +141,14 @@ class CocoDetection(torch.utils.data.Dataset):
             self.raw = read_coco_json(self.ann_file)
             self.records = self._index()
         if masks:
+            had_objects = any(len(r.labels) for r in self.records)
             self.records = [self._with_valid_masks(r) for r in self.records]
+            if had_objects and not any(len(r.labels) for r in self.records):
+                dropped = self.report.counts["bad_mask"]
+                raise UserError(
+                    f"{self.ann_file}: model.mask.enabled is on but none of its {dropped} objects has a usable "
+                    f"segmentation ({'; '.join(self.report.examples['bad_mask'][:2])}). Train boxes only with "
+                    f"model.mask.enabled=false, or add polygons or RLE masks under 'segmentation'.")
         self.records = self._check_image_files(check_images)
 
     def _index(self) -> list[ImageRecord]:
