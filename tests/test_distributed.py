@@ -111,7 +111,9 @@ def torchrun(*args, timeout=600):
 
 
 def test_torchrun_trains_checkpoints_resumes_and_evaluates(tmp_path):
-    raw = tiny_dict(tmp_path, solver={"max_iters": 4}, train={"threads": 1, "checkpoint_period": 2})
+    # with the EMA and an evaluation mid-run: the val loss and the average's broadcast are collectives too
+    raw = tiny_dict(tmp_path, solver={"max_iters": 4, "ema": {"enabled": True, "decay": 0.9, "warmup": 2}},
+                    train={"threads": 1, "checkpoint_period": 2, "eval_period": 2})
     config = write_yaml(tmp_path / "c.yaml", raw)
     proc = torchrun("train", "--config", str(config), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -120,6 +122,9 @@ def test_torchrun_trains_checkpoints_resumes_and_evaluates(tmp_path):
     assert [l["iter"] for l in lines if l["type"] == "train"] == [1, 2, 3, 4]  # rank 0 alone writes
     ckpt = ckpt_io.load_checkpoint(run / "model_final.pth")
     assert ckpt["iteration"] == 4 and len(ckpt["rng"]) == 2  # every rank's RNG state
+    assert ckpt["ema"]["updates"] == 4
+    evals = [l for l in lines if l["type"] == "eval"]
+    assert [l["iter"] for l in evals] == [2, 4] and all("val/loss" in l and "raw/AP" in l for l in evals)
 
     proc = torchrun("train", "--config", str(config), "--resume", "--no-progress", "solver.max_iters=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
