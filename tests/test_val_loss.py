@@ -44,7 +44,7 @@ def test_a_tiny_training_set_raises_overfitting(tmp_path):
     images rises from iteration 30 on (measured: 3.85 at 30 -> 5.18 at 50 -> 5.56 at 80)."""
     cfg = tiny_config(tmp_path, data={"synthetic": {"num_train": 2, "num_val": 6, "image_size": 64, "seed": 3},
                                       "hflip_prob": 0.0},
-                      solver={"optimizer": "adamw", "lr": 0.002, "max_iters": 60, "warmup_iters": 5,
+                      solver={"optimizer": "adamw", "lr": 0.002, "max_iters": 50, "warmup_iters": 5,
                               "schedule": "constant"},
                       train={"eval_period": 10, "checkpoint_period": 1000, "log_period": 10}, monitor={"period": 10})
     train(cfg, log=quiet, progress=False)
