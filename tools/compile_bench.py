@@ -8,7 +8,9 @@ Each variant runs in its own process: eager, and torch.compile (inductor) of the
 sampling, which break graphs) and of the whole model. Reported: the wall time of the first step
 (compilation included), the median step after `--warmup`, and the break-even point: the
 iterations after which compiling has paid for itself (compile cost / saving per step), next to
-the default run's 600 and a 10,000-iteration run. Training uses the trainer's optimizer and
+the default run's 600 and a 10,000-iteration run; and what the variants compute (inference: the
+detections of the same weights; training: the loss after the same steps), since a speed figure
+without its result is not one. Training uses the trainer's optimizer and
 loss weighting on the config's batches; inference the model in eval mode on validation images.
 """
 
@@ -71,8 +73,14 @@ def child(config: str, variant: str, task: str, iters: int, warmup: int, threads
                 t0 = time.perf_counter()
                 runner(chunk)
                 times.append(time.perf_counter() - t0)
+            found = runner(images[:batch])  # the same untrained weights in every variant: same detections?
+        steady = statistics.median(times[warmup:])
+        return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]), "steady_s": steady,
+                "detections": [len(d["boxes"]) for d in found],
+                "box_sum": float(sum(d["boxes"].sum() for d in found))}
     steady = statistics.median(times[warmup:])
-    return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]), "steady_s": steady}
+    return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]), "steady_s": steady,
+            "last_loss": float(total)}
 
 
 def main() -> None:
@@ -116,6 +124,11 @@ def main() -> None:
                     f"saves {saving * 1000:.0f} ms/step, compiling costs {extra:.0f} s, pays after "
                     f"{extra / saving:.0f} steps (600 steps: {600 * saving - extra:+.0f} s, 10,000: "
                     f"{10000 * saving - extra:+.0f} s)" if saving > 0 else f"no saving ({saving * 1000:+.0f} ms/step)"))
+            if variant != "eager" and "box_sum" in result and "box_sum" in eager:
+                line += (f"; detections {result['detections']} vs eager {eager['detections']}, box sum "
+                         f"{result['box_sum']:.1f} vs {eager['box_sum']:.1f}")
+            if variant != "eager" and "last_loss" in result and "last_loss" in eager:
+                line += f"; loss after {args.warmup + args.iters} steps {result['last_loss']:.4f} vs eager {eager['last_loss']:.4f}"
             print(line, flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
