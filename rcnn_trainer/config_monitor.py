@@ -32,6 +32,8 @@ class FlatLossLimits(Limits):
                            "fraction over the same judgments.")
     learned: float = Field(0.5, gt=0.0, lt=1.0, description="flat_loss: not for a term already below this fraction "
                            "of its highest judgment (it learned and levelled off).")
+    box_refines: float = Field(0.1, gt=0.0, lt=1.0, description="flat_loss: not for loss_roi_box while the refined "
+                               "boxes beat their proposals by this IoU (the regressor learned; its plateau is convergence).")
 
 
 class StuckIouLimits(Limits):
