@@ -125,7 +125,7 @@ class Run:
                               if k.startswith("val/loss_"))
         self.say(f"[eval @ iter {self.state.iteration}]"
                  + (f" (EMA weights; the raw weights: AP {raw['raw/AP']:.3f} AP50 {raw['raw/AP50']:.3f})" if raw else "")
-                 + f"\n  val loss {result['val/loss']:.3f} = {val_terms}"
+                 + f"\n  val loss {result['val/loss']:.3f} (weighted total; terms unweighted: {val_terms})"
                  + f"\n{format_metrics(result)}\n"
                  f"{format_threshold_table(result['threshold_counts'])}")
         return result
