@@ -44,21 +44,23 @@ class InitReport:
                 f"unused from the file {len(self.unused)}: {modules(self.unused)}"]
 
 
-def source_state(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors by name: a checkpoint's or reference script's "model" entry, or the
-    state dict itself; DDP's "module." prefix removed."""
+def source_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The file's tensors by name, and which they are: a checkpoint's EMA weights (solver.ema:
+    what its evaluation used), its or a reference script's "model" entry, or the state dict
+    itself; DDP's "module." prefix removed."""
     obj = load_weights_only(path, "model.init_from")
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    state, what = (obj.get("model", obj), "weights") if isinstance(obj, dict) else (obj, "weights")
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("weights"), dict):
-        state = obj["ema"]["weights"]  # a run trained with solver.ema: its averaged weights are what it evaluated
+        state, what = obj["ema"]["weights"], "EMA weights (solver.ema)"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.init_from '{path}' holds no state dict (a dict of tensors, or a checkpoint whose "
                         f"'model' entry is one).")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}, what
 
 
 def initialize_from(model: nn.Module, path: Path, say: Callable[[str], None]) -> InitReport:
-    state = source_state(path)
+    state, what = source_state(path)
+    say(f"[init_from] '{path}': its {what}")
     ours = model.state_dict()
     matched = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
     params = dict(model.named_parameters())
