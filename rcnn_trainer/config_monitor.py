@@ -92,7 +92,7 @@ class OverfittingLimits(Limits):
     sustain: int = Field(2, ge=1, description="overfitting: the val loss rose at this many evaluations in a row "
                          "(train.eval_period) ...")
     min_rise: float = Field(0.05, gt=0.0, description="... by this share of its lowest value in all, while the "
-                            "training loss fell over them; or ...")
+                            "training loss fell and val AP rose by at most ap_drop over them; or ...")
     ap_drop: float = Field(0.03, gt=0.0, lt=1.0, description="... val AP stayed this much (absolute) below its best "
                            "for `sustain` evaluations.")
 
