@@ -150,8 +150,8 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
         learned = series[-1] < limits.learned * highest
         if LOSS_TERMS[name].kind == "mask":  # its BCE has a high floor (soft targets): learned = beats RoI-blind masks
             learned = learned or recent[-1].mask_iou > recent[-1].mask_trivial_iou
-        if name == "loss_roi_box":  # a regressor that moves proposals onto their objects has learned
-            learned = learned or all(h.roi_pred_iou >= h.proposal_iou + limits.box_refines for h in recent)
+        if name == "loss_roi_box":  # a regressor that now moves proposals onto their objects has learned
+            learned = learned or recent[-1].roi_pred_iou >= recent[-1].proposal_iou + limits.box_refines
         level = abs(series[-1] / series[0] - 1.0) < flat
         others = [h.loss - h.weighted.get(name, 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
