@@ -404,8 +404,8 @@ class TrainConfig(Strict):
         "on an AVX2 CPU).")
     compile: bool = Field(
         False, description="torch.compile (inductor) of the backbone + FPN, in place (checkpoints unchanged). "
-        "Compiling costs about a minute per process on a 2-core CPU and saves a share of each step: it pays in "
-        "long runs only (figures: docs/benchmarks.md, tools/compile_bench.py).")
+        "Measured on a 2-core AVX512 CPU: compiling cost 15-41 s and saved nothing (training 0.42 vs 0.33 s/step "
+        "eager, inference 0.158 vs 0.152): off; figures in docs/benchmarks.md, tools/compile_bench.py.")
     data_timeout_s: int = Field(
         300, ge=0, description="Watchdog: stop (exit 1, saying where it waited, after saving a checkpoint) when no "
         "training batch arrives for this many seconds; 0 = wait forever.")
