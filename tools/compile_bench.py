@@ -62,6 +62,7 @@ def child(config: str, variant: str, task: str, iters: int, warmup: int, threads
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
+        outcome = {"last_loss": float(total)}
     else:
         model.eval()
         val_set = build_dataset(cfg, "val")
@@ -74,13 +75,9 @@ def child(config: str, variant: str, task: str, iters: int, warmup: int, threads
                 runner(chunk)
                 times.append(time.perf_counter() - t0)
             found = runner(images[:batch])  # the same untrained weights in every variant: same detections?
-        steady = statistics.median(times[warmup:])
-        return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]), "steady_s": steady,
-                "detections": [len(d["boxes"]) for d in found],
-                "box_sum": float(sum(d["boxes"].sum() for d in found))}
-    steady = statistics.median(times[warmup:])
-    return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]), "steady_s": steady,
-            "last_loss": float(total)}
+        outcome = {"detections": [len(d["boxes"]) for d in found], "box_sum": float(sum(d["boxes"].sum() for d in found))}
+    return {"first_step_s": times[0], "warmup_total_s": sum(times[:warmup]),
+            "steady_s": statistics.median(times[warmup:]), **outcome}
 
 
 def main() -> None:

@@ -95,9 +95,11 @@ class Run:
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             }, path)
 
-    def evaluate_weights(self) -> dict:
+    def evaluate_weights(self, with_val_loss: bool = True) -> dict:
         result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
                              progress=self.progress and self.info.is_main, autocast=self.autocast)
+        if not with_val_loss:
+            return result
         if self.val_loss_loader is None:
             self.val_loss_loader = val_loss_loader(self.val_loader, self.cfg.model.mask.enabled)
         weights = loss_weights(self.cfg.model, self.state.iteration)
@@ -108,7 +110,7 @@ class Run:
         are logged beside it as raw/AP ...)."""
         raw = {}
         if self.ema is not None:
-            raw_result = self.evaluate_weights()
+            raw_result = self.evaluate_weights(with_val_loss=False)  # only its AP is logged (raw/...)
             raw = {f"raw/{k}": raw_result[k] for k in ("AP", "AP50", "AP75", "segm_AP") if k in raw_result}
             self.ema.sync_from_main()
             with self.ema.applied_to(self.model):
