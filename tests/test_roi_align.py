@@ -120,3 +120,32 @@ def test_bfloat16_features_pool_in_float32():
     expected = torchvision_roi_align(features.bfloat16().float(), rois, 7, 0.25, 2)
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threaded_inference_pooling_equals_torchvisions_pooler(dtype):
+    """Without gradients the RoIs are pooled in parallel chunks by torchvision's kernel: the
+    same numbers as its MultiScaleRoIAlign, every level, in the RoIs' order."""
+    g = torch.Generator().manual_seed(7)
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict((n, torch.randn(2, 5, 128 // 2 ** i, 96 // 2 ** i, generator=g).to(dtype))
+                           for i, n in enumerate(names))
+    boxes = []
+    for _ in range(2):  # enough RoIs for several chunks on every level
+        xy = torch.rand(400, 2, generator=g) * 300
+        wh = torch.exp(torch.rand(400, 1, generator=g) * 6.0) * (0.5 + torch.rand(400, 2, generator=g)) + 1
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    image_shapes = [(512, 384), (500, 380)]
+    reference = MultiScaleRoIAlign(names, 7, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            actual = SparseMultiScaleRoIAlign(names, 7, 2)(features, boxes, image_shapes)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        expected = reference(features, boxes, image_shapes)  # autocast: torchvision's fp32 rule
+    assert actual.dtype == dtype
+    assert len(set(reference.map_levels(boxes).tolist())) == 4
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
