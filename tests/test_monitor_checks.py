@@ -202,6 +202,12 @@ def test_collapse_rules():
     assert late and "peak 7.00" in late.seen
     # a swing seen in a real digits run (93 -> 3.75 -> 58): not a collapse
     assert check_collapse([89.0, 0.12, 1.9, 11.5, 9.1, 92.9, 48.5, 3.75, 58.4], 4.4, min_ratio=0.1, patience=3) is None
+    # a healthy default run (bf16, 1 thread): a burst after nothing fired, then confident at ~GT
+    healthy = [1.375, 5.875, 65.75, 24.75, 21.375, 22.625, 10.125, 13.375, 10.75, 9.25, 9.875, 7.375, 6.875,
+               6.625, 6.375, 5.375, 6.0, 5.625, 5.625]
+    assert check_collapse(healthy, 3.38, min_ratio=0.1, patience=3) is None
+    # the same fall to below GT is a collapse
+    assert check_collapse(healthy[:-3] + [3.0, 2.5, 2.0], 3.38, min_ratio=0.1, patience=3).name == "collapse"
 
 
 def test_weight_ratio():
