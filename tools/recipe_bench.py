@@ -86,6 +86,8 @@ def run_ours(recipe: str, overrides: list[str], threads: int, workdir: Path) -> 
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"rcnn-train failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -218,6 +220,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("recipe_bench.json"))
     p.add_argument("--fresh", action="store_true", help="rerun torchvision even if --out has its result")
     p.add_argument("--only", choices=["ours", "torchvision"], help="run one side only (tuning; caching torchvision)")
+    p.add_argument("--keep-runs", type=Path, help="keep our run folders under DIR/<dataset>/ours (else a temp dir)")
     p.add_argument("--size", type=int, help="train and evaluate at this image side (default: each dataset's own)")
     p.add_argument("--masks", action="store_true", help="instance masks on both sides (Mask R-CNN)")
     p.add_argument("--tv-lr-scales", type=float, nargs="+", default=[1.0],
@@ -244,8 +247,11 @@ def main() -> None:
         key = (f"{name}/threads={args.threads}/" + (f"lr_scales={args.tv_lr_scales}/" if args.tv_lr_scales != [1.0] else "")
                + (f"heads={args.tv_heads}/" if args.tv_heads != "torchvision" else "") + " ".join(settings))
         if args.only != "torchvision":
-            with tempfile.TemporaryDirectory() as tmp:
-                ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
+            if args.keep_runs:  # our run folder kept (metrics.jsonl, log, checkpoints) to read its alarms
+                ours = run_ours(args.recipe, overrides + args.overrides, args.threads, args.keep_runs / name)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
             print(f"[{name}] ours: AP {ours['AP']:.3f} AP50 {ours['AP50']:.3f} APs {ours['APs']:.3f} "
                   + (f"segm AP {ours['segm_AP']:.3f} " if "segm_AP" in ours else "") +
                   f"{ours['s_per_iter']:.2f} s/it, {ours['wall_s']:.0f} s; alarms: "
