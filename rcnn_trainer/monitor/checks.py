@@ -147,11 +147,7 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
         if min(series) <= 1e-6:
             continue
         highest = max([first.terms.get(name, 0.0)] + [h.terms.get(name, 0.0) for h in history])
-        learned = series[-1] < limits.learned * highest
-        if LOSS_TERMS[name].kind == "mask":  # its BCE has a high floor (soft targets): learned = beats RoI-blind masks
-            learned = learned or recent[-1].mask_iou > recent[-1].mask_trivial_iou
-        if name == "loss_roi_box":  # a regressor that now moves proposals onto their objects has learned
-            learned = learned or recent[-1].roi_pred_iou >= recent[-1].proposal_iou + limits.box_refines
+        learned = series[-1] < limits.learned * highest or output_shows_learning(name, recent[-1], limits)
         level = abs(series[-1] / series[0] - 1.0) < flat
         others = [h.loss - h.weighted.get(name, 0.0) for h in recent]
         if (abs(relative_slope(series)) < flat and level and not learned and min(others) > 0
@@ -168,6 +164,17 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
                 + ([f"{BOX_TYPE_KEYS[head]}: smooth_l1 or ciou if it is giou", "model.anchors.sizes: match the object sizes"]
                    if head in BOX_TYPE_KEYS else ["model.mask.num_convs / model.mask.conv_channels: a larger mask head"]))
     return None
+
+
+def output_shows_learning(name: str, latest: PeriodMeans, limits: FlatLossLimits) -> bool:
+    """For terms whose value can level off high in a healthy run, what their head produces:
+    the mask BCE (soft targets give it a high floor) once its masks beat RoI-blind ones; the
+    RoI box term once the refined boxes beat their proposals by `limits.box_refines` IoU."""
+    if LOSS_TERMS[name].kind == "mask":
+        return latest.mask_iou > latest.mask_trivial_iou
+    if name == "loss_roi_box":
+        return latest.roi_pred_iou >= latest.proposal_iou + limits.box_refines
+    return False
 
 
 def check_stuck_iou_loss(history: list[PeriodMeans], box_types: dict, *, sustain: int,
