@@ -68,6 +68,16 @@ def test_confusion_matrix_rows_and_columns():
     assert m[1:, :].sum() == 3 and m[:, 1:].sum() == 3
 
 
+def test_detections_in_a_crowd_region_are_neither_false_positives_nor_overlooked():
+    im = image([(1, [0, 0, 10, 10])], [(1, [0, 0, 10, 10], 0.9), (2, [52, 52, 60, 60], 0.8), (2, [80, 80, 95, 95], 0.7)])
+    im.crowd_boxes = torch.tensor([[50.0, 50.0, 90.0, 90.0]])  # holds the second detection, half of the third
+    assert im.in_crowd(0.5).tolist() == [False, True, False]
+    m = confusion_matrix([im], 2, score=0.3)
+    assert m.tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]  # only the third (mostly outside) is on no object
+    overlooked = [i["bbox"] for i in find_label_issues([im], {1: 7, 2: 3}) if i["kind"] == "overlooked"]
+    assert overlooked == [[80, 80, 15, 15]]
+
+
 def test_label_issue_kinds():
     im = image([(1, [0, 0, 20, 20]), (2, [40, 40, 60, 60]), (1, [70, 10, 90, 30]), (2, [5, 70, 25, 90])],
                [(1, [0, 0, 20, 20], 0.95),          # agrees with the first annotation

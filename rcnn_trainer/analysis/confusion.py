@@ -4,16 +4,19 @@ Detections at or above a score are taken highest first; each pairs with the unpa
 any class it overlaps most, at IoU >= `iou`. Rows of the matrix are the GT class, columns the
 detected class; index 0 is background: row 0 counts detections that paired with no GT (false
 positives), column 0 GT boxes no detection paired with (missed). Rows 1.. sum to the GT count,
-columns 1.. to the detection count.
+columns 1.. to the detection count. An unpaired detection inside a crowd region (iscrowd=1:
+intersection over the detection's area >= `iou`, COCO's rule) is neither, as in COCO's
+evaluation: it is left out of the matrix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_convert, box_iou
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ImageDetections:
     boxes: torch.Tensor        # [D, 4] xyxy
     labels: torch.Tensor       # [D]
     scores: torch.Tensor       # [D]
+    crowd_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4)))  # [K, 4] xyxy, iscrowd=1
 
     def iou(self) -> torch.Tensor:
         """[D, G]"""
@@ -34,10 +38,21 @@ class ImageDetections:
             return torch.zeros(len(self.boxes), len(self.gt_boxes))
         return box_iou(self.boxes.float(), self.gt_boxes.float())
 
+    def in_crowd(self, iou: float) -> torch.Tensor:
+        """[D] bool: the detection lies in a crowd region (pycocotools' crowd IoU: intersection
+        over the detection's area, >= `iou`)."""
+        if not len(self.boxes) or not len(self.crowd_boxes):
+            return torch.zeros(len(self.boxes), dtype=torch.bool)
+        dets, crowd = (box_convert(b.double(), "xyxy", "xywh").numpy() for b in (self.boxes, self.crowd_boxes))
+        overlap = mask_utils.iou(dets, crowd, [1] * len(crowd))
+        return torch.from_numpy(np.asarray(overlap).max(axis=1) >= iou)
+
 
 def pair_detections(image: ImageDetections, score: float, iou: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """(pairs (det, gt), unpaired detections, unpaired GT) for detections with score >= `score`."""
+    """(pairs (det, gt), unpaired detections, unpaired GT) for detections with score >= `score`;
+    unpaired detections in a crowd region are in neither list."""
     overlaps = image.iou()
+    in_crowd = image.in_crowd(iou)
     order = [int(i) for i in torch.argsort(image.scores, descending=True) if float(image.scores[i]) >= score]
     free = set(range(len(image.gt_boxes)))
     pairs, lonely = [], []
@@ -47,7 +62,7 @@ def pair_detections(image: ImageDetections, score: float, iou: float) -> tuple[l
             _, g = max(candidates)
             free.discard(g)
             pairs.append((d, g))
-        else:
+        elif not in_crowd[d]:
             lonely.append(d)
     return pairs, lonely, sorted(free)
 

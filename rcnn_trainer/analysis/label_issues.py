@@ -85,6 +85,7 @@ def _image_issues(image: ImageDetections, label_to_cat: dict[int, int], min_scor
             best = float(scores[column >= TOUCHING].max()) if (column >= TOUCHING).any() else 0.0
             found.append(issue("spurious", SPURIOUS_FACTOR * (1 - best), category_id=label_to_cat[gt_label], **annotated))
     uncovered = confident & ((iou.max(1).values < UNCOVERED) if iou.shape[1] else torch.ones_like(confident))
+    uncovered &= ~image.in_crowd(0.5)  # a crowd region is annotated: not an overlooked object
     candidates = [d for d in torch.where(uncovered)[0].tolist() if d not in explained]
     if candidates:
         kept = nms(image.boxes[candidates].float(), scores[candidates], WELL_PLACED)  # one per spot, any class

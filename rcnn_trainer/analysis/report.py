@@ -30,6 +30,10 @@ def image_detections(dataset, results: list[dict]) -> list[ImageDetections]:
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
+    crowd: dict[int, list[list[float]]] = {}
+    for a in dataset.evaluation_json["annotations"]:
+        if a.get("iscrowd"):
+            crowd.setdefault(a["image_id"], []).append(a["bbox"])
     images = []
     for record in dataset.records:
         found = by_image.get(record.image_id, [])
@@ -40,7 +44,9 @@ def image_detections(dataset, results: list[dict]) -> list[ImageDetections]:
             gt_boxes=torch.from_numpy(record.boxes.copy()), gt_labels=torch.from_numpy(record.labels.copy()),
             gt_ids=ann_ids, boxes=boxes,
             labels=torch.tensor([dataset.cat_id_to_label[r["category_id"]] for r in found], dtype=torch.int64),
-            scores=torch.tensor([r["score"] for r in found], dtype=torch.float32)))
+            scores=torch.tensor([r["score"] for r in found], dtype=torch.float32),
+            crowd_boxes=box_convert(torch.tensor(crowd.get(record.image_id, []), dtype=torch.float32).reshape(-1, 4),
+                                    "xywh", "xyxy")))
     return images
 
 
