@@ -179,8 +179,9 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         return pooled.to(features[0].dtype)
 
 
-# Below this many RoIs per thread a chunk costs more to hand over than it saves.
-MIN_ROIS_PER_THREAD = 64
+# Fewer RoIs per thread cost more to hand over than they save (64 x 7 x 7 pooled from a 128 px
+# image's FPN, 2 threads: 100 RoIs 3.2 -> 2.1 ms in two chunks, 50 RoIs 1.7 ms either way).
+MIN_ROIS_PER_THREAD = 32
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
