@@ -196,20 +196,21 @@ def threaded_pool(features: list[Tensor], rois: Tensor, level_of_roi: Tensor, sc
     Pools in float32 like torchvision's autocast rule, returns the features' dtype."""
     dtype = features[0].dtype
     out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
-    threads = min(torch.get_num_threads(), rois.shape[0] // MIN_ROIS_PER_THREAD)
+    threads = torch.get_num_threads()
     jobs = []
     for level, (feature, scale) in enumerate(zip(features, scales)):
         index = torch.where(level_of_roi == level)[0]
         if index.numel():
             feature = feature.float()
-            jobs += [(feature, chunk, scale) for chunk in index.chunk(max(threads, 1))]
+            pieces = max(1, min(threads, index.numel() // MIN_ROIS_PER_THREAD))
+            jobs += [(feature, chunk, scale) for chunk in index.chunk(pieces)]
 
     def pool(job):
         feature, index, scale = job
         with torch.no_grad():  # grad mode is per thread; nothing here needs a gradient
             return index, torchvision_roi_align(feature, rois[index].float(), output_size, scale, sampling_ratio)
 
-    results = map(pool, jobs) if threads < 2 else _executor(threads).map(pool, jobs)
+    results = map(pool, jobs) if threads < 2 or len(jobs) < 2 else _executor(threads).map(pool, jobs)
     for index, pooled in results:
         out[index] = pooled.to(dtype)
     return out
