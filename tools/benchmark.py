@@ -24,6 +24,7 @@ loss (`--small-objects` adds the small-object options: anchors from 8 px, CIoU b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -47,6 +48,7 @@ from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.model.as_torchvision import torchvision_detector
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.frozen_backbone import freeze_backbone
 from rcnn_trainer.monitor.probe import probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,12 +215,15 @@ def inference_comparison(cfg, checkpoint: Path, batches: list[int], repeats: int
 
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
-    ours = build_model(cfg.model).eval()
-    ours.load_state_dict(ckpt["model"])
-    theirs = TorchvisionFasterRCNN(ours, cfg).eval()
+    eager = build_model(cfg.model).eval()
+    eager.load_state_dict(ckpt["model"])
+    theirs = TorchvisionFasterRCNN(eager, cfg).eval()
+    # ours as rcnn-eval / rcnn-predict run it in fp32 on CPU: the backbone frozen (a copy: theirs keeps the eager modules)
+    ours = copy.deepcopy(eager)
+    frozen = freeze_backbone(ours, torch.device("cpu"), None)
     val_set = build_dataset(cfg, "val")
     images = [val_set[i][0] for i in range(min(count, len(val_set)))]
-    report = {"checkpoint": str(checkpoint), "images": len(images), "by_batch": {}}
+    report = {"checkpoint": str(checkpoint), "images": len(images), "by_batch": {}, "ours_backbone_frozen": frozen}
     models = {"ours": ours, "torchvision": theirs}
     stages = {"ours": {"backbone": ours.backbone, "rpn": ours.rpn, "roi_heads": ours.roi_heads},
               "torchvision": {"transform": theirs.model.transform, "backbone": theirs.model.backbone,
@@ -346,7 +351,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         found = inference_comparison(load_config(args.config, list(args.overrides)), args.inference_checkpoint,
                                      args.inference_batches, max(args.repeats, 1), 32)
-        print(f"[inference, same weights: {found['checkpoint']}, {found['images']} val images, {args.threads} threads] "
+        print(f"[inference, same weights: {found['checkpoint']}, {found['images']} val images, {args.threads} threads, "
+              f"our backbone {'frozen' if found['ours_backbone_frozen'] else 'eager'}] "
               f"AP ours {found['AP_ours']:.3f} / torchvision {found['AP_torchvision']:.3f}, AP50 "
               f"{found['AP50_ours']:.3f} / {found['AP50_torchvision']:.3f}")
         for batch, row in found["by_batch"].items():

@@ -94,7 +94,7 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
-    model = inference_model(cfg, ckpt, checkpoint, device, tta, say=log)
+    model = inference_model(cfg, ckpt, checkpoint, device, tta, say=log, freeze=True)
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
     transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
     autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)

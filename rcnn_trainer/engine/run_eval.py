@@ -18,13 +18,14 @@ from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import check_dataset_fits_model
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.device import autocast_for, pick_device
+from rcnn_trainer.engine.device import amp_dtype, autocast_for, pick_device
 from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.evaluate import evaluate, format_metrics
 from rcnn_trainer.engine.resume import flatten
 from rcnn_trainer.engine.tta import TTAModel
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.frozen_backbone import freeze_backbone
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 
 
@@ -55,10 +56,14 @@ def chosen_weights(ckpt: dict, cfg: Config, path: Path, say=print) -> dict:
     return ckpt["model"]
 
 
-def inference_model(cfg: Config, ckpt: dict, path: Path, device, tta: bool = False, say=print) -> torch.nn.Module:
-    """The checkpoint's model for rcnn-eval / rcnn-predict, in eval mode, wrapped for --tta."""
+def inference_model(cfg: Config, ckpt: dict, path: Path, device, tta: bool = False, say=print,
+                    freeze: bool = False) -> torch.nn.Module:
+    """The checkpoint's model for rcnn-eval / rcnn-predict, in eval mode, wrapped for --tta.
+    `freeze`: the backbone as a frozen graph where that pays (model/frozen_backbone.py)."""
     model = build_model(cfg.model).to(device).eval()
     load_model_weights(model, ckpt, cfg, path)
+    if freeze:
+        freeze_backbone(model, device, amp_dtype(device, cfg.solver.amp, cfg.solver.amp_dtype), say=say)
     if not tta:
         return model
     augmented = TTAModel.from_config(model, cfg)
@@ -73,7 +78,7 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
-    model = inference_model(cfg, ckpt, checkpoint, device, tta)
+    model = inference_model(cfg, ckpt, checkpoint, device, tta, freeze=True)
     loader = build_eval_loader(cfg, val_set)
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
