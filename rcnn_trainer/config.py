@@ -186,6 +186,11 @@ class ClsLossConfig(Strict):
     avg_factor: Literal["sampled", "positives"] = Field(
         "sampled", description="Divide the summed loss by the number of sampled anchors/RoIs "
         "(torchvision/detectron2) or by the number of positives (usual with focal loss).")
+    logit_adjust: float = Field(
+        0.0, ge=0.0, description="RoI only: tau of the logit-adjusted loss (Menon et al. 2021) for long-tailed "
+        "classes: in the loss, each foreground class's logit gets tau x log(n_c / n_max), n_c its training objects "
+        "(as the sampler draws them), so the frequent classes' samples push the rare ones down less and rare "
+        "classes score higher at test; 0 = off (torchvision's loss).")
 
 
 class BoxLossConfig(Strict):
@@ -229,6 +234,8 @@ class RPNConfig(Strict):
     def _rpn_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
         if loss.type not in ("bce", "focal"):
             raise ValueError(f"rpn.cls_loss.type must be 'bce' or 'focal', got '{loss.type}'")
+        if loss.logit_adjust:
+            raise ValueError("rpn.cls_loss.logit_adjust: the RPN has one class (objectness); set it on model.roi")
         return loss
 
     @model_validator(mode="after")

@@ -26,6 +26,17 @@ def repeat_factors(image_labels: Sequence[np.ndarray], threshold: float) -> list
     return [max((per_class[label] for label in set(labels.tolist())), default=1.0) for labels in image_labels]
 
 
+def drawn_object_counts(image_labels: Sequence[np.ndarray], num_classes: int,
+                        threshold: float | None) -> list[float]:
+    """Objects of each class 1..num_classes per epoch as the sampler draws them: each image's
+    objects times its repeat factor (1 without repeat-factor sampling)."""
+    factors = repeat_factors(image_labels, threshold) if threshold is not None else [1.0] * len(image_labels)
+    counts = np.zeros(num_classes + 1)
+    for labels, factor in zip(image_labels, factors):
+        np.add.at(counts, labels.astype(np.int64), factor)
+    return counts[1:].tolist()
+
+
 def epoch_copies(factors: Sequence[float], generator: torch.Generator) -> list[int]:
     """How many times each image is drawn this epoch: floor(r) plus one more with
     probability frac(r)."""

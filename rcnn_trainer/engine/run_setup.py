@@ -20,6 +20,7 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict, save_config
 from rcnn_trainer.data.loader import build_eval_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
+from rcnn_trainer.data.repeat_factors import drawn_object_counts
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.data_settings import prepare_datasets
 from rcnn_trainer.engine.ema import WeightAverage
@@ -175,6 +176,8 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
               val_loader=build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size))),
               health=build_health_monitor(cfg, info.world_size), state=TrainState(),
               **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
+    run.model.roi_heads.set_class_counts(drawn_object_counts(
+        [r.labels for r in train_set.records], cfg.model.num_classes, cfg.data.repeat_factor_threshold))
     if resume:
         resume_from_latest(run)
     if run.state.iteration == 0 and cfg.model.init_from:  # a new run (or a resume that found no checkpoint)

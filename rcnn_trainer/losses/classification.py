@@ -8,6 +8,8 @@ ships only the sigmoid form; inference scores are a softmax, so training uses on
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
@@ -40,3 +42,15 @@ def class_loss_per_roi(logits: torch.Tensor, labels: torch.Tensor, *, loss_type:
     else:
         raise ValueError(f"unknown RoI classification loss '{loss_type}' (ce | focal)")
     return loss * class_weight[labels]
+
+
+def class_logit_offsets(object_counts: Sequence[float], tau: float) -> torch.Tensor:
+    """[C+1] offsets for the training logits: 0 for background, tau x log(n_c / n_max) <= 0 for
+    each foreground class with n_c training objects. The most frequent class keeps its logit (and
+    the foreground / background balance the sampler sets); a class 27x rarer needs a logit
+    log(27) higher to score the same in training, which it keeps at test. A class without
+    objects counts as one."""
+    counts = torch.tensor([max(float(n), 1.0) for n in object_counts], dtype=torch.float32)
+    if not counts.numel():
+        return torch.zeros(1)
+    return torch.cat([torch.zeros(1), tau * torch.log(counts / counts.max())])

@@ -14,6 +14,7 @@ class ClsLoss:
     alpha: float = 0.25         # sigmoid focal (rpn)
     gamma: float = 2.0          # focal
     avg_factor: str = "sampled"  # sampled | positives
+    logit_adjust: float = 0.0   # roi: tau of the logit-adjusted loss (0 = off)
 
 
 @dataclass(frozen=True)
@@ -35,5 +36,5 @@ class HeadLosses:
 def head_losses(head) -> HeadLosses:
     """From `model.rpn` or `model.roi` of the config."""
     c, b = head.cls_loss, head.box_loss
-    return HeadLosses(ClsLoss(c.type, head.cls_pos_weight, c.alpha, c.gamma, c.avg_factor),
+    return HeadLosses(ClsLoss(c.type, head.cls_pos_weight, c.alpha, c.gamma, c.avg_factor, c.logit_adjust),
                       BoxLoss(b.type, b.beta, b.avg_factor, b.wiou_alpha, b.wiou_delta, b.wiou_momentum))

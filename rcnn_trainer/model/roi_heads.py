@@ -18,7 +18,7 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, project_masks_on_boxes
 
 from rcnn_trainer.losses.box import box_loss_per_box
-from rcnn_trainer.losses.classification import class_loss_per_roi
+from rcnn_trainer.losses.classification import class_logit_offsets, class_loss_per_roi
 from rcnn_trainer.losses.heads import loss_roi_box, loss_roi_cls, loss_roi_mask
 from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
@@ -43,8 +43,23 @@ class BoxHeads(RoIHeads):
         self.losses = losses
         # Wise-IoU keeps a running mean (a buffer saved with the model); other losses are stateless.
         self.box_wiou = wise_iou_for(losses.box)
+        # logit adjustment, set from the training data (`set_class_counts`); not saved: training
+        # recomputes it, inference does not use it
+        num_logits = box_predictor.cls_score.out_features
+        self.register_buffer("class_logit_offsets", torch.zeros(num_logits), persistent=False)
         # the mask predictor upsamples the pooled features 2x (torchvision's MaskRCNNPredictor)
         self.mask_size = 2 * _pool_size(mask_roi_pool) if mask_roi_pool is not None else 0
+
+    def set_class_counts(self, object_counts) -> None:
+        """The training objects per foreground class (as the sampler draws them), for
+        `losses.cls.logit_adjust`; no effect when that is 0."""
+        if not self.losses.cls.logit_adjust:
+            return
+        offsets = class_logit_offsets(object_counts, self.losses.cls.logit_adjust)
+        if offsets.shape != self.class_logit_offsets.shape:
+            raise ValueError(f"{len(object_counts)} class counts for a head of {self.class_logit_offsets.numel() - 1} "
+                             f"classes")
+        self.class_logit_offsets.copy_(offsets)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict] | None = None, masks: bool = True):
@@ -137,7 +152,7 @@ class BoxHeads(RoIHeads):
         class_logits, box_deltas = self._predict(features, proposals, image_shapes)
         all_labels = torch.cat(labels)
         cls = self.losses.cls
-        per_roi = class_loss_per_roi(class_logits, all_labels.clamp(min=0), loss_type=cls.type,
+        per_roi = class_loss_per_roi(class_logits + self.class_logit_offsets, all_labels.clamp(min=0), loss_type=cls.type,
                                      pos_weight=cls.pos_weight, gamma=cls.gamma)
         pos = torch.where(all_labels > 0)[0]
         if pos.numel():
@@ -154,7 +169,7 @@ class BoxHeads(RoIHeads):
     def _losses(self, class_logits, box_deltas, rois, gt_labels, matched_gt_boxes, from_rpn, num_images):
         pos = torch.where(gt_labels > 0)[0]
         deltas_of_gt_class = box_deltas.reshape(box_deltas.shape[0], -1, 4)[pos, gt_labels[pos]]
-        cls, cls_factor = loss_roi_cls(class_logits, gt_labels, self.losses.cls)
+        cls, cls_factor = loss_roi_cls(class_logits + self.class_logit_offsets, gt_labels, self.losses.cls)
         box, box_factor = loss_roi_box(deltas_of_gt_class, rois[pos], matched_gt_boxes[pos], gt_labels.numel(),
                                        self.box_coder, self.losses.box, self.box_wiou)
         real = pos[from_rpn[pos]]
