@@ -229,6 +229,11 @@ class RPNConfig(Strict):
     cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="bce"))
     box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
 
+    @field_validator("cls_loss", mode="before")
+    @classmethod
+    def _rpn_cls_default_type(cls, loss):  # `model.rpn.cls_loss.gamma=3` alone keeps the head's default type
+        return {"type": "bce", **loss} if isinstance(loss, dict) and "type" not in loss else loss
+
     @field_validator("cls_loss")
     @classmethod
     def _rpn_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
@@ -271,6 +276,11 @@ class ROIConfig(Strict):
     score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="Drop detections below this score.")
     nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")
     detections_per_img: int = Field(100, ge=1, description="Detections kept per image.")
+
+    @field_validator("cls_loss", mode="before")
+    @classmethod
+    def _roi_cls_default_type(cls, loss):  # `model.roi.cls_loss.gamma=3` alone keeps the head's default type
+        return {"type": "ce", **loss} if isinstance(loss, dict) and "type" not in loss else loss
 
     @field_validator("cls_loss")
     @classmethod
