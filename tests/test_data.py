@@ -151,6 +151,15 @@ def test_repeat_factors_follow_the_rarest_class():
     assert abs(factors[3] - (0.5 / 0.2) ** 0.5) < 1e-9
 
 
+def test_drawn_object_counts_weigh_each_image_by_its_repeat_factor():
+    from rcnn_trainer.data.repeat_factors import drawn_object_counts, repeat_factors
+
+    labels = [np.array([1]), np.array([1, 1]), np.array([1]), np.array([1, 2]), np.array([], dtype=np.int64)]
+    assert drawn_object_counts(labels, 3, None) == [5.0, 1.0, 0.0]
+    rare = repeat_factors(labels, 0.5)[3]
+    assert drawn_object_counts(labels, 3, 0.5) == pytest.approx([4.0 + rare, rare, 0.0])
+
+
 def test_repeat_factor_sampling_draws_rare_images_more_and_varies_their_augmentation():
     from rcnn_trainer.data.loader import TrainBatchSampler
 

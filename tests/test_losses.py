@@ -125,3 +125,49 @@ def test_l1_term_seeded_expected_value():
     expected = (deltas - target).abs().sum() / 64
     loss, factor = loss_roi_box(deltas, proposals, gt, num_sampled=64, box_coder=CODER, settings=BoxLoss("l1"))
     assert factor.item() == 64 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_logit_adjustment_offsets_and_their_effect_on_the_loss():
+    """tau x log(n_c / n_max) per foreground class, 0 for background; a rare class's positive
+    costs more and a frequent class's sample pushes the rare logit down less."""
+    from rcnn_trainer.losses.classification import class_logit_offsets
+
+    offsets = class_logit_offsets([100, 25, 0], tau=1.0)
+    assert offsets.tolist() == pytest.approx([0.0, 0.0, math.log(0.25), math.log(0.01)])
+    assert class_logit_offsets([100, 25], tau=0.5).tolist() == pytest.approx([0.0, 0.0, 0.5 * math.log(0.25)])
+    logits = torch.zeros(2, 3)
+    labels = torch.tensor([2, 1])  # a rare-class positive, a frequent-class positive
+    plain = class_loss_per_roi(logits, labels, loss_type="ce", pos_weight=1.0)
+    adjusted = class_loss_per_roi(logits + class_logit_offsets([100, 25], 1.0), labels, loss_type="ce", pos_weight=1.0)
+    assert adjusted[0] > plain[0] and adjusted[1] < plain[1]
+    grads = []
+    for extra in (torch.zeros(3), class_logit_offsets([100, 25], 1.0)):
+        z = torch.zeros(1, 3, requires_grad=True)
+        class_loss_per_roi(z + extra, torch.tensor([1]), loss_type="ce", pos_weight=1.0).sum().backward()
+        grads.append(z.grad[0, 2].item())  # the push on the rare class's logit from a frequent positive
+    assert 0 < grads[1] < grads[0]
+
+
+def test_logit_adjustment_in_the_roi_heads(tmp_path):
+    """Set from the drawn object counts, used in the training loss only, not saved."""
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.model.build import build_model
+
+    cfg = load_config("config.yaml", ["model.num_classes=3", "model.anchors.sizes=[[16],[32],[64],[128],[256]]",
+                                      "model.backbone.fpn_channels=16", "model.roi.representation_size=32",
+                                      "model.roi.batch_size_per_image=16", "model.roi.cls_loss.logit_adjust=1.0"])
+    assert cfg.model.roi.cls_loss.type == "ce"  # a partial override keeps the head's type
+    model = build_model(cfg.model)
+    heads = model.roi_heads
+    heads.set_class_counts([40.0, 10.0, 4.0])
+    assert heads.class_logit_offsets.tolist() == pytest.approx([0.0, 0.0, math.log(0.25), math.log(0.1)])
+    assert "roi_heads.class_logit_offsets" not in model.state_dict()
+    with pytest.raises(ValueError, match="2 class counts for a head of 3"):
+        heads.set_class_counts([1.0, 2.0])
+    logits = torch.zeros(2, 4)
+    labels = torch.tensor([3, 0])
+    loss, _ = heads._losses(logits, torch.zeros(2, 16), torch.tensor([[0.0, 0, 8, 8], [0, 0, 4, 4]]), labels,
+                            torch.tensor([[0.0, 0, 8, 8], [0, 0, 4, 4]]), torch.tensor([True, True]), 1)
+    expected = loss_roi_cls(logits + heads.class_logit_offsets, labels, ClsLoss("ce"))[0]
+    assert loss["loss_roi_cls"].item() == pytest.approx(expected.item())
+    assert loss["loss_roi_cls"].item() != pytest.approx(loss_roi_cls(logits, labels, ClsLoss("ce"))[0].item())

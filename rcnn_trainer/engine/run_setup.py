@@ -176,8 +176,14 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
               val_loader=build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size))),
               health=build_health_monitor(cfg, info.world_size), state=TrainState(),
               **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
-    run.model.roi_heads.set_class_counts(drawn_object_counts(
-        [r.labels for r in train_set.records], cfg.model.num_classes, cfg.data.repeat_factor_threshold))
+    if cfg.model.roi.cls_loss.logit_adjust:
+        counts = drawn_object_counts([r.labels for r in train_set.records], cfg.model.num_classes,
+                                     cfg.data.repeat_factor_threshold)
+        run.model.roi_heads.set_class_counts(counts)
+        offsets = run.model.roi_heads.class_logit_offsets[1:]
+        say(f"[loss] logit adjustment (model.roi.cls_loss.logit_adjust={cfg.model.roi.cls_loss.logit_adjust:g}): "
+            f"training logits offset 0 to {offsets.min().item():.2f} by class frequency ({max(counts):.0f} to "
+            f"{min(counts):.0f} objects drawn per epoch)")
     if resume:
         resume_from_latest(run)
     if run.state.iteration == 0 and cfg.model.init_from:  # a new run (or a resume that found no checkpoint)

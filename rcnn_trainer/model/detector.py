@@ -51,13 +51,14 @@ class TwoStageDetector(nn.Module):
     def classify_boxes(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """Class probabilities [sum of B_i, C+1] (column 0 = background) of the box head on the
         given boxes (image coordinates), e.g. the ground truth: what the classifier says about
-        perfectly placed RoIs, independent of the RPN."""
+        perfectly placed RoIs, independent of the RPN. As the loss trains them: with the logit
+        adjustment's offsets (`model.roi.cls_loss.logit_adjust`), which inference leaves out."""
         image_list = self.preprocess(images)
         features = self.backbone(image_list.tensors)
         heads = self.roi_heads
         pooled = heads.box_roi_pool(features, [b.to(image_list.tensors.dtype) for b in boxes], image_list.image_sizes)
         class_logits, _ = heads.box_predictor(heads.box_head(pooled))
-        return torch.softmax(class_logits.float(), dim=-1)
+        return torch.softmax(class_logits.float() + heads.class_logit_offsets, dim=-1)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
                 original_sizes: list[tuple[int, int]] | None = None, masks: bool = True):

@@ -68,7 +68,9 @@ def class_diagnosis(probabilities: torch.Tensor, labels: torch.Tensor) -> ClassD
 def probe(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict],
           thresholds: list[float]) -> ProbeResult:
     """Inference on the probe images (eval mode): detections per image at each score threshold
-    next to GT per image, and the class diagnosis on the GT boxes."""
+    next to GT per image, and the class diagnosis on the GT boxes (the class distribution the
+    loss trains: with logit adjustment the test-time scores spread the mass over the rare
+    classes on purpose, which is not confusion)."""
     was_training = model.training
     model.eval()
     try:
