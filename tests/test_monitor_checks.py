@@ -61,6 +61,11 @@ def test_dominant_term():
     alarm = checks.check_dominant_term(heavy, max_share=0.7, sustain=3)
     assert alarm and "loss_roi_box is 81%" in alarm.seen and alarm.change[0].startswith("model.roi.box_loss.weight")
     assert checks.check_dominant_term(heavy[:2] + healthy[:1], max_share=0.7, sustain=3) is None  # not sustained
+    # at equal weights a term's own scale is not the config's doing (CE over 26 classes vs GIoU)
+    natural = [period(loss=1.0, loss_roi_cls=0.75, loss_roi_cls_weighted=0.75, loss_rpn_cls=0.1,
+                      loss_rpn_cls_weighted=0.1, loss_rpn_box=0.05, loss_rpn_box_weighted=0.05,
+                      loss_roi_box=0.1, loss_roi_box_weighted=0.1)] * 3
+    assert checks.check_dominant_term(natural, max_share=0.7, sustain=3) is None
 
 
 def test_flat_term_while_others_fall():
