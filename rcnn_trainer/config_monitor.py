@@ -34,6 +34,9 @@ class FlatLossLimits(Limits):
                            "of its highest judgment (it learned and levelled off).")
     box_refines: float = Field(0.1, gt=0.0, lt=1.0, description="flat_loss: not for loss_roi_box while the refined "
                                "boxes beat their proposals by this IoU (the regressor learned; its plateau is convergence).")
+    box_follows: float = Field(0.5, gt=0.0, le=1.0, description="flat_loss: nor while its predicted deltas correlate "
+                               "with their targets by this much and the refined boxes beat their proposals at all "
+                               "(a regressor that follows its targets is learning; the glyphs' plateaued at corr 0.58).")
 
 
 class StuckIouLimits(Limits):

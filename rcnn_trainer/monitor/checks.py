@@ -178,11 +178,13 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
 def output_shows_learning(name: str, latest: PeriodMeans, limits: FlatLossLimits) -> bool:
     """For terms whose value can level off high in a healthy run, what their head produces:
     the mask BCE (soft targets give it a high floor) once its masks beat RoI-blind ones; the
-    RoI box term once the refined boxes beat their proposals by `limits.box_refines` IoU."""
+    RoI box term once the refined boxes beat their proposals by `limits.box_refines` IoU, or beat
+    them at all with predicted deltas that follow their targets (`limits.box_follows`)."""
     if LOSS_TERMS[name].kind == "mask":
         return latest.mask_iou > latest.mask_trivial_iou
     if name == "loss_roi_box":
-        return latest.roi_pred_iou >= latest.proposal_iou + limits.box_refines
+        refines = latest.roi_pred_iou - latest.proposal_iou
+        return refines >= limits.box_refines or (refines > 0 and latest.delta_corr >= limits.box_follows)
     return False
 
 
