@@ -18,7 +18,9 @@ torchvision: `torchvision.models.detection.FasterRCNN` with its default RPN/RoI 
 scratch with trainable BatchNorm, the same anchors as ours, and the reference script's
 recipe: SGD lr 0.02 x batch/16 ... (see TORCHVISION_RECIPE), momentum 0.9, weight decay 1e-4,
 linear warmup over the first epoch (at most 1000 iterations) and x0.1 at 16/26 and 22/26 of
-training. Both are scored by the same COCO evaluation on the same val split.
+training. Both are scored by the same COCO evaluation on the same val split, and both train in
+fp32: torchvision's loop has no autocast, and the recipe's `solver.amp` would make the
+comparison depend on the CPU (bf16 on AMX / AVX512-BF16, fp32 on AVX2); --ours-amp keeps it.
 Each training run is a subprocess; results are cached in --out, so rerunning with another
 recipe reuses the torchvision runs (pass --fresh to run them again).
 
@@ -229,6 +231,8 @@ def main() -> None:
                    help="torchvision's default head sizes, or the sizes our recipe resolves (identical settings)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--ours-amp", action="store_true",
+                   help="train ours with the recipe's solver.amp (default: fp32, as torchvision's side)")
     p.add_argument("overrides", nargs="*", help="extra overrides for our recipe only")
     args = p.parse_args()
     if args.child:
@@ -246,12 +250,13 @@ def main() -> None:
         settings = [o for o in overrides + shared if not o.startswith(("data.train=", "data.val="))]
         key = (f"{name}/threads={args.threads}/" + (f"lr_scales={args.tv_lr_scales}/" if args.tv_lr_scales != [1.0] else "")
                + (f"heads={args.tv_heads}/" if args.tv_heads != "torchvision" else "") + " ".join(settings))
+        ours_overrides = overrides + ([] if args.ours_amp else ["solver.amp=false"]) + args.overrides
         if args.only != "torchvision":
             if args.keep_runs:  # our run folder kept (metrics.jsonl, log, checkpoints) to read its alarms
-                ours = run_ours(args.recipe, overrides + args.overrides, args.threads, args.keep_runs / name)
+                ours = run_ours(args.recipe, ours_overrides, args.threads, args.keep_runs / name)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
-                    ours = run_ours(args.recipe, overrides + args.overrides, args.threads, Path(tmp))
+                    ours = run_ours(args.recipe, ours_overrides, args.threads, Path(tmp))
             print(f"[{name}] ours: AP {ours['AP']:.3f} AP50 {ours['AP50']:.3f} APs {ours['APs']:.3f} "
                   + (f"segm AP {ours['segm_AP']:.3f} " if "segm_AP" in ours else "") +
                   f"{ours['s_per_iter']:.2f} s/it, {ours['wall_s']:.0f} s; alarms: "
