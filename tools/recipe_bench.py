@@ -33,6 +33,7 @@ torchvision's MaskRCNN with its 4 x 256 mask head) and reports segm AP beside bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -241,7 +242,7 @@ def main() -> None:
         return
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"torchvision": {}}
     report = {"recipe": args.recipe, "iters": args.iters, "batch": args.batch, "threads": args.threads,
-              "overrides": args.overrides, "rows": [], "torchvision": previous.get("torchvision", {})}
+              "overrides": args.overrides, "ours_precision": "recipe's solver.amp" if args.ours_amp else "fp32", "rows": [], "torchvision": previous.get("torchvision", {})}
     for name in args.datasets:
         overrides = data_overrides(name, args.data_dir, args.batch, args.iters, args.seed, args.size)
         overrides += ["model.mask.enabled=true"] if args.masks else []
@@ -252,11 +253,9 @@ def main() -> None:
                + (f"heads={args.tv_heads}/" if args.tv_heads != "torchvision" else "") + " ".join(settings))
         ours_overrides = overrides + ([] if args.ours_amp else ["solver.amp=false"]) + args.overrides
         if args.only != "torchvision":
-            if args.keep_runs:  # our run folder kept (metrics.jsonl, log, checkpoints) to read its alarms
-                ours = run_ours(args.recipe, ours_overrides, args.threads, args.keep_runs / name)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    ours = run_ours(args.recipe, ours_overrides, args.threads, Path(tmp))
+            # our run folder kept under --keep-runs (metrics.jsonl, log, checkpoints, to read its alarms), else a temp dir
+            with (contextlib.nullcontext(args.keep_runs / name) if args.keep_runs else tempfile.TemporaryDirectory()) as run_dir:
+                ours = run_ours(args.recipe, ours_overrides, args.threads, Path(run_dir))
             print(f"[{name}] ours: AP {ours['AP']:.3f} AP50 {ours['AP50']:.3f} APs {ours['APs']:.3f} "
                   + (f"segm AP {ours['segm_AP']:.3f} " if "segm_AP" in ours else "") +
                   f"{ours['s_per_iter']:.2f} s/it, {ours['wall_s']:.0f} s; alarms: "
