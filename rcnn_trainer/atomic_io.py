@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -21,9 +22,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     folder is fsynced so the rename itself survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # mkstemp: an unpredictable name opened with O_EXCL, so a link planted beside it is never followed
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o644)  # mkstemp's 0o600 would hide results from the user's group
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -64,7 +68,8 @@ def image_format(path: Path) -> str:
 def append_line(path: Path, line: str) -> None:
     """Append one line with a single write() (see the module docstring)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a log name planted as a link to someone's file is refused, not appended to
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         written = os.write(fd, data)
         while written < len(data):  # only on a full disk or a signal; the reader skips a cut line

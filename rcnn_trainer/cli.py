@@ -40,6 +40,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config the checkpoint was trained with.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
     p.add_argument("--output-dir", help="Where results go (default: <output_dir>/eval).")
+    p.add_argument("--overwrite", action="store_true", help="Replace eval outputs in a folder rcnn_trainer did not create.")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="Draw N images with GT and predictions.")
     p.add_argument("--tta", action="store_true", help="Test-time augmentation: the sizes and flips of tta.*, merged by NMS.")
     p.add_argument("--analyze", action="store_true", help="Also write the confusion matrix, PR curves, the AP error "
@@ -58,7 +59,10 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config the checkpoint was trained with.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files, folders of images, or glob patterns.")
-    p.add_argument("--output-dir", default="predictions", help="Where predictions.json and vis/ go.")
+    p.add_argument("--output-dir", default="predictions",
+                   help="Where predictions.json, predictions.jsonl, summary.json and vis/ go.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the predictions an earlier run left in --output-dir (refused otherwise).")
     p.add_argument("--score-thresh", type=float, default=0.5, help="Keep detections with at least this score.")
     p.add_argument("--no-draw", action="store_true", help="Only the json, no drawn images.")
     p.add_argument("--tta", action="store_true", help="Test-time augmentation: the sizes and flips of tta.*, merged by NMS.")
@@ -75,6 +79,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="Checkpoint file (e.g. output/default/model_final.pth).")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx (opset 17) or torchscript.")
     p.add_argument("--output", required=True, help="The file to write; FILE.labels.json is written beside it.")
+    p.add_argument("--overwrite", action="store_true", help="Replace FILE and FILE.labels.json if they exist.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides.")
     return p
 
@@ -129,7 +134,8 @@ def _run_eval(argv) -> int:
     if not 0.0 <= args.analyze_score <= 1.0:
         raise UserError(f"--analyze-score takes a score in [0, 1], got {args.analyze_score}.")
     run_evaluation(cfg, Path(args.checkpoint), out, visualize=args.visualize, progress=not args.no_progress,
-                   tta=args.tta, analyze=args.analyze, analyze_score=args.analyze_score, split=args.split)
+                   tta=args.tta, analyze=args.analyze, analyze_score=args.analyze_score, split=args.split,
+                   overwrite=args.overwrite)
     return 0
 
 
@@ -147,7 +153,7 @@ def _run_predict(argv) -> int:
     from rcnn_trainer.engine.predict import run_prediction
 
     run_prediction(cfg, Path(args.checkpoint), args.inputs, Path(args.output_dir), score_thresh=args.score_thresh,
-                   draw=not args.no_draw, progress=not args.no_progress, tta=args.tta)
+                   draw=not args.no_draw, progress=not args.no_progress, tta=args.tta, overwrite=args.overwrite)
     return 0
 
 
@@ -156,7 +162,7 @@ def _run_export(argv) -> int:
     cfg = _load(args)
     from rcnn_trainer.engine.export import export_model
 
-    result = export_model(cfg, Path(args.checkpoint), args.format, Path(args.output))
+    result = export_model(cfg, Path(args.checkpoint), args.format, Path(args.output), overwrite=args.overwrite)
     return 0 if result.get("matches", True) else 1
 
 

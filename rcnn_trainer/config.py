@@ -12,9 +12,9 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rcnn_trainer.config_monitor import (FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
+from rcnn_trainer.config_monitor import (DivergenceLimits, FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         MaskLearningLimits, OverfittingLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, OverfittingLimits, PreflightLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -69,6 +69,10 @@ class BadRecordPolicy(Strict):
         "drop", description="With model.mask.enabled: an object whose segmentation gives no mask (missing, "
         "empty, a polygon of fewer than 3 points, an RLE whose size is not the image's); the object is dropped "
         "with its box.")
+    unsafe_path: Literal["error", "drop"] = Field(
+        "error", description="An image whose file_name leads outside img_dir (an absolute path, or '..' "
+        "that climbs out of it) or holds a NUL: a file name in an annotation file never reads files elsewhere. "
+        "Links inside img_dir are followed as usual.")
 
 
 class DataConfig(Strict):
@@ -90,6 +94,9 @@ class DataConfig(Strict):
         "whose rarest class is in a fraction f < t of the training images is drawn sqrt(t/f) times "
         "per epoch. null = every image once. LVIS uses 0.001; tens of classes with a long tail: 0.1-0.3.")
     bad_records: BadRecordPolicy = Field(default_factory=BadRecordPolicy)
+    max_annotation_mb: float = Field(
+        4096, gt=0, description="Largest annotation file read, in MiB (COCO train2017's is 448 MiB; parsing "
+        "takes about 10x the file size in memory). A bigger file is refused naming it: raise this for one.")
     check_images: Union[Literal["all"], int] = Field(
         256, description="Image files whose header is read when the dataset is indexed: a seeded sample "
         "of this many, or `all` (118,000 COCO images: ~44 s here, far more on network storage). Every "
@@ -469,6 +476,8 @@ class MonitorConfig(Strict):
     lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
     gradients: GradientLimits = Field(default_factory=GradientLimits)
     loss_scale: LossScaleLimits = Field(default_factory=LossScaleLimits)
+    preflight: PreflightLimits = Field(default_factory=PreflightLimits)
+    divergence: DivergenceLimits = Field(default_factory=DivergenceLimits)
 
     @field_validator("period")
     @classmethod

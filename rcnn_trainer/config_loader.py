@@ -6,6 +6,7 @@ suggestion for a misspelt key. The resolved config is written back with `save_co
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.input_limits import (MAX_BASE_DEPTH, MAX_BASE_FILES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH,
+                                         MAX_CONFIG_NODES, brief, check_file_size, check_nesting)
 from rcnn_trainer.atomic_io import atomic_write_text
 
 
@@ -23,9 +26,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), log: Callable[[
     """Read `path` (with its `_base_` chain), apply dotted overrides, validate. `log` gets one
     line per data source replaced (a user's data.train/val over a base's data.synthetic)."""
     notes: list[str] = []
-    raw = _read_with_bases(Path(path), chain=(), notes=notes)
+    raw = _read_with_bases(Path(path), chain=(), notes=notes, cache={})
     for override in overrides:
         _apply_override(raw, override, notes)
+    check_nesting(raw, str(path), MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, what="config (with its _base_ files and overrides)")
     for note in notes:
         (log or (lambda _: None))(note)
     return validate_config(raw, source=str(path))
@@ -50,8 +54,14 @@ def config_to_dict(cfg: Config) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist.")
+    check_file_size(path, MAX_CONFIG_BYTES, "config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise UserError(f"config file '{path}': nested too deeply to read (more than a few hundred levels); "
+                        f"no valid config does.") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start}).") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -66,14 +76,29 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (data:, model:, ...), "
                         f"found a {type(data).__name__}.")
+    check_nesting(data, str(path), MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, what="config")
     return data
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...], notes: list[str]) -> dict:
+def _read_with_bases(path: Path, chain: tuple[Path, ...], notes: list[str], cache: dict) -> dict:
+    """The file merged onto its bases. `cache` holds each file's result by resolved path, so a
+    base included along many paths (a diamond) is read and merged once; callers get a copy
+    (merging pops data sources in place)."""
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"_base_ cycle: {cycle}. Remove one of the _base_ links.")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise UserError(f"{path}: _base_ chain deeper than {MAX_BASE_DEPTH} files "
+                        f"({' -> '.join(p.name for p in chain[:4])} -> ...). Merge some of them.")
+    if resolved not in cache:
+        if len(cache) >= MAX_BASE_FILES:
+            raise UserError(f"{path}: more than {MAX_BASE_FILES} files in the _base_ includes of one config.")
+        cache[resolved] = _merged_with_bases(path, resolved, chain, notes, cache)
+    return copy.deepcopy(cache[resolved])
+
+
+def _merged_with_bases(path: Path, resolved: Path, chain: tuple[Path, ...], notes: list[str], cache: dict) -> dict:
     data = _read_yaml(path)
     base = data.pop("_base_", None)
     if base is None:
@@ -85,7 +110,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...], notes: list[str]) -> d
         if not base_path.is_file():
             raise UserError(f"{path}: _base_ file '{entry}' does not exist "
                             f"(looked for {base_path.resolve()}; _base_ is relative to the config file).")
-        merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,), notes))
+        merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,), notes, cache))
     if isinstance(data.get("data"), dict) and isinstance(merged.get("data"), dict):
         _replace_data_source(merged["data"], data["data"].keys(), f"{path}", notes)
     return deep_merge(merged, data)
@@ -124,10 +149,15 @@ def _apply_override(raw: dict, override: str, notes: list[str]) -> None:
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
     _check_key_path(keys, override)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UserError(f"override '{dotted}': the value is {len(text):,} characters, over {MAX_CONFIG_BYTES:,}.")
     try:
         value = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"override '{dotted}': the value is nested too deeply to read.") from None
     except yaml.YAMLError:
         value = text
+    check_nesting(value, f"override '{dotted}'", MAX_CONFIG_DEPTH, MAX_CONFIG_NODES)
     if len(keys) >= 2 and keys[0] == "data" and isinstance(raw.get("data"), dict) and value is not None:
         _replace_data_source(raw["data"], [keys[1]], f"override '{dotted}'", notes)
     node = raw
@@ -190,6 +220,6 @@ def _explain_validation_error(err: ValidationError, source: str) -> str:
         else:
             message = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {brief(got)})"
             lines.append(f"  - {key}: {message}{shown}")
     return "\n".join(lines)

@@ -127,3 +127,37 @@ class GradientLimits(Limits):
 class LossScaleLimits(Limits):
     falls: int = Field(3, ge=1, description="amp_loss_scale: the GradScaler's scale lower at each of this many "
                        "judgments in a row.")
+
+
+class PreflightLimits(Limits):
+    imbalance: float = Field(50.0, gt=1.0, description="class_imbalance: the most frequent class has more than this "
+                             "many times the objects of the rarest.")
+    min_kept_share: float = Field(0.5, gt=0.0, le=1.0, description="images_dropped (error): fewer than this share of "
+                                  "the file's images survived loading.")
+    normalized_min_side: float = Field(32.0, gt=0.0, description="normalized_boxes (error): every coordinate in [0, 1] "
+                                       "on images whose sides are all above this many pixels.")
+    xyxy_share: float = Field(0.3, gt=0.0, le=1.0, description="xyxy_boxes (error): more than this share of boxes past "
+                              "the image as [x, y, w, h] but inside it as [x1, y1, x2, y2].")
+    outside_share: float = Field(0.01, ge=0.0, le=1.0, description="boxes_outside_image: more than this share of boxes "
+                                 "past the image border.")
+    anchor_min_boxes: int = Field(10, ge=1, description="anchor_coverage: a size bucket is judged from this many boxes.")
+    anchor_poor_share: float = Field(0.25, gt=0.0, le=1.0, description="anchor_coverage: more than this share of a "
+                                     "bucket's boxes with no anchor at IoU >= 0.5.")
+    tiny_share: float = Field(0.05, gt=0.0, le=1.0, description="tiny_boxes: more than this share of boxes thinner "
+                              "than the finest anchor stride after resize.")
+    max_images: int = Field(500, ge=1, description="Images sampled for the anchor and size checks.")
+    augmented_samples: int = Field(16, ge=0, description="Images run through the training transforms to check "
+                                   "their boxes (augmentation_boxes).")
+
+
+class DivergenceLimits(Limits):
+    loss_factor: float = Field(10.0, gt=1.0, description="divergence: a judgment's mean loss above this x the larger "
+                               "of the first step's loss and its expected value at initialization.")
+    explode: float = Field(4.0, gt=1.0, description="divergence: ... or above this x the lowest judgment mean so far "
+                           "while above the first step's loss (a run that learned, then blew up).")
+    grad_factor: float = Field(50.0, gt=1.0, description="divergence: the judgment's median pre-clip grad norm above "
+                               "this x the first steps' (measured before the lr could act).")
+    reference_steps: int = Field(3, ge=1, description="divergence: the first this many finite grad norms set the "
+                                 "reference (their largest).")
+    memory: int = Field(5, ge=0, description="Judgments after a cause alarm (divergence, vanishing_lr, gradients) "
+                        "during which the symptoms it explains (collapse, low_confidence, ...) are held back.")

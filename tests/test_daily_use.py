@@ -84,6 +84,8 @@ def test_overrides_anywhere_among_options(tmp_path, capsys):
 HOLD_LOCK = """
 import sys, time
 from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.run_folder import claim_folder
+claim_folder(sys.argv[1], "rcnn-train", ())  # as a run does before it locks
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)

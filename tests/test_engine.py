@@ -53,7 +53,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
 def test_rerun_into_used_output_dir_refused(tmp_path):
     cfg = tiny_config(tmp_path, solver={"max_iters": 2})
     train(cfg, log=quiet, progress=False)
-    with pytest.raises(UserError, match="already holds checkpoints"):
+    with pytest.raises(UserError, match="already holds results of an earlier run .ckpt_"):
         train(cfg, log=quiet, progress=False)
 
 
@@ -72,8 +72,8 @@ def test_resume_is_exact(tmp_path, after_forward):
     train(tiny_config(tmp_path / "a", **settings), log=quiet, progress=False)
     crashed_then_resumed(tmp_path / "b", after_forward, **settings)
 
-    a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "run" / "model_final.pth", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "run" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "model_final.pth", weights_only=True)["model"]
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
     strip = lambda lines: [{k: v for k, v in l.items() if "time" not in k}
@@ -122,14 +122,14 @@ sys.exit(main(sys.argv[2:]))
 
 def test_sigkill_during_checkpoint_write_leaves_loadable_newest(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", tiny_dict(tmp_path, solver={"max_iters": 6}, train={"checkpoint_period": 2}))
-    proc = subprocess.run([sys.executable, "-c", TRAIN_KILLED_AT_FSYNC_OF, ".ckpt_0000004.pth.tmp", "train",
+    proc = subprocess.run([sys.executable, "-c", TRAIN_KILLED_AT_FSYNC_OF, ".ckpt_0000004.pth.", "train",
                            "--config", str(config), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "run" / "checkpoints"
     newest = ckpt_io.periodic_checkpoints(folder)[0]
     assert newest.name == "ckpt_0000002.pth"
     assert ckpt_io.load_checkpoint(newest)["iteration"] == 2
-    assert list(folder.glob(".ckpt_0000004.pth.tmp-*"))  # the half-written file never took the name
+    assert list(folder.glob(".ckpt_0000004.pth.*.tmp"))  # the half-written file never took the name
     proc = subprocess.run([sys.executable, "-m", "rcnn_trainer.cli", "train", "--config", str(config), "--resume",
                            "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

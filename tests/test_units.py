@@ -118,7 +118,8 @@ def test_vanishing_lr_holds_back_the_symptoms_of_not_learning(tmp_path):
 def test_prune_keeps_the_newest_periodic_checkpoints_and_removes_stale_temporaries(tmp_path):
     for it in (2, 4, 6, 8, 10):
         (tmp_path / f"ckpt_{it:07d}.pth").write_bytes(b"x")
-    (tmp_path / ".ckpt_0000012.pth.tmp-123").write_bytes(b"half")
+    (tmp_path / ".ckpt_0000012.pth.tmp-123").write_bytes(b"half")  # an older version's temporary
+    (tmp_path / ".ckpt_0000014.pth.k3j_x9a1.tmp").write_bytes(b"half")  # atomic_io's (mkstemp)
     (tmp_path / "model_best.pth").write_bytes(b"best")
     ckpt_io.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000008.pth", "ckpt_0000010.pth", "model_best.pth"]

@@ -6,7 +6,12 @@ masks, the index with masks (every segmentation checked), and the index with mas
 loading --load images (rasterized per image, as training does). Prints time and peak RSS, and
 what holding one full-image mask per object would take instead.
 
+--large measures the other bound instead: one --large-side x --large-side image with
+--large-objects objects (half polygons, half compressed RLEs), loaded once with masks on at the
+default training size (800 - 1333 px), against the same process doing nothing but the imports.
+
     python tools/mask_memory.py --images 20000 --objects 7.3 --out /tmp/mask_memory
+    python tools/mask_memory.py --large --out /tmp/mask_memory_large
 """
 
 from __future__ import annotations
@@ -58,6 +63,43 @@ def generate(out: Path, images: int, objects: float, seed: int = 0) -> tuple[Pat
     return ann_file, len(anns)
 
 
+LARGE = {
+    "imports only (baseline)": "pass",
+    "load the image, masks on": "from rcnn_trainer.data.transforms import build_transforms\n"
+                                "d = CocoDetection(ann, img_dir, check_images=0, masks=True, "
+                                "transforms=build_transforms(800, 1333, 0.0, train=True))\n"
+                                "image, target = d[0]\nprint('masks', tuple(target['masks'].shape))",
+}
+
+
+def generate_large(out: Path, side: int, objects: int, seed: int = 0) -> Path:
+    """One flat grey side x side PNG (small on disk) with `objects` objects of 5-20 % of the side."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    ann_file = out / "instances.json"
+    if ann_file.exists():
+        return ann_file
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (side, side), (128, 128, 128)).save(out / "images" / "big.png")
+    rng = np.random.default_rng(seed)
+    angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    anns = []
+    for k in range(objects):
+        w, h = rng.uniform(0.05, 0.2, 2) * side
+        x, y = rng.uniform(0, side - w), rng.uniform(0, side - h)
+        poly = np.stack([x + w / 2 * (1 + np.cos(angles)), y + h / 2 * (1 + np.sin(angles))], 1).ravel().tolist()
+        segmentation = [poly]
+        if k % 2:  # the same shape as a compressed RLE
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, side, side))
+            segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [x, y, w, h], "area": w * h,
+                     "iscrowd": 0, "segmentation": segmentation})
+    ann_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "big.png", "width": side, "height": side}],
+                                    "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    return ann_file
+
+
 def measure(statement: str, ann: Path, load: int) -> tuple[float, float]:
     script = (f"import resource, time; from rcnn_trainer.data.coco import CocoDetection\n"
               f"ann, img_dir, LOAD = {str(ann)!r}, {str(ann.parent / 'images')!r}, {load}\n"
@@ -74,7 +116,19 @@ def main() -> None:
     p.add_argument("--objects", type=float, default=7.3)
     p.add_argument("--load", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("/tmp/mask_memory"))
+    p.add_argument("--large", action="store_true", help="Measure one large image with many objects instead.")
+    p.add_argument("--large-side", type=int, default=4000)
+    p.add_argument("--large-objects", type=int, default=100)
     args = p.parse_args()
+    if args.large:
+        ann = generate_large(args.out, args.large_side, args.large_objects)
+        print(f"file: {ann} (one {args.large_side} x {args.large_side} image, {args.large_objects} objects)")
+        for name, statement in LARGE.items():
+            seconds, gib = measure(statement, ann, 1)
+            print(f"{name:32s} {seconds:6.1f} s  peak RSS {gib:5.2f} GiB")
+        full = args.large_objects * args.large_side ** 2 / 2**30
+        print(f"the objects' masks at full size (uint8 {args.large_side} x {args.large_side}): {full:.2f} GiB")
+        return
     ann, objects = generate(args.out, args.images, args.objects)
     print(f"file: {ann} ({ann.stat().st_size / 1e6:.0f} MB, {args.images} images, {objects} objects with polygons)")
     for name, statement in MEASURE.items():

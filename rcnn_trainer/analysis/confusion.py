@@ -22,7 +22,7 @@ from torchvision.ops import box_convert, box_iou
 @dataclass
 class ImageDetections:
     """One image's ground truth (non-crowd, original pixels, labels 1..C) and detections."""
-    image_id: int
+    image_id: int | str        # as in the annotation file
     file_name: str
     gt_boxes: torch.Tensor     # [G, 4] xyxy
     gt_labels: torch.Tensor    # [G]

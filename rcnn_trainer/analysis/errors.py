@@ -73,7 +73,8 @@ def _ap(precision: np.ndarray) -> float:
 def error_breakdown(coco_gt, results: list[dict], img_ids: list[int], class_names: dict[int, str]) -> dict:
     """{"per_class": {name: {stage: AP}}, "overall": {stage: AP}, "costs": {...}, "per_class_costs": {...},
     "precision": {"C50"/"C75": [R, K] arrays for the PR curves}, "recall": the 101 recall points}.
-    `class_names`: category id -> name."""
+    `class_names`: category id -> name. `results` and `img_ids` carry the image ids `coco_gt` knows
+    (for a dataset: CocoDetection.results_for_coco and coco_image_ids)."""
     cat_ids = sorted(class_names)
     supercategory = {c["id"]: c.get("supercategory") for c in coco_gt.dataset.get("categories", [])}
     with_gt = {a["category_id"] for a in coco_gt.dataset["annotations"] if not a.get("iscrowd")}

@@ -3,6 +3,7 @@
 confusion_matrix.json/.png, pr_curves.png, error_analysis.json/.png, label_issues.json (and
 drawings of the top issues with --visualize), and a short printed summary. The plots need
 matplotlib (the `plot` extra); without it the json files are still written and the summary says so.
+Image ids stay as the file has them (int or str) in what is written; only pycocotools sees its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from rcnn_trainer.analysis.confusion import ImageDetections, confusion_matrix
 from rcnn_trainer.analysis.errors import COSTS, biggest_cost, error_breakdown
 from rcnn_trainer.analysis.label_issues import find_label_issues
 from rcnn_trainer.atomic_io import atomic_write_text
+from rcnn_trainer.run_folder import safe_name
+
+# what analyze() writes into the eval folder (rcnn-eval claims them before it runs)
+OUTPUTS = ("confusion_matrix.json", "confusion_matrix.png", "pr_curves.png", "error_analysis.json",
+           "error_analysis.png", "label_issues.json", "label_issues")
 
 TRAIN_SPLIT_BIAS = ("these are the labels the model trained on: it has partly learned their errors, so it "
                     "agrees with them more than an independent model would and finds fewer of them (a swapped "
@@ -27,10 +33,10 @@ TRAIN_SPLIT_BIAS = ("these are the labels the model trained on: it has partly le
 
 
 def image_detections(dataset, results: list[dict]) -> list[ImageDetections]:
-    by_image: dict[int, list[dict]] = {}
+    by_image: dict[int | str, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
-    crowd: dict[int, list[list[float]]] = {}
+    crowd: dict[int | str, list[list[float]]] = {}
     for a in dataset.evaluation_json["annotations"]:
         if a.get("iscrowd"):
             crowd.setdefault(a["image_id"], []).append(a["bbox"])
@@ -62,7 +68,8 @@ def analyze(dataset, results: list[dict], out: Path, score: float = 0.3, split: 
         "columns": "detected class (column 0: objects no detection matched)", "score": score, "iou": 0.5,
         "gt_count": gt_count, "detection_count": det_count, "matrix": matrix.tolist()}, indent=1))
     label_to_cat = dict(dataset.label_to_cat_id)
-    breakdown = error_breakdown(dataset.coco_api(), results, [r.image_id for r in dataset.records],
+    breakdown = error_breakdown(dataset.coco_api(), dataset.results_for_coco(results),
+                                [dataset.coco_image_ids[r.image_id] for r in dataset.records],
                                 {cat: names[label - 1] for label, cat in label_to_cat.items()})
     atomic_write_text(out / "error_analysis.json", json.dumps({
         "stages": "AP at C75, C50, Loc (IoU 0.1), Sim, Oth, BG, FN (rcnn_trainer/analysis/errors.py)",
@@ -159,4 +166,4 @@ def _draw_issues(dataset, issues: list[dict], folder: Path) -> None:
         shown = issue.get("model_bbox") or (issue["bbox"] if issue["kind"] in ("overlooked", "swapped") else None)
         text = f"{rank}. {issue['kind']} {issue['score']:.2f}"
         draw_detections(image, annotated, [(xyxy(shown), text)] if shown else [],
-                        folder / f"{rank:03d}_{issue['kind']}_{issue['image_id']}.png")
+                        folder / f"{rank:03d}_{issue['kind']}_{safe_name(issue['image_id'])}.png")

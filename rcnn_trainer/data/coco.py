@@ -1,7 +1,10 @@
 """COCO-format detection dataset with record checks.
 
 Targets follow torchvision: {"boxes": float32 xyxy [N, 4], "labels": int64 [N]} with labels
-in 1..C (0 is background), plus "image_id" (the COCO id) and "orig_size" (h, w).
+in 1..C (0 is background), plus "image_id" (the file's id: an int or a str, 1 and "1" being two
+images) and "orig_size" (h, w). pycocotools is handed an integer per image instead
+(`coco_image_ids`, `coco_api`, `results_for_coco`); what we write for people keeps the file's ids.
+A file_name is a path under img_dir: one that leads outside it is a bad record (unsafe_path).
 Category ids are mapped to contiguous labels; `label_to_cat_id` maps predictions back.
 Crowd annotations are left out of training targets (COCO evaluation ignores detections that
 fall on them, using the original annotation file). Images without objects stay as negatives.
@@ -32,9 +35,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from rcnn_trainer.data.pixels import to_rgb
-from rcnn_trainer.data.transforms import ToTensor
+from rcnn_trainer.data.pixels import read_rgb
+from rcnn_trainer.data.transforms import ToTensor, output_size
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.input_limits import MAX_JSON_DEPTH, brief, check_nesting
 
 BORDER_TOLERANCE_PX = 1.0  # boxes this close past the border are clipped without counting
 _NO_BOXES = np.zeros((0, 4), np.float32)  # shared by the images without objects (items copy them)
@@ -61,7 +65,7 @@ class DropReport:
 
 @dataclass
 class ImageRecord:
-    image_id: int
+    image_id: int | str  # as in the file
     file: str  # the image's path; a str because 118,000 Path objects cost ~1 s at indexing
     width: int
     height: int
@@ -95,7 +99,7 @@ def read_coco_json(ann_file: Path) -> dict:
         cat_id = category.get("id") if isinstance(category, dict) else None
         if type(cat_id) is not int or not -2**62 < cat_id < 2**62:
             raise UserError(f"annotation file '{ann_file}': categories[{index}] needs an integer 'id', got "
-                            f"{category!r:.200}.")
+                            f"{brief(category)}.")
         if cat_id in seen:
             raise UserError(f"annotation file '{ann_file}': categories[{index}]: duplicate category id {cat_id}.")
         seen.add(cat_id)
@@ -122,8 +126,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, ann_file: Path, img_dir: Path, *, missing_image: str = "error",
                  unknown_category: str = "error", degenerate_box: str = "drop",
                  box_outside_image: str = "clip", non_finite_box: str = "error", bad_mask: str = "drop",
-                 check_images: int | str = "all", masks: bool = False, load_masks: bool | None = None,
-                 transforms: Optional[Callable] = None, seed: int = 0):
+                 unsafe_path: str = "error", check_images: int | str = "all", masks: bool = False,
+                 load_masks: bool | None = None, transforms: Optional[Callable] = None, seed: int = 0):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.transforms = transforms if transforms is not None else ToTensor()
@@ -133,7 +137,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._file_boxes: FileBoxes | None = None  # set by the vectorized index, else derived on demand
         self._policy = dict(missing_image=missing_image, unknown_category=unknown_category,
                             degenerate_box=degenerate_box, box_outside_image=box_outside_image,
-                            non_finite_box=non_finite_box, bad_mask=bad_mask)
+                            non_finite_box=non_finite_box, bad_mask=bad_mask, unsafe_path=unsafe_path)
         # masks: every kept object's segmentation checked (bad_mask policy); load_masks (default: the
         # same): targets carry "masks" uint8 [N, H, W] (evaluation reads them from the file instead)
         self.masks = masks if load_masks is None else load_masks
@@ -162,12 +166,30 @@ class CocoDetection(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.categories)
 
+    @functools.cached_property
+    def coco_image_ids(self) -> dict:
+        """{the file's image id: the integer pycocotools knows the image by} (its position + 1). The
+        file's ids may be strings, or ints and strings side by side, which pycocotools' sorting
+        (np.unique) cannot order; ours are never compared with one another, only looked up."""
+        return {image["id"]: position + 1 for position, image in enumerate(self.raw["images"])}
+
+    def results_for_coco(self, results: list[dict]) -> list[dict]:
+        """Copies of COCO results (written with the file's ids) with pycocotools' image ids."""
+        ids = self.coco_image_ids
+        return [dict(r, image_id=ids[r["image_id"]]) for r in results]
+
     def coco_api(self):
-        """pycocotools COCO object of the raw annotation file (for evaluation)."""
+        """pycocotools COCO object of `evaluation_json` (for evaluation), its images known by
+        `coco_image_ids`; hand it results through `results_for_coco`. Annotations of an image not in
+        'images' are left out (the loader counted them; they could not be scored)."""
         from pycocotools.coco import COCO
 
+        ids = self.coco_image_ids
+        data = self.evaluation_json
+        anns = [dict(a, image_id=ids[key]) for a in data["annotations"] if (key := _hashable(a.get("image_id"))) in ids]
         coco = COCO()
-        coco.dataset = self.evaluation_json
+        coco.dataset = {**data, "images": [dict(image, id=ids[image["id"]]) for image in data["images"]],
+                        "annotations": anns}
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
         return coco
@@ -241,9 +263,14 @@ class CocoDetection(torch.utils.data.Dataset):
             self._check_one(index, anns[index], images, kept_by_image)
         img_dir = str(self.img_dir)
         paths = [os.path.join(img_dir, image["file_name"]) for image in images.values()]
-        existing = _existing_files(paths)
+        unsafe = _names_leaving(img_dir, [image["file_name"] for image in images.values()])
+        existing = _existing_files([p for i, p in enumerate(paths) if i not in unsafe] if unsafe else paths)
         records = []
-        for (image_id, image), path, num_crowd in zip(images.items(), paths, crowd_per_image):
+        for position, ((image_id, image), path, num_crowd) in enumerate(zip(images.items(), paths, crowd_per_image)):
+            if position in unsafe:
+                self._handle("unsafe_path", f"images[{position}] (id {image_id!r:.100})",
+                             f"file_name {image['file_name']!r:.200} {unsafe[position]}")
+                continue
             if path not in existing:
                 self._handle("missing_image", f"image id {image_id} '{path}'", "the image file does not exist")
                 continue
@@ -269,21 +296,21 @@ class CocoDetection(torch.utils.data.Dataset):
         for index, image in enumerate(self.raw["images"]):
             where = f"images[{index}]"
             if not isinstance(image, dict) or not {"id", "file_name", "width", "height"} <= image.keys():
-                raise UserError(f"{self.ann_file}: {where} needs id, file_name, width and height; got {image!r:.200}.")
+                raise UserError(f"{self.ann_file}: {where} needs id, file_name, width and height; got {brief(image)}.")
             if not isinstance(image["file_name"], str) or not image["file_name"]:
                 raise UserError(f"{self.ann_file}: {where}: file_name must be a non-empty string, "
-                                f"got {image['file_name']!r:.100}.")
+                                f"got {brief(image['file_name'])}.")
             for key in ("width", "height"):
                 value = image[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
                     raise UserError(f"{self.ann_file}: {where}: {key} must be a positive number of pixels, "
-                                    f"got {value!r:.100}.")
+                                    f"got {brief(value)}.")
             if isinstance(image["id"], bool) or not isinstance(image["id"], (int, str)):
                 raise UserError(f"{self.ann_file}: {where}: id must be an integer (or a string), "
-                                f"got {image['id']!r:.100}.")
+                                f"got {brief(image['id'])}.")
             key = image["id"]
             if key in images:
-                raise UserError(f"{self.ann_file}: {where}: duplicate image id {image['id']!r:.100}.")
+                raise UserError(f"{self.ann_file}: {where}: duplicate image id {brief(image['id'])}.")
             images[key] = image
         return images
 
@@ -339,7 +366,7 @@ class CocoDetection(torch.utils.data.Dataset):
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise UserError(f"{self.ann_file}: {where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r:.200}.")
+            raise UserError(f"{self.ann_file}: {where}: bbox must be 4 numbers [x, y, w, h], got {brief(bbox)}.")
         if not all(math.isfinite(v) for v in bbox):
             self._handle("non_finite_box", where, f"bbox {bbox!r} has non-finite (NaN or infinite) coordinates")
             return
@@ -349,7 +376,7 @@ class CocoDetection(torch.utils.data.Dataset):
             return
         if _hashable(ann["category_id"]) not in self.cat_id_to_label:
             self._handle("unknown_category", where,
-                         f"category_id {ann['category_id']!r:.50} is not in 'categories' "
+                         f"category_id {brief(ann['category_id'])} is not in 'categories' "
                          f"(known ids: {sorted(self.cat_id_to_label)[:20]})")
             return
         kept_by_image[image_id].append((index, ann))
@@ -447,18 +474,20 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    # An image found unreadable only when it is loaded (indexing reads a sample of the files)
+    # under data.bad_records.missing_image: drop. Training reads the next readable image in its
+    # place (the batch keeps its size); evaluation (build_dataset sets this) skips it: the item is
+    # None, which the loader's collate leaves out, so exactly the images read are scored.
+    skip_unreadable: bool = False
+
     def __getitem__(self, key):
+        """(image, target), or None for an unreadable image dropped under `skip_unreadable`."""
         index, epoch, copy, min_size = parse_key(key)
+        loaded = self._read_from(index)
+        if loaded is None:
+            return None
+        index, image = loaded
         record = self.records[index]
-        problem = check_image_file(record.path, (record.width, record.height))
-        if problem:  # found at first load (indexing reads a sample): the same policy and message
-            self._handle("missing_image", f"image id {record.image_id} '{record.path}'", problem)
-            return self[((index + 1) % len(self.records), epoch, copy, min_size)]  # dropped: the next image instead
-        try:
-            with Image.open(record.path) as img:
-                image = to_rgb(img)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-            raise UserError(f"image '{record.path}' (id {record.image_id}) could not be read: {err}.") from None
         if image.size != (record.width, record.height):
             raise UserError(f"{self.ann_file}: image id {record.image_id} '{record.path}' is "
                             f"{image.size[0]}x{image.size[1]} but the annotation says "
@@ -473,12 +502,34 @@ class CocoDetection(torch.utils.data.Dataset):
             from rcnn_trainer.data.masks import rasterize
 
             segmentations = [self.raw["annotations"][row]["segmentation"] for row in record.rows.tolist()]
-            target["masks"] = torch.from_numpy(rasterize(segmentations, record.height, record.width))
+            # at the size the transforms give the image, never at full size: 100 objects of a
+            # 4000 x 4000 image are 1.6 GB there, 64 MB at 800 x 800 (tools/mask_memory.py --large)
+            size = output_size(self.transforms, record.height, record.width, min_size)
+            target["masks"] = torch.from_numpy(rasterize(segmentations, record.height, record.width, size))
         # an image's repeats within an epoch (repeat-factor sampling) each draw their own
         rng = np.random.default_rng((self.seed, epoch, index) if copy == 0 else (self.seed, epoch, index, copy))
         image, target = (self.transforms(image, target, rng) if min_size is None
                          else self.transforms(image, target, rng, min_size))
         return image, target
+
+    def _read_from(self, index: int) -> tuple[int, Image.Image] | None:
+        """(index, RGB image) of record `index`, or, when its file turns out unreadable, what the
+        missing_image policy says: error raises; drop counts it and gives None (skip_unreadable)
+        or the next readable record, searched in a loop (a long run of missing files once
+        overflowed the recursion), at most once round the dataset."""
+        for step in range(len(self.records)):
+            position = (index + step) % len(self.records)
+            record = self.records[position]
+            # the header first (a bomb or a lying size is refused before it is decoded), then the pixels
+            found = check_image_file(record.path, (record.width, record.height)) or read_rgb(record.path)
+            if not isinstance(found, str):
+                return position, found
+            self._handle("missing_image", f"image id {record.image_id} '{record.path}'", found)
+            if self.skip_unreadable:
+                return None
+        raise UserError(f"{self.ann_file}: none of its {len(self.records)} images can be read (each was dropped "
+                        f"under data.bad_records.missing_image: drop; the last: image id {record.image_id} "
+                        f"'{record.path}': {found}). Check the image files and the img_dir setting.")
 
 
 def parse_key(key) -> tuple[int, int, int, int | None]:
@@ -494,9 +545,17 @@ def _parse_json(path: Path):
     2.8 s but its peak memory was 0.26 GiB higher (it builds its own document first): 1.55x
     pycocotools' indexing memory, past the 1.5x we allow (docs/benchmarks.md)."""
     try:
-        return json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes())
+    except RecursionError:
+        raise UserError(f"annotation file '{path}' nests lists or objects too deeply to read (hundreds of levels); "
+                        f"no COCO file does.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"annotation file '{path}' is not valid JSON: {err}.") from None
+    if isinstance(data, dict):  # the small parts whole; images and annotations are checked field by field
+        for key, value in data.items():
+            if key not in ("images", "annotations"):
+                check_nesting(value, f"annotation file '{path}', key {brief(key)}", MAX_JSON_DEPTH, 10_000_000)
+    return data
 
 
 def _bbox_from_segmentation(segmentation, image: dict | None, ann_file, where) -> list | None:
@@ -593,6 +652,36 @@ def _annotation_columns(anns: list) -> AnnotationColumns | None:
         return None  # bools and strings are not numbers here, as in the per-record path
     flat = np.fromiter(chain.from_iterable(bbox), np.float64, 4 * len(bbox))
     return AnnotationColumns(flat.reshape(-1, 4), image_ids, category_ids, crowd, ids)
+
+
+def _names_leaving(img_dir: str, names: list[str]) -> dict[int, str]:
+    """{position: why} of the file names that lead outside img_dir (absolute, or through '..') or
+    hold a NUL. A clean file is cleared by substring searches over all names joined (~5 ms for
+    118,000; a test per name took 40 ms); else the names are tested one by one and only the few
+    suspicious ones resolved. realpath follows links, so a '..' after a link is judged where it really
+    leads; a link inside img_dir reached without '..' is the user's own setup and is not questioned."""
+    joined = "\n" + "\n".join(names)
+    if os.name == "posix" and not any(mark in joined for mark in ("..", "\\", "\0", "\n/")):
+        return {}
+    suspects = [i for i, name in enumerate(names)
+                if ".." in name or "\\" in name or "\0" in name or os.path.isabs(name)]
+    if not suspects:
+        return {}
+    root = os.path.realpath(img_dir)
+    leaving = {}
+    for i in suspects:
+        if "\0" in names[i]:
+            leaving[i] = "holds a NUL character, which no file name can"
+            continue
+        target = os.path.realpath(os.path.join(img_dir, names[i]))
+        try:
+            inside = os.path.commonpath([root, target]) == root
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if not inside:
+            leaving[i] = (f"leads outside img_dir '{img_dir}' (to '{target}'); file names are read under "
+                          f"img_dir, an absolute path or '..' may not leave it")
+    return leaving
 
 
 def _existing_files(paths: list[str]) -> set[str]:

@@ -20,11 +20,14 @@ from rcnn_trainer.data.repeat_factors import epoch_copies, repeat_factors
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.input_limits import check_file_size
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+    """Lists of images and targets; the items an evaluation dataset skipped (None: an unreadable
+    image under data.bad_records.missing_image: drop) are left out, so a batch may be empty."""
+    kept = [item for item in batch if item is not None]
+    return [image for image, _ in kept], [target for _, target in kept]
 
 
 class TrainBatchSampler:
@@ -101,14 +104,18 @@ def build_dataset(cfg: Config, split: str, for_eval: bool = False) -> CocoDetect
     ann_file, img_dir = resolve_splits(cfg)[split]
     training = split == "train" and not for_eval
     policy = cfg.data.bad_records
+    if Path(ann_file).is_file():
+        check_file_size(ann_file, int(cfg.data.max_annotation_mb * 2**20), "annotation file", "data.max_annotation_mb")
     dataset = CocoDetection(
         ann_file, img_dir,
         missing_image=policy.missing_image, unknown_category=policy.unknown_category,
         degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
-        non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, check_images=cfg.data.check_images,
+        non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask,
+        unsafe_path=policy.unsafe_path, check_images=cfg.data.check_images,
         masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and training,
         transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=training),
         seed=cfg.seed)
+    dataset.skip_unreadable = not training  # evaluation scores the images it read, never a stand-in
     if not dataset.records:
         raise UserError(f"{ann_file}: no image left in the {split} split ({len(dataset.raw['images'])} in the file; "
                         f"dropped: {'; '.join(dataset.report.lines()) or 'none'}). Fix the file or data.{split}.")

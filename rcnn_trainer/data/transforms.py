@@ -1,7 +1,8 @@
 """Image + box (+ mask) transforms. Each takes (PIL image or tensor, target, rng) and returns both.
 
 Boxes are xyxy in pixels of the current image; masks (when the target has them) uint8 [N, H, W]
-at the image's size, resized with nearest neighbour and flipped with it. The rng is a numpy Generator seeded from
+at the image's size, resized with nearest neighbour and flipped with it (the dataset rasterizes
+them at the resized size already, see `output_size`: then Resize leaves them). The rng is a numpy Generator seeded from
 (seed, epoch, index), so augmentation is reproducible and survives a resume.
 """
 
@@ -47,14 +48,18 @@ class Resize:
     def at(self, min_size: int) -> "Resize":
         return Resize(min_size, self.max_size)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of this size after the resize."""
+        scale = resize_scale(height, width, self.min_size, self.max_size)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
     def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator):
         width, height = image.size
-        scale = resize_scale(height, width, self.min_size, self.max_size)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        new_h, new_w = self.output_size(height, width)
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BILINEAR)
             target = dict(target, boxes=scale_boxes(target["boxes"], new_w / width, new_h / height))
-            if "masks" in target:
+            if "masks" in target and tuple(target["masks"].shape[-2:]) != (new_h, new_w):
                 target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target
 
@@ -88,6 +93,15 @@ class Compose:
                 transform = transform.at(min_size)
             image, target = transform(image, target, rng)
         return image, target
+
+
+def output_size(transforms, height: int, width: int, min_size: int | None = None) -> tuple[int, int]:
+    """(height, width) that `transforms` give an image of this size (`min_size`: as in Compose):
+    a Compose's Resize steps change it, any other transform keeps it."""
+    for step in transforms.transforms if isinstance(transforms, Compose) else [transforms]:
+        if isinstance(step, Resize):
+            height, width = (step if min_size is None else step.at(min_size)).output_size(height, width)
+    return height, width
 
 
 def build_transforms(min_size: int, max_size: int, hflip_prob: float, train: bool) -> Compose:

@@ -89,5 +89,6 @@ def load_latest(folder: Path, log=print) -> tuple[dict, Path] | None:
 def prune(folder: Path, keep: int) -> None:
     for path in periodic_checkpoints(folder)[keep:]:
         path.unlink(missing_ok=True)
-    for stale in folder.glob(".ckpt_*.tmp-*"):
+    # temporaries a killed write left (atomic_io's names; `.tmp-<pid>` from older versions)
+    for stale in [*folder.glob(".ckpt_*.tmp"), *folder.glob(".ckpt_*.tmp-*")]:
         stale.unlink(missing_ok=True)

@@ -46,6 +46,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, progress: bool
     out = []
     try:
         for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+            if not images:  # every image of the batch was dropped (data.bad_records.missing_image: drop)
+                continue
             images = [img.to(device, non_blocking=True) for img in images]
             with autocast():
                 detections = model(images, original_sizes=[t["orig_size"] for t in targets])
@@ -59,14 +61,17 @@ def predict(model: torch.nn.Module, loader, device: torch.device, progress: bool
     return out
 
 
-def to_coco_results(predictions: list[tuple[int, dict]], label_to_cat_id: dict[int, int]) -> list[dict]:
+def to_coco_results(predictions: list[tuple[int | str, dict]], label_to_cat_id: dict[int, int]) -> list[dict]:
+    """COCO results with the file's image ids (an int or a str; pycocotools gets its own through
+    CocoDetection.results_for_coco)."""
     results = []
     for image_id, det in predictions:
+        image_id = image_id if isinstance(image_id, str) else int(image_id)
         boxes = det["boxes"].tolist()
         rles = det.get("rles")
         for i, ((x0, y0, x1, y1), label, score) in enumerate(zip(boxes, det["labels"].tolist(),
                                                                 det["scores"].tolist())):
-            result = {"image_id": int(image_id), "category_id": label_to_cat_id[int(label)],
+            result = {"image_id": image_id, "category_id": label_to_cat_id[int(label)],
                       "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                       "score": round(float(score), 5)}
             if rles is not None:
@@ -75,19 +80,22 @@ def to_coco_results(predictions: list[tuple[int, dict]], label_to_cat_id: dict[i
     return results
 
 
-def coco_metrics(dataset: CocoDetection, results: list[dict], segm: bool | None = None) -> dict:
+def coco_metrics(dataset: CocoDetection, results: list[dict], segm: bool | None = None,
+                 image_ids: list | None = None) -> dict:
     """AP, AP50, AP75, APs/m/l, AR@1/10/100 and per-class AP (all in [0, 1]; -1 = undefined);
-    with `segm` (default: when the results carry masks) also segm_AP... and per_class_segm_AP."""
+    with `segm` (default: when the results carry masks) also segm_AP... and per_class_segm_AP.
+    `image_ids`: the images scored (default: all the dataset's), those the model was run on."""
     segm = any("segmentation" in r for r in results[:1]) if segm is None else segm
+    image_ids = [r.image_id for r in dataset.records] if image_ids is None else image_ids
     coco_gt = dataset.coco_api()
-    metrics = _scored(dataset, coco_gt, results, "bbox", STAT_NAMES, "per_class_AP")
+    metrics = _scored(dataset, coco_gt, results, "bbox", STAT_NAMES, "per_class_AP", image_ids)
     if segm:
-        metrics.update(_scored(dataset, coco_gt, results, "segm", SEGM_NAMES, "per_class_segm_AP"))
+        metrics.update(_scored(dataset, coco_gt, results, "segm", SEGM_NAMES, "per_class_segm_AP", image_ids))
     return metrics
 
 
 def _scored(dataset: CocoDetection, coco_gt, results: list[dict], iou_type: str, names: list[str],
-            per_class_key: str) -> dict:
+            per_class_key: str, image_ids: list) -> dict:
     from pycocotools.cocoeval import COCOeval
 
     metrics = {name: 0.0 for name in names}
@@ -95,10 +103,10 @@ def _scored(dataset: CocoDetection, coco_gt, results: list[dict], iou_type: str,
     if not results:  # pycocotools cannot load an empty result list; nothing detected scores 0
         return metrics
     with contextlib.redirect_stdout(io.StringIO()):
-        # loadRes sets each result's area from its box (bbox) or mask (segm); copies keep ours clean
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        # loadRes sets each result's area from its box (bbox) or mask (segm): on copies, with its ids
+        coco_dt = coco_gt.loadRes(dataset.results_for_coco(results))
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-        evaluator.params.imgIds = [r.image_id for r in dataset.records]
+        evaluator.params.imgIds = [dataset.coco_image_ids[i] for i in image_ids]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -127,11 +135,19 @@ def evaluate(model, dataset: CocoDetection, loader, device, thresholds: list[flo
     """Run the model on a split; returns (metrics, COCO results)."""
     predictions = predict(model, loader, device, progress=progress, autocast=autocast)
     # Under DDP each rank predicted its shard of the images: gather them, score once on rank 0.
-    predictions = [p for shard in all_gather_objects(predictions) for p in shard]
+    shards = all_gather_objects((predictions, len(loader.dataset)))
+    predictions = [p for shard, _ in shards for p in shard]
+    images = sum(count for _, count in shards)  # dropped ones included
     metrics, results = None, []
     if is_main_process():
         results = to_coco_results(predictions, dataset.label_to_cat_id)
-        metrics = coco_metrics(dataset, results, segm=any("rles" in det for _, det in predictions))
+        # only the images read are scored: one the loader dropped (missing_image: drop) is not an
+        # image with nothing detected
+        image_ids = [image_id for image_id, _ in predictions]
+        metrics = coco_metrics(dataset, results, segm=any("rles" in det for _, det in predictions),
+                               image_ids=image_ids)
+        metrics["images_scored"] = len(image_ids)
+        metrics["images_skipped"] = images - len(image_ids)
         gt_per_image = float(np.mean([len(r.labels) for r in dataset.records])) if dataset.records else 0.0
         metrics["threshold_counts"] = threshold_counts(predictions, thresholds, gt_per_image)
     return broadcast_from_main(metrics), results

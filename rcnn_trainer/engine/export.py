@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rcnn_trainer.atomic_io import atomic_write, atomic_write_text
+from rcnn_trainer.run_folder import refuse_existing_file
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_dataset
 from rcnn_trainer.engine.checkpoint import load_checkpoint
@@ -56,9 +57,11 @@ class ExportedMasks(ExportedBoxes):
         return det["boxes"], det["scores"], det["labels"], det["masks"]
 
 
-def export_model(cfg: Config, checkpoint: Path, fmt: str, output: Path, say=print) -> dict:
+def export_model(cfg: Config, checkpoint: Path, fmt: str, output: Path, say=print, overwrite: bool = False) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'.")
+    for path in (output, output.with_name(output.name + ".labels.json")):
+        refuse_existing_file(path, overwrite)
     try:  # before any work: a folder that cannot be made fails now, not after the export
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

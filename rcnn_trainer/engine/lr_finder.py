@@ -27,6 +27,8 @@ from rcnn_trainer.engine.optim import build_optimizer
 from rcnn_trainer.losses.weighting import loss_weights, weighted_total
 from rcnn_trainer.engine.data_settings import resolve_from_data
 from rcnn_trainer.model.build import build_model
+from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.run_folder import claim_folder
 from rcnn_trainer.atomic_io import atomic_save_image, atomic_write_text
 
 SMOOTHING = 0.9
@@ -83,6 +85,15 @@ def format_curve(points: list[dict], rows: int = 15) -> str:
 
 def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters: int = 100,
                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    out = Path(cfg.output_dir)
+    claim_folder(out, "rcnn-train --lr-find", ("lr_find.json", "lr_find.png", ".lock"),
+                 hint="choose a new or empty --output-dir, or the run folder of an earlier run")
+    with RunLock(out):  # a run training into this folder is not disturbed
+        return _lr_find(cfg, out, min_lr, max_lr, iters, log, progress)
+
+
+def _lr_find(cfg: Config, out: Path, min_lr: float, max_lr: float, iters: int, log: Callable[[str], None],
+             progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.train.device)
     train_set = build_dataset(cfg, "train")
@@ -100,8 +111,6 @@ def run_lr_find(cfg: Config, *, min_lr: float = 1e-6, max_lr: float = 1.0, iters
     else:
         log(f"[lr-find] suggested solver.lr={suggestion:.2e} (rule: the lr of the lowest smoothed loss, "
             f"{suggestion * 10:.2e}, divided by 10)")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"suggested_lr": suggestion, "rule": "lr at the lowest smoothed loss / 10", "points": points}
     atomic_write_text(out / "lr_find.json", json.dumps(result, indent=1))
     picture = _plot(points, suggestion, out / "lr_find.png")

@@ -1,25 +1,32 @@
 """rcnn-predict: run a trained checkpoint on image files, folders or globs.
 
-Writes `predictions.json` (COCO-style results: file name, original category id and name, box
-[x, y, w, h] in original image pixels, score, and with a mask head `segmentation` as COCO RLE of
-the mask at 0.5) and drawn images (masks translucent). Unreadable images are reported
-and skipped; none readable is a UserError (exit 2).
+Writes into --output-dir (a folder it claims, see run_folder.py):
+- `predictions.jsonl`: one line per input image, appended as each batch completes, so a killed
+  run keeps every image but the batch in flight: {"file_name", "detections": [...]} or, for an
+  image that was skipped, {"file_name", "skipped": why}.
+- `predictions.json`: all detections as one list, written atomically at the end: the same dicts
+  as the lines' detections (file name, original category id and name, box [x, y, w, h] in
+  original image pixels, score, and with a mask head `segmentation` as COCO RLE of the mask at 0.5).
+- `summary.json`: the counts, and each skipped image with its reason.
+- `vis/`: drawn images (masks translucent), named NNNNN_<file stem>.png.
+One image that cannot be read (corrupt, truncated, a decompression bomb, a folder, unreadable)
+or that the model runs out of memory on is reported and skipped; none left is a UserError (exit 2).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from rcnn_trainer.atomic_io import atomic_write_text
+from rcnn_trainer.atomic_io import append_line, atomic_write_text
 from rcnn_trainer.config import Config
-from rcnn_trainer.data.pixels import to_rgb
+from rcnn_trainer.data.pixels import read_rgb
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.engine.checkpoint import load_checkpoint
 from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
@@ -28,8 +35,10 @@ from rcnn_trainer.engine.drawing import draw_detections
 from rcnn_trainer.engine.evaluate import masks_to_rles
 from rcnn_trainer.engine.run_eval import inference_model
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.run_folder import claim_folder, safe_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+OUTPUTS = ("predictions.json", "predictions.jsonl", "summary.json", "vis")  # what rcnn-predict writes
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -51,16 +60,6 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return [p for p in paths if not (p in seen or seen.add(p))]
 
 
-def read_image(path: Path) -> Image.Image | str:
-    """The image as RGB, or why it could not be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        return f"{path}: could not be read as an image ({err})"
-
-
 def class_mapping(ckpt: dict, num_classes: int) -> tuple[dict[int, int], list[str]]:
     """label 1..C -> original category id, and class names; checkpoints converted from
     torchvision weights hold neither: ids 1..C and names 'class_<id>'."""
@@ -71,13 +70,27 @@ def class_mapping(ckpt: dict, num_classes: int) -> tuple[dict[int, int], list[st
     return to_cat, list(names)
 
 
-def prepare_output_dir(out: Path) -> None:
-    """Refuse before any work when the results could not be written or would replace earlier ones."""
-    if (out / "predictions.json").exists():
-        raise UserError(f"'{out / 'predictions.json'}' already exists: pass another --output-dir or delete it "
-                        "(earlier predictions are never overwritten).")
+def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
+    """Claim `out` for rcnn-predict, or refuse before any work: a folder we did not create that
+    holds what we write, earlier predictions (ours too: never silently replaced) unless
+    `overwrite`, or a folder we cannot write into."""
     try:
-        (out / "vis").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write predictions to --output-dir '{out}': {err.strerror or err}") from None
+    hint = "pass another --output-dir, or --overwrite to replace them"
+    ours = claim_folder(out, "rcnn-predict", OUTPUTS, overwrite=overwrite, hint=hint)
+    earlier = [name for name in ("predictions.json", "predictions.jsonl") if os.path.lexists(out / name)]
+    if ours and earlier and not overwrite:
+        interrupted = "" if "predictions.json" in earlier else " (from a run that did not finish)"
+        raise UserError(f"'{out / earlier[0]}' already exists{interrupted}: pass another --output-dir, or "
+                        "--overwrite to replace it (earlier predictions are never overwritten silently).")
+    try:
+        # reached with --overwrite or nothing there: the earlier run's files go now (the jsonl is
+        # appended to), so that a run killed later never leaves its lines beside their results
+        for name in ("predictions.json", "predictions.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+        (out / "vis").mkdir(exist_ok=True)
         probe_file = out / ".write_test"
         probe_file.write_text("")
         probe_file.unlink()
@@ -85,12 +98,39 @@ def prepare_output_dir(out: Path) -> None:
         raise UserError(f"cannot write predictions to --output-dir '{out}': {err.strerror or err}") from None
 
 
+def _out_of_memory(err: RuntimeError) -> bool:
+    text = str(err)
+    return (isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text
+            or "can't allocate memory" in text)  # the CPU allocator's words
+
+
+def detect(model, tensors: list[torch.Tensor], sizes: list[tuple[int, int]], autocast) -> list[dict | str]:
+    """The model's detections for each image, or why it failed on that image. A batch that runs
+    out of memory is retried image by image, so one huge image costs only itself; any other
+    error is a bug, not a property of an image, and stops the run (predictions.jsonl keeps the
+    images done before it)."""
+    try:
+        with torch.no_grad(), autocast():
+            return model(tensors, original_sizes=sizes)
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        if len(tensors) == 1:
+            return [f"the model ran out of memory on it ({str(err).splitlines()[0][:200]})"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [outcome for tensor, size in zip(tensors, sizes) for outcome in detect(model, [tensor], [size], autocast)]
+
+
 def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, score_thresh: float = 0.5,
-                   draw: bool = True, progress: bool = True, log=print, tta: bool = False) -> dict:
+                   draw: bool = True, progress: bool = True, log=print, tta: bool = False,
+                   overwrite: bool = False) -> dict:
+    """Returns the summary (also written to summary.json): images, detections, score_thresh,
+    skipped (a count) and skipped_images ({file_name, reason} each)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError(f"no image found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-    prepare_output_dir(out)
+    prepare_output_dir(out, overwrite)
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
@@ -98,48 +138,60 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
     transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
     autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
+    lines = out / "predictions.jsonl"
     results, skipped, done = [], [], 0
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"file_name": str(path), "reason": reason})
+        append_line(lines, json.dumps({"file_name": str(path), "skipped": reason}))
+        log(f"[predict] skipped {path}: {reason}")
+
     batch = cfg.data.batch_size
     bar = tqdm(total=len(paths), desc="predict", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(paths), batch):
         loaded = []
         for path in paths[start:start + batch]:
-            image = read_image(path)
+            image = read_rgb(path)
             if isinstance(image, str):
-                skipped.append(image)
-                log(f"[predict] skipped {image}")
+                skip(path, image)
             else:
                 loaded.append((path, image))
-        if loaded:
-            tensors = [transform(img, {"boxes": torch.zeros(0, 4)}, None)[0].to(device) for _, img in loaded]
-            with torch.no_grad(), autocast():
-                detections = model(tensors, original_sizes=[(img.height, img.width) for _, img in loaded])
-            for (path, image), det in zip(loaded, detections):
-                keep = det["scores"].float() >= score_thresh
-                boxes = det["boxes"][keep].float()
-                found = [{"file_name": str(path), "category_id": to_cat[int(label)],
-                          "category_name": names[int(label) - 1], "bbox": [round(v, 2) for v in xywh],
-                          "score": round(score, 5)}
-                         for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
-                                                       det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
-                masks = det["masks"][keep] if "masks" in det else None
-                if masks is not None:
-                    for result, rle in zip(found, masks_to_rles(masks)):
-                        result["segmentation"] = rle
-                results += found
-                done += 1
-                if draw:
-                    draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
-                                                for box, r in zip(boxes.tolist(), found)],
-                                    out / "vis" / f"{done:05d}_{path.stem}.png",
-                                    masks=None if masks is None else masks[:, 0].float().cpu() >= 0.5)
+        tensors = [transform(img, {"boxes": torch.zeros(0, 4)}, None)[0].to(device) for _, img in loaded]
+        outcomes = detect(model, tensors, [(img.height, img.width) for _, img in loaded], autocast) if loaded else []
+        for (path, image), det in zip(loaded, outcomes):
+            if isinstance(det, str):
+                skip(path, det)
+                continue
+            keep = det["scores"].float() >= score_thresh
+            boxes = det["boxes"][keep].float()
+            found = [{"file_name": str(path), "category_id": to_cat[int(label)],
+                      "category_name": names[int(label) - 1], "bbox": [round(v, 2) for v in xywh],
+                      "score": round(score, 5)}
+                     for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
+                                                   det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
+            masks = det["masks"][keep] if "masks" in det else None
+            if masks is not None:
+                for result, rle in zip(found, masks_to_rles(masks)):
+                    result["segmentation"] = rle
+            append_line(lines, json.dumps({"file_name": str(path), "detections": found}))
+            results += found
+            done += 1
+            if draw:
+                draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
+                                            for box, r in zip(boxes.tolist(), found)],
+                                out / "vis" / f"{done:05d}_{safe_name(path.stem)}.png",
+                                masks=None if masks is None else masks[:, 0].float().cpu() >= 0.5)
         bar.update(len(paths[start:start + batch]))
     bar.close()
+    summary = {"images": done, "skipped": len(skipped), "detections": len(results), "score_thresh": score_thresh,
+               "skipped_images": skipped}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if not done:
-        raise UserError(f"none of the {len(paths)} input images could be read; first problem: {skipped[0]}")
+        first = skipped[0]
+        raise UserError(f"none of the {len(paths)} input images could be read or predicted; first problem: "
+                        f"{first['file_name']}: {first['reason']} (all in '{out / 'summary.json'}').")
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))
-    summary = {"images": done, "skipped": len(skipped), "detections": len(results), "score_thresh": score_thresh}
     log(f"[predict] {done} images, {len(results)} detections with score >= {score_thresh:g}"
-        + (f", {len(skipped)} unreadable images skipped" if skipped else "")
+        + (f", {len(skipped)} unreadable images skipped (reasons in {out / 'summary.json'})" if skipped else "")
         + f"; results: {out / 'predictions.json'}" + (f", drawings: {out / 'vis'}" if draw else ""))
     return summary

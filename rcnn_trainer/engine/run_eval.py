@@ -1,8 +1,14 @@
-"""rcnn-eval: load a checkpoint, evaluate on val, write results, optionally draw images."""
+"""rcnn-eval: load a checkpoint, evaluate on val, write results, optionally draw images.
+
+The eval folder is claimed first (run_folder.py): a folder rcnn_trainer did not create that holds
+a file eval writes is refused before anything slow runs, unless --overwrite. Names read from the
+data (image ids) become file names only through safe_name, after an index that keeps them apart.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +33,10 @@ from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.frozen_backbone import freeze_backbone
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
+from rcnn_trainer.run_folder import MARKER, claim_folder, owned_by_us, safe_name
+
+# what rcnn-eval writes into its folder, with --analyze's files (analysis/report.py OUTPUTS)
+EVAL_OUTPUTS = ("coco_results.json", "metrics.json", "vis")
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: dict, cfg: Config, path: Path) -> None:
@@ -72,7 +82,9 @@ def inference_model(cfg: Config, ckpt: dict, path: Path, device, tta: bool = Fal
 
 
 def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0, progress: bool = True,
-                   tta: bool = False, analyze: bool = False, analyze_score: float = 0.3, split: str = "val") -> dict:
+                   tta: bool = False, analyze: bool = False, analyze_score: float = 0.3, split: str = "val",
+                   overwrite: bool = False) -> dict:
+    claim_eval_folder(out, overwrite)
     device = pick_device(cfg.train.device)
     val_set = build_dataset(cfg, split, for_eval=True)
     ckpt = load_checkpoint(checkpoint)
@@ -82,7 +94,6 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     loader = build_eval_loader(cfg, val_set)
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "coco_results.json", json.dumps(results))
     atomic_write_text(out / "metrics.json", json.dumps({"checkpoint": str(checkpoint), "tta": tta, **metrics,
                                                            "threshold_counts": metrics["threshold_counts"].as_record()},
@@ -101,16 +112,30 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     return metrics
 
 
+def claim_eval_folder(out: Path, overwrite: bool) -> None:
+    """Before the evaluation runs: `out` must be new, hold none of eval's files, or be ours (an
+    rcnn-eval wrote its marker; or it is the `eval` folder of a run folder of ours, which an earlier
+    version filled without a marker of its own)."""
+    from rcnn_trainer.analysis.report import OUTPUTS as ANALYZE_OUTPUTS
+
+    out = Path(out)
+    ours = out.name == "eval" and owned_by_us(out.parent) and not os.path.lexists(out / MARKER)
+    claim_folder(out, "rcnn-eval", [*EVAL_OUTPUTS, *ANALYZE_OUTPUTS], overwrite=overwrite or ours,
+                 hint="choose a new or empty --output-dir, or pass --overwrite")
+
+
 def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
                      min_score: float = 0.5) -> int:
+    """Draw the first `count` images as `00000_<image id>.png`: the index keeps two ids apart that
+    safe_name makes alike (1 and "1", "a/b" and "a_b")."""
     from PIL import Image
 
-    by_image: dict[int, list[dict]] = {}
+    by_image: dict[int | str, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
     names = {cat: dataset.class_names[label - 1] for label, cat in dataset.label_to_cat_id.items()}
     written = 0
-    for record in tqdm(dataset.records[:count], desc="draw", leave=False):
+    for index, record in enumerate(tqdm(dataset.records[:count], desc="draw", leave=False)):
         with Image.open(record.path) as img:
             image = to_rgb(img)
         shown = [r for r in by_image.get(record.image_id, []) if r["score"] >= min_score]
@@ -119,6 +144,7 @@ def draw_predictions(dataset, results: list[dict], folder: Path, count: int,
         masks = None
         if shown and "segmentation" in shown[0]:  # the results' RLEs, decoded as the loader reads masks
             masks = torch.from_numpy(rasterize([r["segmentation"] for r in shown], record.height, record.width)).bool()
-        draw_detections(image, record.boxes.tolist(), preds, folder / f"{record.image_id}.png", masks=masks)
+        draw_detections(image, record.boxes.tolist(), preds, folder / f"{index:05d}_{safe_name(record.image_id)}.png",
+                        masks=masks)
         written += 1
     return written

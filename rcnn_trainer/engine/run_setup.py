@@ -35,6 +35,7 @@ from rcnn_trainer.engine.val_loss import val_loss_loader, validation_losses
 from rcnn_trainer.losses.weighting import loss_weights, short_name
 from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.run_folder import TRAIN_OUTPUTS, claim_folder, owned_by_us
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.health import HealthMonitor, build_health_monitor
@@ -165,10 +166,11 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
         torch.set_num_threads(user_cfg.train.threads)
     seed_everything(user_cfg.seed + info.rank)
     out = Path(user_cfg.output_dir)
-    if not resume and ckpt_io.periodic_checkpoints(out / "checkpoints"):
-        raise UserError(f"output dir '{out}' already holds checkpoints from an earlier run. Pass --resume to "
-                        f"continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
+    if not resume:
+        refuse_earlier_results(out)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
+    if not resume:  # a run that never reached a checkpoint (killed, or stopped by its preflight) starts over
+        metrics.discard_earlier_runs()
     cfg, train_set, val_set, findings = prepare_checked_data(user_cfg, say, info.world_size, metrics)
     if info.is_main:
         save_config(cfg, out / "config.yaml")
@@ -196,6 +198,23 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
         run.ddp_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
+
+
+def claim_run_folder(out: Path, resume: bool) -> None:
+    """The run folder must be new, hold nothing this run writes, or be one a run of ours made
+    (run_folder.py). A --resume of a folder an earlier version made (checkpoints, no marker) claims it."""
+    legacy = resume and not owned_by_us(out) and ckpt_io.periodic_checkpoints(out / "checkpoints")
+    claim_folder(out, "rcnn-train", TRAIN_OUTPUTS, overwrite=bool(legacy),
+                 hint="choose a new or empty --output-dir (or output_dir in the config)")
+
+
+def refuse_earlier_results(out: Path) -> None:
+    """A new run never replaces the checkpoints or final weights of an earlier run in its folder."""
+    earlier = [p.name for p in ckpt_io.periodic_checkpoints(out / "checkpoints")[:1]]
+    earlier += [name for name in ("model_final.pth", "model_best.pth") if (out / name).exists()]
+    if earlier:
+        raise UserError(f"output dir '{out}' already holds results of an earlier run ({', '.join(earlier)}). Pass "
+                        f"--resume to continue it, or --output-dir NEW_DIR (or delete '{out}') to start over.")
 
 
 def log_findings(metrics: MetricsLog, findings: list) -> None:

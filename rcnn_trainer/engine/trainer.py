@@ -30,7 +30,7 @@ from rcnn_trainer.engine.device import to_device
 from rcnn_trainer.engine.distributed import broadcast_from_main, mean_over_ranks
 from rcnn_trainer.engine.metrics_log import scalars_to_floats
 from rcnn_trainer.engine.run_lock import RunLock
-from rcnn_trainer.engine.run_setup import Run, build_run
+from rcnn_trainer.engine.run_setup import Run, build_run, claim_run_folder
 from rcnn_trainer.engine.step_decision import StepDecision, StepOutcome, decide_step
 from rcnn_trainer.errors import TrainingStopped
 from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, short_name, weighted_total
@@ -50,6 +50,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     holds the run folder's lock for the whole run: a second run into it stops with exit 2.
     `cfg` is not changed; the resolved config is the run folder's config.yaml."""
     is_writer = int(os.environ.get("RANK", "0")) == 0
+    if is_writer:
+        claim_run_folder(Path(cfg.output_dir), resume)
     with RunLock(Path(cfg.output_dir)) if is_writer else contextlib.nullcontext():
         started = time.time()
         run = build_run(cfg, resume, log, progress)

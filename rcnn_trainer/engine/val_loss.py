@@ -50,6 +50,8 @@ def validation_losses(model: nn.Module, loader: DataLoader, device: torch.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SAMPLER_SEED)
             for batch in loader:
+                if not batch[0]:  # every image of the batch was dropped (unreadable)
+                    continue
                 batch_images, targets = to_device(*batch, device)
                 with autocast():
                     losses, _ = model(batch_images, targets)

@@ -22,6 +22,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.safe_load import load_weights_only
+from rcnn_trainer.model.imagenet_weights import imagenet_state_dict
 
 RESNET_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]  # top first, as trainable_layers counts
 
@@ -55,8 +56,8 @@ def _load_classifier_weights(classifier: nn.Module, name: str, weights: str, nor
     if norm == "gn":
         raise UserError(f"model.backbone.weights '{weights}' holds BatchNorm statistics that GroupNorm "
                         f"cannot use; set model.backbone.norm to frozen_bn or bn with pretrained weights.")
-    if weights == "imagenet":  # downloads through torchvision's cache; never in tests or the default run
-        state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True)
+    if weights == "imagenet":  # torchvision's cache, hash-checked (imagenet_weights.py); never in tests' default runs
+        state = imagenet_state_dict(name)
         source = f"torchvision {name} ImageNet weights"
     else:
         state = load_weights_only(Path(weights), what="model.backbone.weights")

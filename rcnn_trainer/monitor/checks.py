@@ -37,7 +37,8 @@ def expected_initial_losses(record: dict, *, num_classes: int, rpn_cls: ClsLoss,
 
     ln2 = math.log(2.0)
     if rpn_cls.type == "focal":
-        pos_rpn, neg_rpn = rpn_cls.alpha * 0.25 * ln2, (1 - rpn_cls.alpha) * 0.25 * ln2
+        modulation = 0.5 ** rpn_cls.gamma  # (1 - p_t) ** gamma at p = 0.5
+        pos_rpn, neg_rpn = rpn_cls.alpha * modulation * ln2, (1 - rpn_cls.alpha) * modulation * ln2
     else:
         pos_rpn, neg_rpn = ln2, ln2
     ln_c = math.log(num_classes + 1)

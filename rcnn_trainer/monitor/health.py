@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from rcnn_trainer.config import Config, MonitorConfig
 from rcnn_trainer.losses.settings import ClsLoss, head_losses
 from rcnn_trainer.losses.weighting import loss_weights
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.divergence import check_divergence
 from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ProbeResult
 
@@ -39,6 +41,7 @@ class HealthSettings:
     advice: checks.CapacityAdvice  # the resolved values class_confusion may suggest changing
     flips: bool = False  # training images are mirrored (data.hflip_prob > 0)
     pretrained: bool = False  # model.init_from: trained heads start below their zero-logit losses
+    clip_grad_norm: Optional[float] = None  # solver.clip_grad_norm (advice names it when off)
 
 
 def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
@@ -52,20 +55,23 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
         advice=checks.CapacityAdvice(representation_size=roi.representation_size,
                                      fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.test_min_size,
                                      max_iters=cfg.solver.max_iters),
-        flips=cfg.data.hflip_prob > 0, pretrained=cfg.model.init_from is not None))
+        flips=cfg.data.hflip_prob > 0, pretrained=cfg.model.init_from is not None,
+        clip_grad_norm=cfg.solver.clip_grad_norm))
 
 
-# what a model that does not learn shows anyway; reported only when the lr is not the cause
+# what a model that does not learn (or whose updates overshoot) shows anyway: held back while a
+# cause that explains them fired within monitor.divergence.memory judgments (docs/monitor.md's table)
 SYMPTOMS_OF_NO_LEARNING = {"class_confusion", "low_confidence", "collapse", "regressor_collapse", "mask_not_learning",
-                           "flat_loss",
-                           "proposal_iou_flat"}
+                           "flat_loss", "proposal_iou_flat", "foreground_starvation", "stuck_iou_loss"}
+CAUSES = {"divergence", "vanishing_lr", "gradients"}
 
 
 class HealthMonitor:
     def __init__(self, settings: HealthSettings):
         self.settings = settings
         self.state = {"history": [], "warmup_end": None, "grad_norms": [], "scales": [], "probe": [], "checks": 0,
-                      "initial_loss": None, "last_shown": {}, "counts": {}, "evals": []}
+                      "initial_loss": None, "last_shown": {}, "counts": {}, "evals": [],
+                      "expected_initial": None, "first_norms": [], "cause_at": {}}
 
     def state_dict(self) -> dict:
         return self.state
@@ -91,6 +97,8 @@ class HealthMonitor:
         self.state["initial_loss"] = record.get("loss")
         expected = checks.expected_initial_losses(record, num_classes=s.num_classes, rpn_cls=s.rpn_cls,
                                                   roi_cls=s.roi_cls)
+        # a lower bound of the weighted total at initialization (the box terms start near 0 or are not known)
+        self.state["expected_initial"] = sum(s.loss_weights.get(name, 1.0) * value for name, value in expected.items())
         found = [checks.check_initial_loss_scale(record, expected, s.monitor.initial_loss, pretrained=s.pretrained),
                  checks.check_weight_ratio(s.loss_weights, s.monitor.weight_ratio)]
         return [a for a in found if a is not None]
@@ -105,6 +113,7 @@ class HealthMonitor:
         if st["initial_loss"] is None:  # the first step was not finite
             st["initial_loss"] = mean.get("loss")
         norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+        st["first_norms"] = (st["first_norms"] + [n for n in norms if math.isfinite(n)])[:m.divergence.reference_steps]
         past = list(st["grad_norms"])
         st["grad_norms"] = (past + norms)[-MAX_NORMS_KEPT:]
         if loss_scale is not None:
@@ -112,7 +121,13 @@ class HealthMonitor:
         history = [PeriodMeans.from_means(h) for h in st["history"]]  # plain dicts in the checkpointed state
         now = history[-1]
         past_warmup = iteration > s.warmup_iters
+        earlier = [h.loss for h in history[:-1] if math.isfinite(h.loss)]
         found = [
+            check_divergence([r["loss"] for r in records if "loss" in r], norms, initial_loss=st["initial_loss"],
+                             expected_initial=st["expected_initial"], lowest_mean=min(earlier) if earlier else None,
+                             reference_norm=max(st["first_norms"]) if st["first_norms"] else None, lr=now.lr, base_lr=s.base_lr,
+                             optimizer=s.optimizer, batch_size=s.batch_size, warmup_iters=s.warmup_iters,
+                             clip_grad_norm=s.clip_grad_norm, limits=m.divergence),
             checks.check_dominant_term(history, max_share=m.dominant_share, sustain=m.sustain),
             checks.check_stuck_iou_loss(history, s.box_types, sustain=m.sustain, limits=m.stuck_iou),
             checks.check_foreground_starvation(history, sustain=m.sustain, limits=m.starvation),
@@ -141,10 +156,19 @@ class HealthMonitor:
             found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
                                                min_ratio=m.collapse.min_ratio, patience=m.collapse.patience,
                                                drop=m.collapse.drop, settle_ratio=m.collapse.settle_ratio))
-        found = [a for a in found if a is not None]
-        # a model whose lr is negligible before it learned shows every symptom of not learning;
-        # name the cause only (the lr_far_too_low run raised class_confusion and regressor_collapse too)
-        if any(a.name == "vanishing_lr" for a in found):
+        return self._causes_before_symptoms([a for a in found if a is not None])
+
+    def _causes_before_symptoms(self, found: list[Alarm]) -> list[Alarm]:
+        """A model whose lr is negligible, or whose updates overshoot, shows every symptom of not
+        learning: while a cause fired within the last `memory` judgments, name the cause only
+        (the lr 0.5 run advised positive weights 25 times; lr_far_too_low raised class_confusion)."""
+        st = self.state
+        for alarm in found:
+            if alarm.name in CAUSES:
+                st["cause_at"][alarm.name] = st["checks"]
+        recent = [name for name, at in st["cause_at"].items()
+                  if st["checks"] - at <= self.settings.monitor.divergence.memory]
+        if recent:
             found = [a for a in found if a.name not in SYMPTOMS_OF_NO_LEARNING]
         return found
 

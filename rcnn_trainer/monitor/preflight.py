@@ -18,10 +18,10 @@ import torch
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.model.anchors import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
 from rcnn_trainer.model.head_size import MANY_CLASSES, WIDE_HEAD
+from rcnn_trainer.config_monitor import PreflightLimits
 from rcnn_trainer.monitor.alarms import Alarm
 
 SIZE_BUCKETS = [("small", 0, 32), ("medium", 32, 96), ("large", 96, float("inf"))]
-IMBALANCE_LIMIT = 50.0
 
 
 @dataclass
@@ -58,8 +58,8 @@ class PreflightReport:
 
 def run_preflight(dataset: CocoDetection, split: str, *, anchor_sizes: list[list[float]], aspect_ratios: list[float],
                   strides: list[int], min_size: int, max_size: int, fg_iou_thresh: float,
-                  head: dict[str, int] | None = None, max_images: int = 500, augmented_samples: int = 16,
-                  seed: int = 0) -> PreflightReport:
+                  head: dict[str, int] | None = None, seed: int = 0,
+                  limits: PreflightLimits = PreflightLimits()) -> PreflightReport:
     """`head`: the model's representation_size and fpn_channels, to judge them against the
     number of classes (None skips that check)."""
     report = PreflightReport()
@@ -80,18 +80,18 @@ def run_preflight(dataset: CocoDetection, split: str, *, anchor_sizes: list[list
         "class_counts": counts_loaded, "class_counts_in_file": counts_raw,
         "imbalance": max(present) / min(present) if present else 0.0,
     }
-    _check_counts(report, dataset, per_image, counts_raw, counts_loaded)
+    _check_counts(report, dataset, per_image, counts_raw, counts_loaded, limits)
     if head is not None:
         _check_head_capacity(report, len(dataset.class_names), head)
-    _check_box_format(report, dataset, as_written)
+    _check_box_format(report, dataset, as_written, limits)
     if per_image.sum() > 0:
         _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strides, min_size, max_size,
-                                 fg_iou_thresh, max_images, seed)
-        _check_augmented(report, dataset, augmented_samples)
+                                 fg_iou_thresh, seed, limits)
+        _check_augmented(report, dataset, limits.augmented_samples)
     return report
 
 
-def _check_counts(report, dataset, per_image, counts_raw, counts_loaded) -> None:
+def _check_counts(report, dataset, per_image, counts_raw, counts_loaded, limits: PreflightLimits) -> None:
     n = report.numbers
     if len(per_image) == 0 or per_image.sum() == 0:
         report.add("error", Alarm(
@@ -101,7 +101,7 @@ def _check_counts(report, dataset, per_image, counts_raw, counts_loaded) -> None
             ["data.train.ann_file: check it is the right file, that category ids match 'categories' and boxes are "
              "[x, y, w, h] in pixels", "data.bad_records: see which policy dropped them"]))
         return
-    if n["images_kept"] < 0.5 * n["images_in_file"]:
+    if n["images_kept"] < limits.min_kept_share * n["images_in_file"]:
         report.add("error", Alarm(
             "images_dropped", f"only {n['images_kept']} of {n['images_in_file']} images survived loading "
             f"({dict(dataset.report.counts)})", "most of the data is missing: the image folder is probably wrong",
@@ -114,9 +114,9 @@ def _check_counts(report, dataset, per_image, counts_raw, counts_loaded) -> None
             "the model will never see these classes and score 0 AP on them",
             ["data.bad_records: the policy that dropped their boxes (see the summary above)"]))
     present = {c: v for c, v in counts_loaded.items() if v > 0}
-    if present and n["imbalance"] > IMBALANCE_LIMIT:
+    if present and n["imbalance"] > limits.imbalance:
         top = max(present.values())
-        rare = [c for c, v in present.items() if v * IMBALANCE_LIMIT < top]
+        rare = [c for c, v in present.items() if v * limits.imbalance < top]
         report.add("warning", Alarm(
             "class_imbalance", f"class imbalance {n['imbalance']:.0f}:1; rare classes: "
             + ", ".join(f"{c} ({present[c]})" for c in rare),
@@ -138,12 +138,12 @@ def _check_head_capacity(report, num_classes: int, head: dict[str, int]) -> None
              "model.backbone.fpn_channels=128 model.roi.batch_size_per_image=128)"]))
 
 
-def _check_box_format(report, dataset, as_written) -> None:
+def _check_box_format(report, dataset, as_written, limits: PreflightLimits) -> None:
     raw_boxes = as_written.xywh
     if not len(raw_boxes):
         return
     sizes = np.array([(im["width"], im["height"]) for im in dataset.raw["images"]], dtype=np.float64)
-    if raw_boxes.min() >= 0 and raw_boxes.max() <= 1.0 and sizes.min() > 32:
+    if raw_boxes.min() >= 0 and raw_boxes.max() <= 1.0 and sizes.min() > limits.normalized_min_side:
         report.add("error", Alarm(
             "normalized_boxes", f"all {len(raw_boxes)} box coordinates lie in [0, 1] on images of at least "
             f"{int(sizes.min())} px", "COCO boxes are in pixels; normalized boxes become sub-pixel objects",
@@ -155,14 +155,14 @@ def _check_box_format(report, dataset, as_written) -> None:
     fits_as_xyxy = (w > x) & (h > y) & (w <= wh[:, 0] + 1) & (h <= wh[:, 1] + 1)
     share = float((outside_as_xywh & fits_as_xyxy).mean())
     report.numbers["xyxy_suspect_share"] = share
-    if share > 0.3:
+    if share > limits.xyxy_share:
         report.add("error", Alarm(
             "xyxy_boxes", f"{100 * share:.0f}% of boxes extend past the image when read as COCO [x, y, w, h] "
             "but fit it when read as [x1, y1, x2, y2]",
             "the file holds corner coordinates where COCO wants width and height: every box would be too large",
             ["the annotation file: write bbox as [x1, y1, x2 - x1, y2 - y1]"]))
     outside = sum(v for k, v in dataset.report.counts.items() if k.startswith("box_outside_image"))
-    if outside > 0.01 * len(raw_boxes) and share <= 0.3:
+    if outside > limits.outside_share * len(raw_boxes) and share <= limits.xyxy_share:
         report.add("warning", Alarm(
             "boxes_outside_image", f"{outside} of {len(raw_boxes)} boxes extend past the image border",
             "clipped or dropped boxes change what the model learns",
@@ -170,8 +170,8 @@ def _check_box_format(report, dataset, as_written) -> None:
 
 
 def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strides, min_size, max_size,
-                             fg_iou_thresh, max_images, seed) -> None:
-    shaped = resized_boxes(sample_records(dataset.records, max_images, seed), min_size, max_size)
+                             fg_iou_thresh, seed, limits: PreflightLimits) -> None:
+    shaped = resized_boxes(sample_records(dataset.records, limits.max_images, seed), min_size, max_size)
     best_iou = best_anchor_ious(shaped, anchor_sizes, aspect_ratios, strides)
     side = box_sides(shaped)
     short_side = torch.cat([torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for _, b in shaped])
@@ -183,7 +183,8 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
                             "below_fg": float((best_iou[mask] < fg_iou_thresh).float().mean()) if count else 0.0,
                             "below_0.5": float((best_iou[mask] < 0.5).float().mean()) if count else 0.0}
     report.numbers["anchor_coverage"] = coverage
-    poor = {b: c for b, c in coverage.items() if c["boxes"] >= 10 and c["below_0.5"] > 0.25}
+    poor = {b: c for b, c in coverage.items()
+            if c["boxes"] >= limits.anchor_min_boxes and c["below_0.5"] > limits.anchor_poor_share}
     if poor:
         # FPN levels double their stride: keep the octave spacing, start at the small boxes
         suggested = octave_sizes(max(4, int(round(float(np.quantile(side.numpy(), 0.1))))), len(anchor_sizes))
@@ -198,7 +199,7 @@ def _check_sizes_and_anchors(report, dataset, anchor_sizes, aspect_ratios, strid
              "model.rpn.fg_iou_thresh: lower it (e.g. 0.5) for odd shapes"]))
     tiny = float((short_side < strides[0]).float().mean())
     report.numbers["smaller_than_stride_share"] = tiny
-    if tiny > 0.05:
+    if tiny > limits.tiny_share:
         # the resize that brings 95% of the boxes to at least one stride of the finest level
         factor = strides[0] / max(float(np.quantile(short_side.numpy(), 0.05)), 1e-3)
         new_min, new_max = (int(np.ceil(v * factor / 32) * 32) for v in (min_size, max_size))
@@ -238,7 +239,7 @@ def preflight_from_config(cfg, dataset: CocoDetection, split: str) -> PreflightR
     return run_preflight(dataset, split, anchor_sizes=cfg.model.anchors.sizes,
                          aspect_ratios=cfg.model.anchors.aspect_ratios, strides=fpn_strides(cfg.model.backbone.name),
                          min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
-                         fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed,
+                         fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed, limits=cfg.monitor.preflight,
                          head={"representation_size": cfg.model.roi.representation_size,
                                "fpn_channels": cfg.model.backbone.fpn_channels})
 
