@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rcnn_trainer.config_monitor import (DivergenceLimits, FlatLossLimits, GradientLimits, InitialLossLimits, LearningRateLimits,
                                          LossScaleLimits, LowConfidenceLimits, LrPerImageLimits, ProposalIouLimits,
-                                         MaskLearningLimits, OverfittingLimits, PreflightLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits, WeightRatioLimits)
+                                         MaskLearningLimits, OverfittingLimits, PreflightLimits, RegressorCollapseLimits, StarvationLimits, StuckIouLimits,
+                                         TrendLimits, WeightRatioLimits)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -478,6 +479,7 @@ class MonitorConfig(Strict):
     loss_scale: LossScaleLimits = Field(default_factory=LossScaleLimits)
     preflight: PreflightLimits = Field(default_factory=PreflightLimits)
     divergence: DivergenceLimits = Field(default_factory=DivergenceLimits)
+    trend: TrendLimits = Field(default_factory=TrendLimits)
 
     @field_validator("period")
     @classmethod

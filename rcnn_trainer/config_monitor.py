@@ -161,3 +161,15 @@ class DivergenceLimits(Limits):
                                  "reference (their largest).")
     memory: int = Field(5, ge=0, description="Judgments after a cause alarm (divergence, vanishing_lr, gradients) "
                         "during which the symptoms it explains (collapse, low_confidence, ...) are held back.")
+
+
+class TrendLimits(Limits):
+    window: int = Field(4, ge=2, description="Judgments whose trend decides 'improving, not yet there' for "
+                        "low_confidence, class_confusion and flat_loss.")
+    min_step: float = Field(0.005, ge=0.0, description="... the judged metric must improve by more than this at every "
+                            "one of them (noise on a stuck metric goes both ways) ...")
+    correct_target: float = Field(0.5, gt=0.0, le=1.0, description="... and its linear trend, continued over the "
+                                  "judgments left in the run, reach health: for class_confusion the true class's share "
+                                  "of the foreground mass reaching this; for low_confidence the foreground probability "
+                                  "reaching monitor.low_confidence.fg_mass_split; for flat_loss the term falling to "
+                                  "monitor.flat_loss.learned x its highest.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rcnn_trainer.config_monitor import DivergenceLimits
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.divergence import check_divergence
@@ -60,3 +62,36 @@ def test_symptoms_are_held_back_while_a_cause_is_recent(tmp_path):
         monitor.state["checks"] = judgment + 1
         shown.append([a.name for a in monitor._causes_before_symptoms(found)])
     assert shown == [["divergence"], [], [], ["collapse"]]
+
+
+# ------------------------------------------------------------------ improving, not yet there
+def test_on_course_needs_a_steady_rise_that_reaches_health_in_the_budget():
+    from rcnn_trainer.monitor.trend import on_course
+
+    climbing = [0.12, 0.15, 0.18, 0.21]  # the healthy digits run's true-class share, 3 points a judgment
+    assert on_course(climbing, 0.5, remaining=10) == pytest.approx(0.51)
+    assert on_course(climbing, 0.5, remaining=5) is None  # would not get there before the run ends
+    assert on_course([0.12, 0.15, 0.14, 0.21], 0.5, remaining=50) is None  # noise goes both ways
+    assert on_course([0.30, 0.28, 0.26, 0.24], 0.15, remaining=5, rising=False) == pytest.approx(0.14)
+
+
+def test_class_confusion_waits_while_the_true_class_climbs(tmp_path):
+    import math
+
+    from conftest import tiny_config
+
+    from rcnn_trainer.monitor.health import build_health_monitor
+    from rcnn_trainer.monitor.probe import ClassDiagnosis, ProbeResult
+    from rcnn_trainer.monitor.threshold_counts import ThresholdCounts
+
+    def probes(correct):
+        return [ProbeResult(ThresholdCounts((0.05, 0.3, 0.5, 0.7), (1.0, 0.1, 0.0, 0.0), 3.0),
+                            ClassDiagnosis(fg_mass=0.8, correct=c, accuracy=math.nan, margin=0.1, spread=0.1))
+                for c in correct]
+
+    monitor = build_health_monitor(tiny_config(tmp_path))
+    confusion = Alarm("class_confusion", "confused", "capacity", ["model.roi.representation_size: 1024"])
+    kept = monitor._hold_while_improving([confusion], [], probes([0.12, 0.15, 0.18, 0.21]), remaining=12)
+    assert kept == [] and "true class share 0.12 -> 0.21" in monitor.improving()[0]
+    stuck = monitor._hold_while_improving([confusion], [], probes([0.12, 0.13, 0.12, 0.13]), remaining=12)
+    assert stuck == [confusion] and monitor.improving() == []

@@ -202,10 +202,14 @@ def judge(run: Run) -> None:
     alarms = run.health.period(state.iteration, max_iters, state.window, mean, seen,
                                scaler.get_scale() if scaler.is_enabled() else None)
     state.window = []
-    if alarms or (state.iteration // period) % cfg.monitor.dashboard_every == 0 or state.iteration == max_iters:
+    improving = run.health.improving()
+    if improving:
+        run.metrics.write({"type": "improving", "iter": state.iteration, "notes": improving})
+    if (alarms or improving or (state.iteration // period) % cfg.monitor.dashboard_every == 0
+            or state.iteration == max_iters):
         evals = run.health.state["evals"]
         run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen,
-                                 evals[-1] if evals else None))
+                                 evals[-1] if evals else None, improving))
     for alarm in alarms:
         run.report_alarm(alarm)
     # rank 0 decides for everyone: ranks see different local batches and must stop together

@@ -13,6 +13,7 @@ class Alarm:
     seen: str
     why: str
     change: list[str] = field(default_factory=list)  # "config.key: suggestion"
+    subject: str | None = None  # what it is about when a check judges several things (flat_loss: the term)
 
     def format(self) -> str:
         lines = [f"ALARM [{self.name}]", f"  seen:   {self.seen}", f"  why:    {self.why}"]
@@ -20,5 +21,5 @@ class Alarm:
         return "\n".join(lines)
 
     def to_record(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 

@@ -164,7 +164,7 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
                 and relative_slope(others) < -falling):
             head = LOSS_TERMS[name].head
             return Alarm(
-                name="flat_loss",
+                name="flat_loss", subject=name,
                 seen=f"{name} stays at {series[0]:.4f} -> {series[-1]:.4f} over {window} periods "
                      f"(trend {100 * relative_slope(series):+.0f}%) while the other terms fall "
                      f"{100 * relative_slope(others):+.0f}%",

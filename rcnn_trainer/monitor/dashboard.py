@@ -12,7 +12,7 @@ from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 
 
 def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: ProbeResult,
-                     last_eval: dict | None = None) -> str:
+                     last_eval: dict | None = None, improving: list[str] = ()) -> str:
     """window: means over the last period of the logged training numbers; seen: the probe;
     last_eval: the latest evaluation's {"iter", "val_loss", "AP"}, if any."""
     total = window.loss or 1e-12
@@ -37,4 +37,5 @@ def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: 
     if not math.isnan(window.mask_iou):
         lines.insert(4, f"  masks on positives: IoU {window.mask_iou:.2f} (a mask that ignores the RoI: "
                         f"{window.mask_trivial_iou:.2f})")
+    lines += [f"  improving, not yet there: {note}" for note in improving]
     return "\n".join(lines)

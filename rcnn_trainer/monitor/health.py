@@ -20,6 +20,7 @@ from rcnn_trainer.losses.weighting import loss_weights
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.divergence import check_divergence
+from rcnn_trainer.monitor.trend import OnCourse, on_course
 from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import ProbeResult
 
@@ -71,7 +72,7 @@ class HealthMonitor:
         self.settings = settings
         self.state = {"history": [], "warmup_end": None, "grad_norms": [], "scales": [], "probe": [], "checks": 0,
                       "initial_loss": None, "last_shown": {}, "counts": {}, "evals": [],
-                      "expected_initial": None, "first_norms": [], "cause_at": {}}
+                      "expected_initial": None, "first_norms": [], "cause_at": {}, "improving": []}
 
     def state_dict(self) -> dict:
         return self.state
@@ -156,7 +157,45 @@ class HealthMonitor:
             found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
                                                min_ratio=m.collapse.min_ratio, patience=m.collapse.patience,
                                                drop=m.collapse.drop, settle_ratio=m.collapse.settle_ratio))
-        return self._causes_before_symptoms([a for a in found if a is not None])
+        found = [a for a in found if a is not None]
+        remaining = (max_iters - iteration) * st["checks"] / max(iteration, 1)  # judgments left
+        found = self._hold_while_improving(found, history, [ProbeResult.from_state(p) for p in st["probe"]], remaining)
+        return self._causes_before_symptoms(found)
+
+    def _hold_while_improving(self, found: list[Alarm], history: list[PeriodMeans], probes: list[ProbeResult],
+                              remaining: float) -> list[Alarm]:
+        """low_confidence, class_confusion and flat_loss wait while their metric is on course to
+        health by the end of the run (monitor/trend.py); `improving()` says so on the dashboard."""
+        m = self.settings.monitor
+        t = m.trend
+        held: list[OnCourse] = []
+        kept = []
+        for alarm in found:
+            if alarm.name in ("low_confidence", "class_confusion"):
+                metric, target = (("foreground probability", m.low_confidence.fg_mass_split)
+                                  if alarm.name == "low_confidence" else ("true class share", t.correct_target))
+                series = [p.classes.fg_mass if alarm.name == "low_confidence" else p.classes.correct
+                          for p in probes[-t.window:]]
+                rising = True
+            elif alarm.name == "flat_loss" and alarm.subject is not None:
+                metric, rising = alarm.subject, False
+                series = [h.terms.get(alarm.subject, math.nan) for h in history[-t.window:]]
+                target = m.flat_loss.learned * max(h.terms.get(alarm.subject, 0.0) for h in history)
+            else:
+                kept.append(alarm)
+                continue
+            projected = on_course(series, target, remaining, rising=rising, min_step=t.min_step) \
+                if len(series) >= t.window else None
+            if projected is None:
+                kept.append(alarm)
+            else:
+                held.append(OnCourse(alarm.name, metric, series[0], series[-1], projected, target))
+        self.state["improving"] = [h.describe() for h in held]
+        return kept
+
+    def improving(self) -> list[str]:
+        """The symptoms the latest judgment held back because their metric is on course to health."""
+        return list(self.state["improving"])
 
     def _causes_before_symptoms(self, found: list[Alarm]) -> list[Alarm]:
         """A model whose lr is negligible, or whose updates overshoot, shows every symptom of not
