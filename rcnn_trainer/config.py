@@ -21,6 +21,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _found(path: Path, folder: bool = False) -> bool:
+    """Path.is_file / is_dir, but False for a name no file can have (over NAME_MAX), not an OSError."""
+    try:
+        return path.is_dir() if folder else path.is_file()
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- data
 class CocoSplit(Strict):
     ann_file: Path = Field(description="COCO-format annotation json (relative to the working directory).")
@@ -29,14 +37,14 @@ class CocoSplit(Strict):
     @field_validator("ann_file")
     @classmethod
     def _ann_file_exists(cls, path: Path) -> Path:
-        if not path.is_file():
+        if not _found(path):
             raise ValueError(f"annotation file '{path}' does not exist (resolved: {path.resolve()})")
         return path
 
     @field_validator("img_dir")
     @classmethod
     def _img_dir_exists(cls, path: Path) -> Path:
-        if not path.is_dir():
+        if not _found(path, folder=True):
             raise ValueError(f"image folder '{path}' does not exist (resolved: {path.resolve()})")
         return path
 
@@ -153,7 +161,7 @@ class BackboneConfig(Strict):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value != "imagenet" and not Path(value).is_file():
+        if value is not None and value != "imagenet" and not _found(Path(value)):
             raise ValueError(f"weights file '{value}' does not exist; use null, 'imagenet' or a file path")
         return value
 
@@ -215,6 +223,19 @@ class BoxLossConfig(Strict):
         "sampled", description="Divide by the number of sampled anchors/RoIs (torchvision) or of positives.")
 
 
+def _cls_loss(loss, handler, head: str, types: tuple[str, str]) -> ClsLossConfig:
+    """model.<head>.cls_loss: `type` defaults to the head's own (types[0]), so that
+    `model.rpn.cls_loss.gamma=3` alone keeps it, and must be one of the losses the head computes."""
+    if isinstance(loss, dict) and "type" not in loss:
+        loss = {"type": types[0], **loss}
+    loss = handler(loss)
+    if loss.type not in types:
+        raise ValueError(f"{head}.cls_loss.type must be '{types[0]}' or '{types[1]}', got '{loss.type}'")
+    if head == "rpn" and loss.logit_adjust:
+        raise ValueError("rpn.cls_loss.logit_adjust: the RPN has one class (objectness); set it on model.roi")
+    return loss
+
+
 def _check_iou_order(section, name: str):
     if section.bg_iou_thresh > section.fg_iou_thresh:
         raise ValueError(f"{name}.bg_iou_thresh ({section.bg_iou_thresh}) must be <= "
@@ -237,19 +258,10 @@ class RPNConfig(Strict):
     cls_loss: ClsLossConfig = Field(default_factory=lambda: ClsLossConfig(type="bce"))
     box_loss: BoxLossConfig = Field(default_factory=BoxLossConfig)
 
-    @field_validator("cls_loss", mode="before")
+    @field_validator("cls_loss", mode="wrap")
     @classmethod
-    def _rpn_cls_default_type(cls, loss):  # `model.rpn.cls_loss.gamma=3` alone keeps the head's default type
-        return {"type": "bce", **loss} if isinstance(loss, dict) and "type" not in loss else loss
-
-    @field_validator("cls_loss")
-    @classmethod
-    def _rpn_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
-        if loss.type not in ("bce", "focal"):
-            raise ValueError(f"rpn.cls_loss.type must be 'bce' or 'focal', got '{loss.type}'")
-        if loss.logit_adjust:
-            raise ValueError("rpn.cls_loss.logit_adjust: the RPN has one class (objectness); set it on model.roi")
-        return loss
+    def _head_cls_loss(cls, loss, handler) -> ClsLossConfig:
+        return _cls_loss(loss, handler, "rpn", ("bce", "focal"))
 
     @model_validator(mode="after")
     def _iou_order(self) -> "RPNConfig":
@@ -285,17 +297,10 @@ class ROIConfig(Strict):
     nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")
     detections_per_img: int = Field(100, ge=1, description="Detections kept per image.")
 
-    @field_validator("cls_loss", mode="before")
+    @field_validator("cls_loss", mode="wrap")
     @classmethod
-    def _roi_cls_default_type(cls, loss):  # `model.roi.cls_loss.gamma=3` alone keeps the head's default type
-        return {"type": "ce", **loss} if isinstance(loss, dict) and "type" not in loss else loss
-
-    @field_validator("cls_loss")
-    @classmethod
-    def _roi_cls_type(cls, loss: ClsLossConfig) -> ClsLossConfig:
-        if loss.type not in ("ce", "focal"):
-            raise ValueError(f"roi.cls_loss.type must be 'ce' or 'focal', got '{loss.type}'")
-        return loss
+    def _head_cls_loss(cls, loss, handler) -> ClsLossConfig:
+        return _cls_loss(loss, handler, "roi", ("ce", "focal"))
 
     @field_validator("bbox_reg_weights")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -51,12 +52,22 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 # --------------------------------------------------------------------------- YAML + _base_
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but False for a name no file can have (over NAME_MAX, a NUL), not an error."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not _is_file(path):
         raise UserError(f"config file '{path}' does not exist.")
     check_file_size(path, MAX_CONFIG_BYTES, "config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable: no permission, or a file such as /proc/self/mem
+        raise UserError(f"config file '{path}' cannot be read: {err.strerror or err}.") from None
     except RecursionError:
         raise UserError(f"config file '{path}': nested too deeply to read (more than a few hundred levels); "
                         f"no valid config does.") from None
@@ -107,9 +118,9 @@ def _merged_with_bases(path: Path, resolved: Path, chain: tuple[Path, ...], note
     merged: dict = {}
     for entry in bases:
         base_path = (path.parent / str(entry))
-        if not base_path.is_file():
-            raise UserError(f"{path}: _base_ file '{entry}' does not exist "
-                            f"(looked for {base_path.resolve()}; _base_ is relative to the config file).")
+        if not _is_file(base_path):
+            raise UserError(f"{path}: _base_ file '{entry}' does not exist (looked for "
+                            f"{os.path.normpath(os.path.abspath(base_path))}; _base_ is relative to the config file).")
         merged = deep_merge(merged, _read_with_bases(base_path, chain + (resolved,), notes, cache))
     if isinstance(data.get("data"), dict) and isinstance(merged.get("data"), dict):
         _replace_data_source(merged["data"], data["data"].keys(), f"{path}", notes)

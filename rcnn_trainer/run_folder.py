@@ -3,8 +3,9 @@
 A command writes only into a folder that is new, empty of what it writes, or one that an
 rcnn_trainer command claimed before (it holds the marker `run.json`, written with O_EXCL when the
 folder is claimed). A folder without the marker that already holds a file the command would
-write is refused (exit 2, naming the files): it holds the user's work, not ours. Single output
-files (`rcnn-export --output`) are never replaced unless the user passes `--overwrite`.
+write is refused (exit 2, naming the files): it holds the user's work, not ours. A link where the
+command writes is refused in any folder (`checkpoints` linked elsewhere would put them there).
+Single output files (`rcnn-export --output`) are never replaced unless the user passes `--overwrite`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def claim_folder(folder: Path, command: str, outputs: Iterable[str], overwrite: 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output folder '{folder}' exists and is not a folder; {hint}.")
+    # in our folder and with overwrite too: a link where we write (checkpoints/, vis/) takes the files elsewhere
+    links = sorted(name for name in outputs if os.path.islink(folder / name))
+    if links:
+        raise UserError(f"output folder '{folder}' holds '{links[0]}' as a link (to '{os.readlink(folder / links[0])}'"
+                        f"): {command} writes there and never through a link. Remove the link or choose another "
+                        f"output folder.")
     if owned_by_us(folder):
         return True
     taken = sorted(name for name in outputs if os.path.lexists(folder / name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import tiny_dict, write_yaml
+from conftest import tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import train_main
 from rcnn_trainer.config_loader import load_config, save_config
 from rcnn_trainer.errors import UserError
@@ -49,6 +49,9 @@ def test_unknown_key_suggests_closest(tmp_path, capsys):
     ("model.rpn.bg_iou_thresh", 0.9, "must be <= rpn.fg_iou_thresh"),
     ("monitor.score_thresholds", [0.5, 0.3], "sorted ascending"),
     ("model.roi.score_thresh", 1.5, "model.roi.score_thresh"),
+    ("model.rpn.cls_loss", {"type": "ce"}, "rpn.cls_loss.type must be 'bce' or 'focal', got 'ce'"),
+    ("model.roi.cls_loss", {"type": "bce"}, "roi.cls_loss.type must be 'ce' or 'focal', got 'bce'"),
+    ("model.rpn.cls_loss", {"logit_adjust": 1.0}, "the RPN has one class"),
 ])
 def test_bad_values_exit_2(tmp_path, capsys, key, value, expect):
     section, *rest = key.split(".")
@@ -105,3 +108,11 @@ def test_resolved_config_round_trip(tmp_path):
     again = load_config(tmp_path / "out" / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["solver"]["lr"] == 0.003
+
+
+def test_cls_loss_keeps_its_head_default_type(tmp_path):
+    """`model.rpn.cls_loss.gamma=3` alone keeps the head's own type (bce for the RPN, ce for the RoIs)."""
+    cfg = tiny_config(tmp_path, model={"rpn": {"cls_loss": {"gamma": 3.0}}, "roi": {"cls_loss": {"gamma": 3.0}}})
+    assert (cfg.model.rpn.cls_loss.type, cfg.model.roi.cls_loss.type) == ("bce", "ce")
+    assert cfg.model.rpn.cls_loss.gamma == cfg.model.roi.cls_loss.gamma == 3.0
+

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -39,6 +40,10 @@ def test_ce_with_class_weights_hand_computed():
     got = class_loss_per_roi(logits, labels, loss_type="ce", pos_weight=2.0)
     p = math.exp(2.0) / (math.exp(1.0) + math.exp(2.0) + 1.0)
     assert got.tolist() == pytest.approx([math.log(3.0), 2.0 * -math.log(p)], rel=1e-6)
+    z = logits.clone().requires_grad_(True)
+    class_loss_per_roi(z, labels, loss_type="ce", pos_weight=2.0).sum().backward()
+    want = torch.tensor([[1.0], [2.0]]) * (torch.softmax(logits, 1) - F.one_hot(labels, 3))  # w_y (p - onehot)
+    assert torch.allclose(z.grad, want, atol=1e-6)
 
 
 def test_focal_matches_torchvision():
@@ -171,3 +176,17 @@ def test_logit_adjustment_in_the_roi_heads(tmp_path):
     expected = loss_roi_cls(logits + heads.class_logit_offsets, labels, ClsLoss("ce"))[0]
     assert loss["loss_roi_cls"].item() == pytest.approx(expected.item())
     assert loss["loss_roi_cls"].item() != pytest.approx(loss_roi_cls(logits, labels, ClsLoss("ce"))[0].item())
+
+
+def test_losses_import_no_config_and_no_engine():
+    """losses/ sits below the config builders and the trainer (DESIGN.md's layers): its
+    settings and weights come in as plain objects."""
+    import ast
+    from pathlib import Path
+
+    import rcnn_trainer.losses as package
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m == "rcnn_trainer.config" or m.startswith("rcnn_trainer.engine")], path

@@ -10,7 +10,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from conftest import TORCHVISION_SIZES, tiny_config
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.losses.weighting import LossWeights, Ramp, TermWeight
+from rcnn_trainer.model.build import build_loss_weights, build_model
 
 EXHAUSTIVE = {"rpn": {"batch_size_per_image": 100000, "positive_fraction": 1.0},
               "roi": {"batch_size_per_image": 100000, "positive_fraction": 1.0}}
@@ -124,3 +125,23 @@ def test_learns_a_handful_of_images(tmp_path):
             iou = box_iou(box[None], det["boxes"])[0]
             hits = (iou > 0.5) & (det["labels"] == label) & (det["scores"] > 0.5)
             assert hits.any(), (box, label, det)
+
+
+def test_build_loss_weights_reads_each_term(tmp_path):
+    cfg = tiny_config(tmp_path, model={
+        "rpn": {"cls_loss": {"weight": 0.5}, "box_loss": {"weight": 2.0}},
+        "roi": {"cls_loss": {"weight": 1.5}, "box_loss": {"weight": 3.0, "weight_ramp": {"start": 1.0, "iters": 4}}},
+        "mask": {"enabled": True, "loss": {"weight": 0.25, "weight_ramp": {"start": 0.0, "iters": 2, "shape": "cosine"}}}})
+    weights = build_loss_weights(cfg.model)
+    assert weights == LossWeights({"loss_rpn_cls": TermWeight(0.5), "loss_rpn_box": TermWeight(2.0),
+                                   "loss_roi_cls": TermWeight(1.5), "loss_roi_box": TermWeight(3.0, Ramp(1.0, 4)),
+                                   "loss_roi_mask": TermWeight(0.25, Ramp(0.0, 2, "cosine"))})
+    assert weights.at(0) == {"loss_rpn_cls": 0.5, "loss_rpn_box": 2.0, "loss_roi_cls": 1.5, "loss_roi_box": 1.0,
+                             "loss_roi_mask": 0.0}
+    assert weights.at(1)["loss_roi_box"] == 1.5 and weights.at(1)["loss_roi_mask"] == pytest.approx(0.125)
+    assert weights.at(10) == weights.final() == {"loss_rpn_cls": 0.5, "loss_rpn_box": 2.0, "loss_roi_cls": 1.5,
+                                                 "loss_roi_box": 3.0, "loss_roi_mask": 0.25}
+    assert "loss_roi_mask" not in build_loss_weights(tiny_config(tmp_path).model).final()  # masks off: no term
+    with pytest.raises(ValueError, match="loss_roi_bbox"):
+        LossWeights({"loss_roi_bbox": TermWeight(1.0)})
+

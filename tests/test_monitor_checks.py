@@ -354,9 +354,9 @@ def test_monitor_state_from_an_older_checkpoint_keeps_the_after_warmup_window():
     history = [period_record(loss=1.0 - 0.1 * i) for i in range(5)]
     # checkpoints written before the index existed kept the judgments after warmup as a copy
     monitor.load_state_dict({"history": history, "after_warmup": history[2:], "checks": 5})
-    assert monitor.state["warmup_end"] == 2
-    assert history[monitor.state["warmup_end"]:] == history[2:]
-    assert "after_warmup" not in monitor.state
+    assert monitor.state.warmup_end == 2
+    assert history[monitor.state.warmup_end:] == history[2:]
+    assert "after_warmup" not in monitor.state_dict()
 
 
 def mask_periods(ious, trivial=0.7, losses=(0.6916, 0.6915, 0.6914)):

@@ -6,7 +6,7 @@ import pytest
 
 from rcnn_trainer.config_monitor import DivergenceLimits
 from rcnn_trainer.monitor.alarms import Alarm
-from rcnn_trainer.monitor.divergence import check_divergence
+from rcnn_trainer.monitor.checks.divergence import check_divergence
 
 COMMON = dict(lr=0.5, base_lr=0.5, optimizer="adamw", batch_size=8, warmup_iters=50, clip_grad_norm=None)
 
@@ -59,9 +59,11 @@ def test_symptoms_are_held_back_while_a_cause_is_recent(tmp_path):
     divergence = Alarm("divergence", "loss 900", "overshoot", ["solver.lr: 0.05"])
     shown = []
     for judgment, found in enumerate([[divergence, collapse], [collapse], [collapse], [collapse]]):
-        monitor.state["checks"] = judgment + 1
-        shown.append([a.name for a in monitor._causes_before_symptoms(found)])
-    assert shown == [["divergence"], [], [], ["collapse"]]
+        monitor.state.checks = judgment + 1
+        shown.append(monitor._causes_before_symptoms(found, iteration=10 * (judgment + 1)))
+    assert [[a.name for a in alarms] for a in shown for alarms in [a]] == [["divergence"], [], [], ["collapse"]]
+    later = shown[-1][0]  # past the memory: the symptom says which cause it follows and carries its advice
+    assert "follows from divergence at iter 10" in later.why and later.change == ["solver.lr: 0.05"]
 
 
 # ------------------------------------------------------------------ improving, not yet there

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.trainer import train
-from rcnn_trainer.losses.weighting import loss_weights
+from rcnn_trainer.model.build import build_loss_weights
 from rcnn_trainer.monitor.checks import check_overfitting
 
 quiet = lambda _msg: None
@@ -34,7 +34,7 @@ def test_every_evaluation_logs_the_val_loss_with_the_training_weights(tmp_path):
     train(tiny_config(tmp_path, train={"eval_period": 2}), log=quiet, progress=False)
     lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "eval"]
     assert [l["iter"] for l in lines] == [2, 4]
-    weights = loss_weights(tiny_config(tmp_path).model)
+    weights = build_loss_weights(tiny_config(tmp_path).model).final()
     for line in lines:
         terms = {k[len("val/"):]: v for k, v in line.items() if k.startswith("val/loss_")}
         assert set(terms) == {"loss_rpn_cls", "loss_rpn_box", "loss_roi_cls", "loss_roi_box"}

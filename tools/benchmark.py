@@ -45,9 +45,9 @@ from rcnn_trainer.engine.device import (amp_dtype, autocast_for, cpu_has_fast_bf
 from rcnn_trainer.engine.evaluate import evaluate
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
-from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+from rcnn_trainer.losses.weighting import weighted_total
 from rcnn_trainer.model.as_torchvision import torchvision_detector
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.build import build_loss_weights, build_model
 from rcnn_trainer.model.frozen_backbone import freeze_backbone
 from rcnn_trainer.monitor.probe import probe
 
@@ -114,7 +114,7 @@ def training_setup(cfg, which: str, device):
     # torchvision's reference scripts construct the optimizer with torch's defaults (per-tensor
     # updates on CPU); ours steps with the fused kernel, as the trainer does
     optimizer = build_optimizer(model, cfg.solver, grad_scaler=scaler.is_enabled(), fused=which == "rcnn_trainer")
-    weights = loss_weights(cfg.model)
+    weights = build_loss_weights(cfg.model).final()
 
     def train_step(batch) -> None:
         images, targets = to_device(*batch, device)

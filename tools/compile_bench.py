@@ -35,8 +35,8 @@ def child(config: str, variant: str, task: str, iters: int, warmup: int, threads
     from rcnn_trainer.engine.data_settings import resolve_from_data
     from rcnn_trainer.engine.device import to_device
     from rcnn_trainer.engine.optim import build_optimizer
-    from rcnn_trainer.losses.weighting import loss_weights, weighted_total
-    from rcnn_trainer.model.build import build_model
+    from rcnn_trainer.losses.weighting import weighted_total
+    from rcnn_trainer.model.build import build_loss_weights, build_model
 
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
@@ -51,7 +51,7 @@ def child(config: str, variant: str, task: str, iters: int, warmup: int, threads
     if task == "train":
         model.train()
         optimizer = build_optimizer(model, cfg.solver)
-        weights = loss_weights(cfg.model)
+        weights = build_loss_weights(cfg.model).final()
         batches = iter(build_train_loader(cfg, train_set))
         for _ in range(warmup + iters):
             images, targets = to_device(*next(batches), torch.device("cpu"))

@@ -12,18 +12,13 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.models.detection.transform import resize_boxes
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     """Scale that makes the short side `min_size` unless the long side would pass `max_size`
     (the torchvision / detectron2 rule)."""
     return min(min_size / min(height, width), max_size / max(height, width))
-
-
-def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
-    """Scale xyxy boxes [N, 4] by separate x and y factors."""
-    factors = torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=boxes.dtype)
-    return boxes * factors
 
 
 def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -58,7 +53,7 @@ class Resize:
         new_h, new_w = self.output_size(height, width)
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BILINEAR)
-            target = dict(target, boxes=scale_boxes(target["boxes"], new_w / width, new_h / height))
+            target = dict(target, boxes=resize_boxes(target["boxes"], (height, width), (new_h, new_w)))
             if "masks" in target and tuple(target["masks"].shape[-2:]) != (new_h, new_w):
                 target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target

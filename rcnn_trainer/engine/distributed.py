@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rcnn_trainer.dist_state import is_distributed
+
 
 @dataclass
 class DistInfo:
@@ -62,7 +64,7 @@ def is_main_process() -> bool:
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each scalar averaged over ranks (for logging: the loss of the whole global batch).
     One small all_reduce; a no-op in one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not values:
+    if not is_distributed() or not values:
         return values
     names = list(values)
     stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])

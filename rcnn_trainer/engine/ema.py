@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rcnn_trainer.dist_state import is_distributed
+
 
 class WeightAverage:
     def __init__(self, model: nn.Module, decay: float, warmup: int):
@@ -44,7 +46,7 @@ class WeightAverage:
     def sync_from_main(self) -> None:
         """Rank 0's average on every rank. Parameters agree across ranks (the gradients are
         all-reduced); BatchNorm statistics are each rank's own, so the average's differ."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             for tensor in self.weights.values():
                 dist.broadcast(tensor, src=0)
 

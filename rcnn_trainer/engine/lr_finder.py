@@ -24,9 +24,9 @@ from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_dataset, build_train_loader
 from rcnn_trainer.engine.device import pick_device, to_device
 from rcnn_trainer.engine.optim import build_optimizer
-from rcnn_trainer.losses.weighting import loss_weights, weighted_total
+from rcnn_trainer.losses.weighting import weighted_total
 from rcnn_trainer.engine.data_settings import resolve_from_data
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.build import build_loss_weights, build_model
 from rcnn_trainer.engine.run_lock import RunLock
 from rcnn_trainer.run_folder import claim_folder
 from rcnn_trainer.atomic_io import atomic_save_image, atomic_write_text
@@ -101,8 +101,9 @@ def _lr_find(cfg: Config, out: Path, min_lr: float, max_lr: float, iters: int, l
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.solver)
     batches = iter(build_train_loader(cfg, train_set))
-    points = lr_sweep(model, optimizer, batches, loss_weights(cfg.model), min_lr=min_lr, max_lr=max_lr,
-                      iters=iters, device=device, progress=progress)
+    weights = build_loss_weights(cfg.model).final()
+    points = lr_sweep(model, optimizer, batches, weights, min_lr=min_lr, max_lr=max_lr, iters=iters, device=device,
+                      progress=progress)
     suggestion = suggest_lr(points)
     stopped = "" if len(points) == iters else f" (stopped at lr {points[-1]['lr']:.2e} when the loss diverged)" if points else ""
     log(f"[lr-find] {len(points)} steps from {min_lr:.1e} to {max_lr:.1e}{stopped}\n{format_curve(points)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from rcnn_trainer.errors import UserError
@@ -53,7 +54,7 @@ class RunLock:
     def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise UserError(f"lock file '{self.path}' is a symbolic link; rcnn_trainer does not follow it "
@@ -61,6 +62,10 @@ class RunLock:
                                 f"--output-dir.") from None
             raise UserError(f"output dir '{self.path.parent}' cannot be created or written: {err.strerror or err}. "
                             f"Choose another output_dir / --output-dir.") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO: lockf works, ftruncate fails
+            os.close(fd)
+            raise UserError(f"lock file '{self.path}' is not a regular file; remove it or use another --output-dir.")
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -32,11 +32,11 @@ from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
 from rcnn_trainer.engine.resume import compare_resume_config
 from rcnn_trainer.engine.val_loss import val_loss_loader, validation_losses
-from rcnn_trainer.losses.weighting import loss_weights, short_name
+from rcnn_trainer.losses.weighting import LossWeights, short_name
 from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import TRAIN_OUTPUTS, claim_folder, owned_by_us
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.build import build_loss_weights, build_model
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.health import HealthMonitor, build_health_monitor
 from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
@@ -73,6 +73,7 @@ class Run:
     scaler: torch.amp.GradScaler
     autocast: Callable
     health: HealthMonitor
+    loss_weights: LossWeights  # model.*.*_loss.weight and weight_ramp, read once
     state: TrainState
     probe_images: list
     probe_targets: list
@@ -104,7 +105,7 @@ class Run:
             return result
         if self.val_loss_loader is None:
             self.val_loss_loader = val_loss_loader(self.val_loader, self.cfg.model.mask.enabled)
-        weights = loss_weights(self.cfg.model, self.state.iteration)
+        weights = self.loss_weights.at(self.state.iteration)
         return {**result, **validation_losses(self.model, self.val_loss_loader, self.device, weights, self.autocast)}
 
     def evaluate(self) -> dict:
@@ -176,7 +177,8 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
         save_config(cfg, out / "config.yaml")
     run = Run(cfg, info, device, out, say, progress, metrics, train_set, val_set,
               val_loader=build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size))),
-              health=build_health_monitor(cfg, info.world_size), state=TrainState(),
+              health=build_health_monitor(cfg, info.world_size), loss_weights=build_loss_weights(cfg.model),
+              state=TrainState(),
               **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
     if cfg.model.roi.cls_loss.logit_adjust:
         counts = drawn_object_counts([r.labels for r in train_set.records], cfg.model.num_classes,

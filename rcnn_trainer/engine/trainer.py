@@ -33,7 +33,7 @@ from rcnn_trainer.engine.run_lock import RunLock
 from rcnn_trainer.engine.run_setup import Run, build_run, claim_run_folder
 from rcnn_trainer.engine.step_decision import StepDecision, StepOutcome, decide_step
 from rcnn_trainer.errors import TrainingStopped
-from rcnn_trainer.losses.weighting import LOSS_NAMES, loss_weights, short_name, weighted_total
+from rcnn_trainer.losses.weighting import LOSS_NAMES, short_name, weighted_total
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.model.stats import require_stats
 from rcnn_trainer.monitor.dashboard import format_dashboard
@@ -109,7 +109,7 @@ def train_step(run: Run, images, targets, first: bool) -> dict:
     if first:
         # the monitor reads these keys: a missing one is a bug, caught here
         require_stats(stats, S.TRAIN_STATS + (S.MASK_STATS if "loss_roi_mask" in losses else ()))
-    weights = loss_weights(run.cfg.model, it)  # ramped where model.*.*_loss.weight_ramp says so
+    weights = run.loss_weights.at(it)  # ramped where model.*.*_loss.weight_ramp says so
     total, weighted = weighted_total(losses, weights)  # the one place weights are applied
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
@@ -207,9 +207,8 @@ def judge(run: Run) -> None:
         run.metrics.write({"type": "improving", "iter": state.iteration, "notes": improving})
     if (alarms or improving or (state.iteration // period) % cfg.monitor.dashboard_every == 0
             or state.iteration == max_iters):
-        evals = run.health.state["evals"]
         run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen,
-                                 evals[-1] if evals else None, improving))
+                                 run.health.last_evaluation(), improving))
     for alarm in alarms:
         run.report_alarm(alarm)
     # rank 0 decides for everyone: ranks see different local batches and must stop together

@@ -34,14 +34,12 @@ def class_loss_per_roi(logits: torch.Tensor, labels: torch.Tensor, *, loss_type:
     logits = logits.float()
     class_weight = torch.full((logits.shape[1],), pos_weight, device=logits.device)
     class_weight[0] = 1.0
-    log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
     if loss_type == "ce":
-        loss = -log_p
-    elif loss_type == "focal":
-        loss = -((1.0 - log_p.exp()) ** gamma) * log_p
-    else:
-        raise ValueError(f"unknown RoI classification loss '{loss_type}' (ce | focal)")
-    return loss * class_weight[labels]
+        return F.cross_entropy(logits, labels, weight=class_weight, reduction="none")
+    if loss_type == "focal":
+        log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+        return -((1.0 - log_p.exp()) ** gamma) * log_p * class_weight[labels]
+    raise ValueError(f"unknown RoI classification loss '{loss_type}' (ce | focal)")
 
 
 def class_logit_offsets(object_counts: Sequence[float], tau: float) -> torch.Tensor:

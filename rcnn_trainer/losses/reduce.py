@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from rcnn_trainer.dist_state import is_distributed
+
 
 def avg_factor_from_count(count: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Mean of `count` across ranks (a no-op in one process), clamped to >= 1. Scalar float32."""
     factor = torch.as_tensor(count, dtype=torch.float32, device=device).clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(factor)  # a sync point between ranks
         factor = factor / dist.get_world_size()
     return factor.clamp(min=1.0)

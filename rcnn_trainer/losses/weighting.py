@@ -1,19 +1,23 @@
-"""Loss weights, applied in exactly one place, optionally ramped over the first iterations."""
+"""Loss weights, applied in exactly one place, optionally ramped over the first iterations.
+
+The weights are plain numbers here: `build_loss_weights(model_cfg)` (model/build.py) reads
+them from the config once, into a `LossWeights`; this module imports no config.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import torch
-
-from rcnn_trainer.config import ModelConfig, WeightRamp
 
 
 @dataclass(frozen=True)
 class LossTerm:
     """One term of the total: its key in the model's loss dict, how logs and the dashboard name
-    it, its head, its kind and the config section that sets it (its weight and weight_ramp)."""
+    it, its head, its kind and the config section that sets its weight and weight_ramp (a name
+    for messages; build_loss_weights reads the values)."""
     name: str
     short: str
     head: str        # "rpn", "roi" or "mask"
@@ -33,20 +37,44 @@ def short_name(loss_name: str) -> str:
     return LOSS_TERMS[loss_name].short
 
 
-def _loss_configs(model_cfg: ModelConfig) -> dict:
-    """The config section of each term the model computes (the mask term only with masks on)."""
-    sections = {}
-    for name, term in LOSS_TERMS.items():
-        if term.head == "mask" and not model_cfg.mask.enabled:
-            continue
-        node = model_cfg
-        for part in term.config_key.split(".")[1:]:
-            node = getattr(node, part)
-        sections[name] = node
-    return sections
+@dataclass(frozen=True)
+class Ramp:
+    """The weight goes from `start` at iteration 0 to the term's weight at `iters`."""
+    start: float
+    iters: int
+    shape: str = "linear"  # linear | cosine
 
 
-def ramped_weight(final: float, ramp: WeightRamp | None, iteration: int) -> float:
+@dataclass(frozen=True)
+class TermWeight:
+    weight: float                 # the final weight
+    ramp: Optional[Ramp] = None   # None: `weight` from the first iteration
+
+    def at(self, iteration: int) -> float:
+        return ramped_weight(self.weight, self.ramp, iteration)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of each term the model computes, keyed by loss name (LOSS_NAMES; the mask
+    term only with masks on)."""
+    terms: Mapping[str, TermWeight]
+
+    def __post_init__(self):
+        unknown = set(self.terms) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; expected names from {LOSS_NAMES}")
+
+    def at(self, iteration: int) -> dict[str, float]:
+        """Each term's weight at `iteration` (ramped where its ramp says so)."""
+        return {name: term.at(iteration) for name, term in self.terms.items()}
+
+    def final(self) -> dict[str, float]:
+        """Each term's weight after any ramp."""
+        return {name: term.weight for name, term in self.terms.items()}
+
+
+def ramped_weight(final: float, ramp: Optional[Ramp], iteration: int) -> float:
     """`ramp.start` at iteration 0 to `final` at `ramp.iters` (linear or cosine), then `final`."""
     if ramp is None or iteration >= ramp.iters:
         return final
@@ -54,12 +82,6 @@ def ramped_weight(final: float, ramp: WeightRamp | None, iteration: int) -> floa
     if ramp.shape == "cosine":
         progress = 0.5 * (1.0 - math.cos(math.pi * progress))
     return ramp.start + (final - ramp.start) * progress
-
-
-def loss_weights(model_cfg: ModelConfig, iteration: int | None = None) -> dict[str, float]:
-    """Weight of each term at `iteration` (None: the final weights)."""
-    return {name: loss.weight if iteration is None else ramped_weight(loss.weight, loss.weight_ramp, iteration)
-            for name, loss in _loss_configs(model_cfg).items()}
 
 
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rcnn_trainer.dist_state import is_distributed
 from rcnn_trainer.losses.iou import paired_iou
 
 
@@ -31,7 +32,7 @@ class WiseIoULoss(nn.Module):
         """Called on every rank at every training step, also with no positives (P = 0): the
         all_reduce is a collective, and a rank that skipped it would hang the others."""
         stats = torch.stack([iou_loss.sum(), torch.tensor(float(iou_loss.numel()), device=iou_loss.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(stats)
         batch_mean = stats[0] / stats[1].clamp(min=1.0)
         updated = self.iou_loss_mean * (1.0 - self.momentum) + self.momentum * batch_mean

@@ -1,4 +1,4 @@
-"""build_model(cfg): the only place that reads the model config."""
+"""build_model(cfg) and build_loss_weights(cfg): the only places that read the model config."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
-from rcnn_trainer.config import ModelConfig
+from rcnn_trainer.config import ModelConfig, WeightRamp
 from rcnn_trainer.losses.settings import head_losses
+from rcnn_trainer.losses.weighting import LossWeights, Ramp, TermWeight
 from rcnn_trainer.model.backbone import build_backbone
 from rcnn_trainer.model.detector import TwoStageDetector
 from rcnn_trainer.model.roi_align import multi_scale_roi_align
@@ -50,6 +51,23 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         nms_thresh=o.nms_thresh, detections_per_img=o.detections_per_img, losses=head_losses(o), sampler=o.sampler,
         **(_mask_branch(cfg, backbone.out_channels, feature_names) if cfg.mask.enabled else {}))
     return TwoStageDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads)
+
+
+def build_loss_weights(cfg: ModelConfig) -> LossWeights:
+    """Each term's `weight` and `weight_ramp`; the trainer applies them (losses/weighting.py)."""
+    terms = {
+        "loss_rpn_cls": TermWeight(cfg.rpn.cls_loss.weight, _ramp(cfg.rpn.cls_loss.weight_ramp)),
+        "loss_rpn_box": TermWeight(cfg.rpn.box_loss.weight, _ramp(cfg.rpn.box_loss.weight_ramp)),
+        "loss_roi_cls": TermWeight(cfg.roi.cls_loss.weight, _ramp(cfg.roi.cls_loss.weight_ramp)),
+        "loss_roi_box": TermWeight(cfg.roi.box_loss.weight, _ramp(cfg.roi.box_loss.weight_ramp)),
+    }
+    if cfg.mask.enabled:  # the model computes loss_roi_mask only then
+        terms["loss_roi_mask"] = TermWeight(cfg.mask.loss.weight, _ramp(cfg.mask.loss.weight_ramp))
+    return LossWeights(terms)
+
+
+def _ramp(ramp: WeightRamp | None) -> Ramp | None:
+    return None if ramp is None else Ramp(start=ramp.start, iters=ramp.iters, shape=ramp.shape)
 
 
 def _mask_branch(cfg: ModelConfig, in_channels: int, feature_names: list[str]) -> dict:

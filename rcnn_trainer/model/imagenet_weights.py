@@ -36,9 +36,13 @@ def imagenet_state_dict(name: str, progress: bool = True) -> dict:
                         f"model.backbone.weights to its path.")
     expected = match.group(1)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if os.path.lexists(cached) and not cached.is_file():  # a FIFO would block the read below for ever
+        raise UserError(f"model.backbone.weights: imagenet: '{cached}' is not a regular file (a folder, a FIFO, a "
+                        f"device or a broken link in the torch cache); it was not read. Delete it to download the "
+                        f"weights again.")
     if not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
         try:  # checks the hash before moving the download into place
+            cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(cached), hash_prefix=expected, progress=progress)
         except (OSError, RuntimeError) as err:
             raise UserError(f"model.backbone.weights: imagenet: could not download {url} ({err}). Without "
