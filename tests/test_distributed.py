@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from conftest import tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.engine import checkpoint as ckpt_io
 from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.losses.weighting import loss_weights, weighted_total
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.losses.weighting import weighted_total
+from rcnn_trainer.model.build import build_loss_weights, build_model
 
 PARITY = {"backbone": {"norm": "gn"},
           "rpn": {"batch_size_per_image": 100000, "positive_fraction": 1.0},
@@ -74,7 +74,7 @@ def _worker(rank, world, port, cfg, out_dir, empty_first_rank=False):
     images, targets = global_batch(cfg.model.mask.enabled, empty_first_rank)
     per_rank = len(images) // world
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    losses = one_step(model, images[sl], targets[sl], loss_weights(cfg.model))
+    losses = one_step(model, images[sl], targets[sl], build_loss_weights(cfg.model).final())
     grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
     torch.save({"losses": losses, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -90,8 +90,8 @@ def test_two_ranks_match_one_process(tmp_path, masks, empty_first_rank):
     torch.manual_seed(0)
     single = build_model(cfg.model).train()
     images, targets = global_batch(masks, empty_first_rank)
-    expected = one_step(single, images, targets, loss_weights(cfg.model))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    expected = one_step(single, images, targets, build_loss_weights(cfg.model).final())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ("loss_roi_mask" in expected) == masks
     for name, value in expected.items():
         mean = sum(r["losses"][name] for r in ranks) / 2
@@ -140,30 +140,61 @@ def test_torchrun_trains_checkpoints_resumes_and_evaluates(tmp_path):
 
 def _empty_rank_worker(rank, world, port, raw, out_dir):
     """Rank 1's images have no objects; every box loss type must still finish the step (every
-    collective runs on every rank)."""
+    collective runs on every rank). Each avg_factor is recorded with the rank's own count."""
     from rcnn_trainer.config_loader import validate_config
+    from rcnn_trainer.losses import heads
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
+    factors, real_factor = [], heads.avg_factor_from_count
+
+    def recorded_factor(count, device):
+        factor = real_factor(count, device)
+        factors.append((float(count), float(factor)))
+        return factor
+    heads.avg_factor_from_count = recorded_factor
     images, targets = global_batch()
     if rank == 1:
         targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]
-    done = []
-    for kind in ("smooth_l1", "l1", "giou", "diou", "ciou", "wiou"):
-        cfg = validate_config({**raw, "model": {**raw["model"], "rpn": {**raw["model"]["rpn"], "box_loss": {"type": kind}},
-                                                "roi": {**raw["model"]["roi"], "box_loss": {"type": kind}}}}, "test")
+    done = {}
+    for kind in BOX_LOSSES:
+        # box terms over the positives: rank 1 counts 0 of them, so its avg_factor is rank 0's alone
+        box = {"type": kind, "avg_factor": "positives"}
+        cfg = validate_config({**raw, "model": {**raw["model"], "rpn": {**raw["model"]["rpn"], "box_loss": box},
+                                                "roi": {**raw["model"]["roi"], "box_loss": box}}}, "test")
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(build_model(cfg.model).train())
-        losses = one_step(model, images[:2], targets[:2], loss_weights(cfg.model))
-        assert all(math.isfinite(v) for v in losses.values()), (kind, losses)
-        done.append(kind)
+        factors.clear()
+        losses = one_step(model, images[:2], targets[:2], build_loss_weights(cfg.model).final())
+        grads = [p.grad for p in model.module.parameters() if p.grad is not None]
+        wiou = [float(m.iou_loss_mean) for m in (model.module.rpn.box_wiou, model.module.roi_heads.box_wiou) if m]
+        done[kind] = {"losses": losses, "factors": list(factors), "wiou_means": wiou,
+                      "grad_digest": torch.stack([torch.stack([g.sum(), g.norm()]) for g in grads])}
     torch.save(done, os.path.join(out_dir, f"empty{rank}.pt"))
     dist.destroy_process_group()
 
 
+BOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou", "wiou")
+
+
 def test_a_rank_without_objects_does_not_hang_any_box_loss(tmp_path):
+    """...and what the two processes computed together: every avg_factor is the mean of both
+    ranks' counts (the same on both, though rank 1 has no positives), DDP leaves the same
+    gradient on both, and Wise-IoU's running mean is shared."""
     raw = tiny_dict(tmp_path)
     mp.spawn(_empty_rank_worker, args=(2, free_port(), raw, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        assert torch.load(tmp_path / f"empty{rank}.pt") == ["smooth_l1", "l1", "giou", "diou", "ciou", "wiou"]
+    ranks = [torch.load(tmp_path / f"empty{rank}.pt", weights_only=True) for rank in range(2)]
+    for kind in BOX_LOSSES:
+        first, second = ranks[0][kind], ranks[1][kind]
+        assert all(math.isfinite(v) for r in (first, second) for v in r["losses"].values()), kind
+        assert len(first["factors"]) == len(second["factors"]) >= 4, kind  # rpn cls/box, roi cls/box
+        for (count0, factor0), (count1, factor1) in zip(first["factors"], second["factors"]):
+            assert factor0 == factor1 == pytest.approx(max(1.0, (count0 + count1) / 2)), (kind, count0, count1)
+        assert any(c0 > 0 and c1 == 0 for (c0, _), (c1, _) in zip(first["factors"], second["factors"])), kind
+        assert second["losses"]["loss_rpn_box"] == second["losses"]["loss_roi_box"] == 0.0  # nothing to regress
+        assert first["losses"]["loss_rpn_box"] > 0 and first["losses"]["loss_roi_box"] > 0
+        torch.testing.assert_close(first["grad_digest"], second["grad_digest"], rtol=1e-5, atol=1e-7)
+        assert len(first["wiou_means"]) == (2 if kind == "wiou" else 0)
+        assert first["wiou_means"] == second["wiou_means"]
+        assert all(m != 1.0 for m in first["wiou_means"])  # updated from rank 0's boxes on both ranks

@@ -157,11 +157,49 @@ def test_mask_run_reports_segm_metrics_and_predicts_rles_that_decode_to_the_draw
                          "--output-dir", str(tmp_path / "pr"), "--score-thresh", "0.0", "--no-progress"]) == 0
     predictions = json.loads((tmp_path / "pr" / "predictions.json").read_text())
     assert predictions and all("segmentation" in p for p in predictions)
-    first = predictions[0]
-    decoded = mask_utils.decode(dict(first["segmentation"], counts=first["segmentation"]["counts"].encode()))
+    # each RLE decodes to the mask the model draws for that detection: its probabilities at 0.5,
+    # at the image's size, around the detection's box (recomputed here from the checkpoint)
+    expected = _model_masks(config, run / "model_final.pth", val_file)
     from PIL import Image
-    with Image.open(first["file_name"]) as img:
-        assert decoded.shape == (img.height, img.width)
+    with Image.open(val_file) as img:
+        size = (img.height, img.width)
+    compared = 0
+    for prediction in predictions[:10]:
+        decoded = mask_utils.decode(dict(prediction["segmentation"], counts=prediction["segmentation"]["counts"].encode()))
+        assert decoded.shape == size
+        box, mask = next((b, m) for b, c, m in expected if c == prediction["category_id"]
+                         and max(abs(u - v) for u, v in zip(b, prediction["bbox"])) < 0.05)
+        intersection, union = (decoded & mask).sum(), (decoded | mask).sum()
+        assert union == 0 or intersection / union > 0.95, (prediction, intersection, union)
+        ys, xs = np.nonzero(decoded)
+        if len(xs):  # pasted into the box (grown by a 28 -> 30 px border: 1/14 of it on each side)
+            x, y, w, h = box
+            assert x - w / 14 - 1 <= xs.min() and xs.max() <= x + w + w / 14 + 1, (box, xs.min(), xs.max())
+            assert y - h / 14 - 1 <= ys.min() and ys.max() <= y + h + h / 14 + 1, (box, ys.min(), ys.max())
+            compared += 1
+    assert compared >= 3  # non-empty masks among the top detections
+
+
+@torch.no_grad()
+def _model_masks(config, checkpoint, image_file):
+    """(xywh box, category id, binary mask at 0.5) of every detection of the checkpoint's model."""
+    from PIL import Image
+
+    from rcnn_trainer.config_loader import load_config
+    from rcnn_trainer.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(config)
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(ckpt["model"])
+    with Image.open(image_file) as img:
+        img = img.convert("RGB")
+        tensor, _ = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)(
+            img, {"boxes": torch.zeros(0, 4)}, None)
+        (det,) = model([tensor], original_sizes=[(img.height, img.width)])
+    to_cat = {int(k): int(v) for k, v in ckpt["label_to_cat_id"].items()}
+    return [([x0, y0, x1 - x0, y1 - y0], to_cat[int(label)], (mask[0] >= 0.5).numpy().astype(np.uint8))
+            for (x0, y0, x1, y1), label, mask in zip(det["boxes"].tolist(), det["labels"], det["masks"])]
 
 
 def _val_split(raw):

@@ -8,20 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import train_main
 from rcnn_trainer.config import WeightRamp
-from rcnn_trainer.config_loader import _check_key_path, load_config
+from rcnn_trainer.config_loader import _check_key_path, config_to_dict, deep_merge, load_config
 from rcnn_trainer.data.loader import build_dataset, build_train_loader
+from rcnn_trainer.engine.checkpoint import load_checkpoint
+from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
 from rcnn_trainer.engine.lr_finder import lr_sweep, suggest_lr
 from rcnn_trainer.engine.metrics_log import MetricsLog
 from rcnn_trainer.engine.optim import build_optimizer
 from rcnn_trainer.engine.trainer import train
 from rcnn_trainer.errors import UserError
-from rcnn_trainer.losses.weighting import loss_weights, ramped_weight
+from rcnn_trainer.losses.weighting import ramped_weight
 from rcnn_trainer.losses.wise_iou import WiseIoULoss
-from rcnn_trainer.model.build import build_model
+from rcnn_trainer.model.build import build_loss_weights, build_model
 from rcnn_trainer.model.roi_heads import select_hardest
 from rcnn_trainer.monitor import checks
 from rcnn_trainer.monitor.checks import check_collapse
@@ -44,7 +47,7 @@ def test_ramp_hand_computed():
 
 def test_ramped_weight_is_logged_each_iteration(tmp_path):
     cfg = tiny_config(tmp_path, model={"roi": {"box_loss": {"weight": 2.0, "weight_ramp": {"start": 1.0, "iters": 4}}}})
-    assert loss_weights(cfg.model, 2)["loss_roi_box"] == 1.5
+    assert build_loss_weights(cfg.model).at(2)["loss_roi_box"] == 1.5
     train(cfg, log=quiet, progress=False)
     lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
     assert [l["weight/loss_roi_box"] for l in lines] == [1.0, 1.25, 1.5, 1.75]
@@ -59,7 +62,7 @@ def test_lr_sweep_suggests_and_leaves_model_unchanged(tmp_path):
     optimizer = build_optimizer(model, cfg.solver)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))
-    points = lr_sweep(model, optimizer, batches, loss_weights(cfg.model), min_lr=1e-5, max_lr=10.0, iters=25,
+    points = lr_sweep(model, optimizer, batches, build_loss_weights(cfg.model).final(), min_lr=1e-5, max_lr=10.0, iters=25,
                       device=torch.device("cpu"), progress=False)
     suggestion = suggest_lr(points)
     assert suggestion is not None and math.isfinite(suggestion) and 1e-6 < suggestion < 10.0
@@ -80,7 +83,7 @@ def test_lr_sweep_stops_early_on_divergence(tmp_path):
     cfg = tiny_config(tmp_path, solver={"optimizer": "sgd"})
     model = build_model(cfg.model)
     batches = iter(build_train_loader(cfg, build_dataset(cfg, "train")))
-    points = lr_sweep(model, build_optimizer(model, cfg.solver), batches, loss_weights(cfg.model),
+    points = lr_sweep(model, build_optimizer(model, cfg.solver), batches, build_loss_weights(cfg.model).final(),
                       min_lr=1e-3, max_lr=1e6, iters=30, device=torch.device("cpu"), progress=False)
     assert 0 < len(points) < 30
 
@@ -123,7 +126,7 @@ def test_wiou_state_survives_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, model={"roi": {"box_loss": {"type": "wiou"}}, "rpn": {"box_loss": {"type": "wiou"}}},
                       solver={"max_iters": 3})
     train(cfg, log=quiet, progress=False)
-    state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=False)["model"]
+    state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)["model"]
     assert state["rpn.box_wiou.iou_loss_mean"].item() != 1.0
     fresh = build_model(cfg.model)
     fresh.load_state_dict(state)
@@ -134,10 +137,84 @@ def test_wiou_state_survives_checkpoint(tmp_path):
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
 
+def recipe_settings(recipe: Path) -> dict:
+    """The recipe file's own settings, as dotted key -> value (not its _base_'s)."""
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    raw = yaml.safe_load(recipe.read_text())
+    return dict(leaves({k: v for k, v in raw.items() if k not in ("_base_", "output_dir")}))
+
+
+def value_at(cfg, key: str):
+    tree = config_to_dict(cfg)
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def on_synthetic_data(tmp_path: Path, base: Path | None, **updates) -> dict:
+    """`base` (a recipe) with the test's synthetic data in place of its own files."""
+    data = {"train": None, "val": None, "synthetic": tiny_dict(tmp_path)["data"]["synthetic"]}
+    child = {"output_dir": str(tmp_path / "run"), "data": data}
+    if base is not None:
+        child["_base_"] = str(base)
+    return deep_merge(child, updates)
+
+
+def _replaced(key: str, child: dict) -> bool:
+    tree = child
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+        if not isinstance(tree, dict):
+            return True
+    return True
+
+
+# a recipe setting -> what the built model or the run's log shows of it
+EFFECTS = {
+    "model.rpn.cls_pos_weight": lambda model, lines: model.rpn.losses.cls.pos_weight,
+    "model.roi.cls_pos_weight": lambda model, lines: model.roi_heads.losses.cls.pos_weight,
+    "model.roi.box_loss.type": lambda model, lines: model.roi_heads.losses.box.type,
+    "model.roi.box_loss.weight": lambda model, lines: lines[-1]["weight/loss_roi_box"],
+    "model.rpn.fg_iou_thresh": lambda model, lines: model.rpn.proposal_matcher.high_threshold,
+    "model.anchors.sizes": lambda model, lines: [list(s) for s in model.rpn.anchor_generator.sizes],
+    "model.mask.enabled": lambda model, lines: model.roi_heads.has_mask(),
+    "model.mask.num_convs": lambda model, lines: sum(isinstance(m, torch.nn.Conv2d) for m in model.roi_heads.mask_head.modules()),
+    "solver.clip_grad_norm": lambda model, lines: 10.0 if all(l["clipped"] == (l["grad_norm"] > 10.0) for l in lines) else None,
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_settings_are_what_the_config_resolves_to(tmp_path, recipe):
+    """Every setting a recipe writes is in the config it resolves to (its _base_ does not undo
+    it), and the recipe changes something against that base (cpu_demo, the reference, nothing)."""
+    settings = {k: v for k, v in recipe_settings(recipe).items() if not k.startswith(("data.train", "data.val", "data.synthetic"))}
+    cfg = load_config(write_yaml(tmp_path / "r.yaml", on_synthetic_data(tmp_path, recipe)))
+    for key, value in settings.items():
+        assert value_at(cfg, key) == value, (recipe.name, key)
+    base_name = yaml.safe_load(recipe.read_text()).get("_base_")
+    if base_name is None:  # a root recipe: against the schema's defaults
+        base_raw = on_synthetic_data(tmp_path, None, model={"num_classes": value_at(cfg, "model.num_classes")})
+    else:
+        base_raw = on_synthetic_data(tmp_path, (recipe.parent / base_name).resolve())
+    base = load_config(write_yaml(tmp_path / "b.yaml", base_raw))
+    changed = {k for k, v in settings.items() if value_at(base, k) != v}
+    if recipe.stem == "cpu_demo":
+        assert not settings and config_to_dict(cfg) == config_to_dict(base)
+    else:
+        assert changed, recipe.name
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_validates_and_runs(tmp_path, recipe):
     # only the data, weights and sizes change: the recipe's own settings (losses, weights, solver) stay
-    child = write_yaml(tmp_path / "child.yaml", {
+    child_raw = {
         "_base_": str(recipe), "output_dir": str(tmp_path / "run"),
         "data": {"train": None, "val": None, "synthetic": tiny_dict(tmp_path)["data"]["synthetic"],
                  "batch_size": 2, "num_workers": 0, "min_size": 64, "max_size": 64},
@@ -145,9 +222,24 @@ def test_recipe_validates_and_runs(tmp_path, recipe):
                   "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50,
                           "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
                   "roi": {"representation_size": 32, "batch_size_per_image": 32}},
-        "solver": {"max_iters": 2, "warmup_iters": 1, "steps": []}, "train": {"threads": 2, "eval_period": 0}})
-    train(load_config(child), log=quiet, progress=False)
-    assert (tmp_path / "run" / "model_final.pth").is_file()
+        "solver": {"max_iters": 2, "warmup_iters": 1, "steps": []}, "train": {"threads": 2, "eval_period": 0}}
+    child = write_yaml(tmp_path / "child.yaml", child_raw)
+    cfg = load_config(child)
+    train(cfg, log=quiet, progress=False)
+    kept = {k: v for k, v in recipe_settings(recipe).items() if not _replaced(k, child_raw)}
+    ckpt = load_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert ckpt["iteration"] == 2
+    for key, value in kept.items():  # the run trained with the recipe's settings
+        tree = ckpt["config"]
+        for part in key.split("."):
+            tree = tree[part]
+        assert tree == value, (recipe.name, key)
+    model = build_model(resolve_from_checkpoint(cfg, ckpt["config"]).model)
+    assert set(ckpt["model"]) == set(model.state_dict())  # the model the run trained is this one
+    lines = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "train"]
+    assert lines and lines[-1]["iter"] == 2
+    for key in kept.keys() & EFFECTS.keys():
+        assert EFFECTS[key](model, lines) == kept[key], (recipe.name, key)
 
 
 def test_recipes_say_when_to_use_them():

@@ -6,6 +6,7 @@ corrupt file."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ann, tiny_dict, write_yaml
+from conftest import TINY, ann, tiny_dict, write_yaml
 from rcnn_trainer.cli import train_main
 from rcnn_trainer.engine import checkpoint as ckpt_io
 
 LIMIT_S = 120
+TINY_LR = TINY["solver"]["lr"]
 
 
 @contextmanager
@@ -88,6 +90,10 @@ def run_train(tmp_path: Path, train_file: Path, val_file: Path | None = None, *o
         return train_main(["--config", str(config), "--no-progress", *overrides])
 
 
+def train_lines(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["type"] == "train"]
+
+
 def assert_clean_error(capsys, *needles: str) -> str:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
@@ -101,6 +107,11 @@ def assert_clean_error(capsys, *needles: str) -> str:
 def test_fewer_images_than_the_batch_trains(tmp_path, count, batch):
     images, annotations = standard_images(tmp_path / "d", count)
     assert run_train(tmp_path, dataset(tmp_path / "d", images, annotations), data={"batch_size": batch}) == 0
+    # full batches all the same: the few images repeat within each (one object each)
+    lines = train_lines(tmp_path / "run")
+    assert [l["iter"] for l in lines] == [1, 2]
+    assert all(l["images"] == batch and l["gt_per_image"] == 1.0 for l in lines), lines
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 2
 
 
 def test_every_aspect_group_smaller_than_the_batch_trains(tmp_path):
@@ -109,6 +120,14 @@ def test_every_aspect_group_smaller_than_the_batch_trains(tmp_path):
     images += [dict(save(folder, f"p{i}.png", rgb(40, 64, i)), id=i + 3) for i in range(2)]
     annotations = [ann(i + 1, i + 1, 1, [4, 4, 16, 16]) for i in range(4)]
     assert run_train(tmp_path, dataset(folder, images, annotations), data={"batch_size": 4}) == 0
+    assert [(l["iter"], l["images"]) for l in train_lines(tmp_path / "run")] == [(1, 4.0), (2, 4.0)]
+    # each batch: one orientation only, its two images repeated to fill it
+    from rcnn_trainer.data.loader import TrainBatchSampler
+
+    sampler = iter(TrainBatchSampler([64 / 40, 64 / 40, 40 / 64, 40 / 64], 4, seed=1, group_by_aspect=True))
+    for _ in range(4):
+        indices = [draw[0] for draw in next(sampler)]
+        assert len(indices) == 4 and set(indices) in ({0, 1}, {2, 3}), indices
 
 
 def test_val_set_without_objects_trains_and_evaluates(tmp_path):
@@ -196,6 +215,8 @@ def test_unusual_images_load_resized_and_train_together(tmp_path):
         assert image.shape[1:] == (round(record.height * scale), round(record.width * scale)), record.path
         torch.testing.assert_close(target["boxes"], torch.from_numpy(record.boxes) * scale, atol=0.6, rtol=0)
     assert run_train(tmp_path, train_file, data={"batch_size": 4}) == 0
+    lines = train_lines(tmp_path / "run")
+    assert [(l["iter"], l["images"]) for l in lines] == [(1, 4.0), (2, 4.0)] and all(math.isfinite(l["loss"]) for l in lines)
 
 
 def test_non_finite_box_dropped_with_a_count_when_asked(tmp_path, capsys):
@@ -203,7 +224,7 @@ def test_non_finite_box_dropped_with_a_count_when_asked(tmp_path, capsys):
     images, annotations = standard_images(folder)
     annotations.append({"id": 77, "image_id": 1, "category_id": 1, "bbox": [1, 2, float("nan"), 4], "iscrowd": 0})
     assert run_train(tmp_path, dataset(folder, images, annotations)) == 2
-    capsys.readouterr()
+    assert_clean_error(capsys, "ann.json", "id 77", "non-finite", "data.bad_records.non_finite_box")
     assert run_train(tmp_path, dataset(folder, images, annotations), None, "data.bad_records.non_finite_box=drop",
                      "--output-dir", str(tmp_path / "run2")) == 0
     assert "non_finite_box: 1" in capsys.readouterr().out
@@ -215,7 +236,20 @@ def test_category_id_0_declared_trains(tmp_path):
     for a in annotations:
         a["category_id"] = 0 if a["category_id"] == 1 else 5
     categories = [{"id": 0, "name": "zero"}, {"id": 5, "name": "five"}]
-    assert run_train(tmp_path, dataset(folder, images, annotations, categories)) == 0
+    train_file = dataset(folder, images, annotations, categories)
+    assert run_train(tmp_path, train_file) == 0
+    # id 0 is a class like any other (label 1, not the background's 0), and maps back to id 0
+    from rcnn_trainer.data.coco import CocoDetection
+
+    loaded = CocoDetection(train_file, folder)
+    by_id = {r.image_id: r.labels.tolist() for r in loaded.records}
+    assert by_id == {1: [1], 2: [2], 3: [1], 4: [2]}  # standard_images: category 0 on images 1 and 3
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert {int(k): int(v) for k, v in ckpt["label_to_cat_id"].items()} == {1: 0, 2: 5}
+    assert list(ckpt["class_names"]) == ["zero", "five"]
+    evaluation = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(l)["type"] == "eval"][-1]
+    assert "AP/zero" in evaluation and "AP/five" in evaluation
 
 
 def test_duplicate_and_missing_annotation_ids_still_evaluate_every_box(tmp_path, capsys):
@@ -249,6 +283,9 @@ def test_500_objects_in_one_image_trains(tmp_path):
         x, y = (k % 25) * 10, (k // 25) * 12
         annotations.append(ann(1000 + k, 1, 1 + k % 2, [x, y, 8, 10]))
     assert run_train(tmp_path, dataset(folder, images, annotations), data={"min_size": 128, "max_size": 128}) == 0
+    lines = train_lines(tmp_path / "run")  # every object trained on: (501 + 1) / 2 per image, both steps
+    assert [l["iter"] for l in lines] == [1, 2] and all(l["gt_per_image"] == 251.0 for l in lines), lines
+    assert all(math.isfinite(l["loss"]) for l in lines)
 
 
 def test_segmentation_only_records_get_their_box_from_the_polygon(tmp_path, capsys):
@@ -256,8 +293,13 @@ def test_segmentation_only_records_get_their_box_from_the_polygon(tmp_path, caps
     images, annotations = standard_images(folder)
     annotations.append({"id": 50, "image_id": 2, "category_id": 2, "iscrowd": 0,
                         "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]]})
-    assert run_train(tmp_path, dataset(folder, images, annotations)) == 0
+    train_file = dataset(folder, images, annotations)
+    assert run_train(tmp_path, train_file) == 0
     assert "bbox derived from segmentation" in capsys.readouterr().out
+    from rcnn_trainer.data.coco import CocoDetection
+
+    record = next(r for r in CocoDetection(train_file, folder).records if r.image_id == 2)
+    assert record.boxes.tolist() == [[5.0, 5.0, 25.0, 21.0], [10.0, 10.0, 40.0, 30.0]]  # its own box, then the polygon's
 
 
 # ------------------------------------------------------------------ data that must stop a run (exit 2)
@@ -385,7 +427,10 @@ def test_max_iters_below_warmup_and_checkpoint_period_above_max_iters(tmp_path):
     code = run_train(tmp_path, dataset(tmp_path / "d", images, annotations), None, "solver.warmup_iters=50",
                      "train.checkpoint_period=1000")
     assert code == 0 and (tmp_path / "run" / "model_final.pth").is_file()
-    assert ckpt_io.load_latest(tmp_path / "run" / "checkpoints", log=print) is not None
+    latest, _ = ckpt_io.load_latest(tmp_path / "run" / "checkpoints", log=print)
+    assert latest["iteration"] == 2  # the last iteration is saved though the period is never reached
+    lrs = [l["lr"] for l in train_lines(tmp_path / "run")]
+    assert lrs == sorted(lrs) and lrs[-1] < 0.1 * TINY_LR  # still warming up when the run ends
 
 
 def test_output_dir_that_cannot_be_created_is_exit_2(tmp_path, capsys):
@@ -401,7 +446,8 @@ def test_output_dir_with_spaces_and_non_ascii_trains(tmp_path):
     images, annotations = standard_images(tmp_path / "d")
     out = tmp_path / "my runs" / "éxpérience 実験"
     assert run_train(tmp_path, dataset(tmp_path / "d", images, annotations), output=out) == 0
-    assert (out / "model_final.pth").is_file()
+    assert ckpt_io.load_checkpoint(out / "model_final.pth")["iteration"] == 2
+    assert [l["iter"] for l in train_lines(out)] == [1, 2]
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):

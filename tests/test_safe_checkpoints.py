@@ -3,6 +3,7 @@ every command that loads one (exit 2), and the payload never runs."""
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 
@@ -94,5 +95,24 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_unsafe_file_is_a_user_error():
-    assert UnsafeFile.exit_code == 2
+class NumpyPayload(Payload):
+    """The same, through a numpy function: numpy globals beyond the legacy array types stay refused."""
+
+    def __reduce__(self):
+        return (np.savetxt, (self.marker, np.zeros(1)))
+
+
+@pytest.mark.parametrize("payload", [Payload, NumpyPayload])
+def test_a_planted_payload_is_refused_before_it_runs(tmp_path, payload):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "planted.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "rng": [np.random.get_state()], "x": payload(marker)}, path)
+    with pytest.raises(UnsafeFile) as refused:
+        ckpt_io.load_checkpoint(path)
+    message = str(refused.value)
+    assert str(path) in message and "refused" in message and "run code" in message
+    assert ("io.open" if payload is Payload else "numpy.savetxt") in message  # names what it would call
+    assert not marker.exists()
+    control = tmp_path / "CONTROL"
+    pickle.loads(pickle.dumps(payload(control)))  # the control: unpickled without the guard, it runs
+    assert control.exists()

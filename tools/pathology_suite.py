@@ -66,8 +66,11 @@ SCENARIOS = {
     # 500x config.yaml's lr, no clipping (config.yaml has none): diverges in warmup
     "lr_far_too_high_adamw": Scenario("divergence", ["solver.lr=0.5"], key="solver.lr"),
     "lr_far_too_high_sgd": Scenario("lr_too_high_for_batch", ["solver.optimizer=sgd", "solver.lr=0.5"], key="solver.lr"),
-    # too high, but only once warmup has ramped it up
-    "lr_too_high_after_warmup": Scenario("divergence", ["solver.lr=0.03", "solver.warmup_iters=60"], key="solver.lr"),
+    # too high only once a short warmup has ramped it up (lr 0.5 diverged in warmup at lr 0.045)
+    "lr_too_high_after_warmup": Scenario("divergence", ["solver.lr=0.06", "solver.warmup_iters=20"], key="solver.lr"),
+    # high enough to kill the model without a loss blow-up: a grad spike in warmup, then the
+    # loss falls to the background-only level while the grad norm fades 53 -> 0.1 (seen 2026-12-07)
+    "lr_kills_the_model": Scenario("gradients", ["solver.lr=0.03", "solver.warmup_iters=60"], key="solver.lr"),
     # the issue-39 healthy digits run (config.yaml given the data) that raised class_confusion while climbing
     "healthy@digits": Scenario(None, dataset="digits"),
     "anchors_far_too_large": Scenario("anchor_coverage", ["model.anchors.sizes=[[128],[256],[512],[1024],[2048]]"],

@@ -61,8 +61,11 @@ def _innermost_label(event) -> str | None:
     return None
 
 
-def profile_steps(model: nn.Module, step, batches, steps: int = 3) -> dict[str, float]:
-    """Milliseconds per step by '<component> fwd|bwd', plus 'optimizer', 'data' and 'other'."""
+def profile_steps(model: nn.Module, step, batches, steps: int = 3,
+                  backward_nodes: dict[str, set[str]] | None = None) -> dict[str, float]:
+    """Milliseconds per step by '<component> fwd|bwd', plus 'optimizer', 'data' and 'other'.
+    `backward_nodes`, when given, is filled with component -> names of the backward nodes
+    charged to it ('other': those charged to no component)."""
     handles = _label_modules(model)
     totals: dict[str, float] = defaultdict(float)
     try:
@@ -96,6 +99,8 @@ def profile_steps(model: nn.Module, step, batches, steps: int = 3) -> dict[str, 
         if event.name.startswith("autograd::engine::evaluate_function") and not _inside_evaluate(event):
             component = latest_of_sequence.get(event.sequence_nr, (0.0, "other"))[1]
             backward_ms[component] += event.cpu_time_total / 1e3
+            if backward_nodes is not None:
+                backward_nodes.setdefault(component, set()).add(event.name.split(": ", 1)[-1])
     result = {}
     for component in COMPONENTS:
         result[f"{component} fwd"] = forward_ms.get(component, 0.0) / steps
