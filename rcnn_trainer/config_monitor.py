@@ -1,4 +1,5 @@
-"""The numbers each monitor check compares against, one group per check (`monitor.<check>.*`).
+"""The `monitor:` section of config.yaml (MonitorConfig, at the end) and the numbers each
+monitor check compares against, one group per check (`monitor.<check>.*`).
 
 Every default was measured: docs/monitor.md gives, per check, the runs that set it and the
 margin between healthy runs and the pathology it names. Raise or lower one when an alarm is
@@ -7,7 +8,11 @@ wrong for your data; the alarm's text names the group.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rcnn_trainer.config_base import Strict
 
 
 class Limits(BaseModel):
@@ -173,3 +178,73 @@ class TrendLimits(Limits):
                                   "of the foreground mass reaching this; for low_confidence the foreground probability "
                                   "reaching monitor.low_confidence.fg_mass_split; for flat_loss the term falling to "
                                   "monitor.flat_loss.learned x its highest.")
+
+
+class CollapseConfig(Strict):
+    patience: int = Field(3, ge=1, description="Checks in a row below min_ratio before the alarm.")
+    min_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Detections/GT per image below this = collapsed.")
+    drop: float = Field(0.9, gt=0.0, lt=1.0, description="Also collapsed: this fraction below the peak for patience "
+                        "checks in a row ...")
+    settle_ratio: float = Field(2.0, gt=1.0, description="... the peak counted from the first check with at most "
+                                "this x GT detections per image (falling from the near-uniform early scores is "
+                                "learning, not collapse).")
+    action: Literal["warn", "stop"] = Field("warn", description="warn, or stop training.")
+
+
+class MonitorConfig(Strict):
+    score_thresholds: list[float] = Field(
+        default_factory=lambda: [0.05, 0.3, 0.5, 0.7], description="Score thresholds of the count table.")
+    period: Union[Literal["auto"], int] = Field(
+        "auto", description="Iterations between monitor judgments (probe inference + every check); auto = "
+        "max_iters / 20, at least 10 and at most 500, so every run gets about 20 judgments and a failing run "
+        "is named within its first third.")
+    dashboard_every: int = Field(5, ge=1, description="Print the dashboard block every this many judgments "
+                                 "(and at the last one, and whenever an alarm fires).")
+    probe_images: int = Field(8, ge=1, description="Training images the dashboard runs inference on.")
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    dominant_share: float = Field(0.7, gt=0.0, le=1.0, description="Alarm when one weighted term is above this share of the total ...")
+    sustain: int = Field(3, ge=1, description="... for this many monitor periods in a row (also foreground starvation, stuck IoU loss).")
+    flat_window: int = Field(5, ge=3, description="Monitor periods over which a loss term's trend is judged flat.")
+    repeat_every: int = Field(5, ge=1, description="A repeated alarm is summarised in one line until this many checks have passed.")
+    # what each check compares against (the groups above; measured reasons in docs/monitor.md)
+    initial_loss: InitialLossLimits = Field(default_factory=InitialLossLimits)
+    weight_ratio: WeightRatioLimits = Field(default_factory=WeightRatioLimits)
+    flat_loss: FlatLossLimits = Field(default_factory=FlatLossLimits)
+    stuck_iou: StuckIouLimits = Field(default_factory=StuckIouLimits)
+    starvation: StarvationLimits = Field(default_factory=StarvationLimits)
+    proposal_iou: ProposalIouLimits = Field(default_factory=ProposalIouLimits)
+    low_confidence: LowConfidenceLimits = Field(default_factory=LowConfidenceLimits)
+    regressor_collapse: RegressorCollapseLimits = Field(default_factory=RegressorCollapseLimits)
+    mask_learning: MaskLearningLimits = Field(default_factory=MaskLearningLimits)
+    overfitting: OverfittingLimits = Field(default_factory=OverfittingLimits)
+    learning_rate: LearningRateLimits = Field(default_factory=LearningRateLimits)
+    lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
+    gradients: GradientLimits = Field(default_factory=GradientLimits)
+    loss_scale: LossScaleLimits = Field(default_factory=LossScaleLimits)
+    preflight: PreflightLimits = Field(default_factory=PreflightLimits)
+    divergence: DivergenceLimits = Field(default_factory=DivergenceLimits)
+    trend: TrendLimits = Field(default_factory=TrendLimits)
+
+    @field_validator("period")
+    @classmethod
+    def _positive_period(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError(f"monitor.period must be >= 1 or auto, got {value}")
+        return value
+
+    def period_for(self, max_iters: int) -> int:
+        if self.period != "auto":
+            return self.period
+        return max(10, min(500, max_iters // 20))
+
+    @field_validator("score_thresholds")
+    @classmethod
+    def _sorted_thresholds(cls, values: list[float]) -> list[float]:
+        if not values:
+            raise ValueError("monitor.score_thresholds needs at least one threshold")
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"monitor.score_thresholds must lie in [0, 1], got {values}")
+        if sorted(values) != values:
+            raise ValueError(f"monitor.score_thresholds must be sorted ascending, got {values}")
+        return values
+

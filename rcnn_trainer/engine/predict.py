@@ -18,7 +18,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from torchvision.ops import box_convert
@@ -131,67 +133,119 @@ def run_prediction(cfg: Config, checkpoint: Path, inputs: list[str], out: Path, 
     if not paths:
         raise UserError(f"no image found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     prepare_output_dir(out, overwrite)
+    predictor = load_predictor(cfg, checkpoint, tta, log)
+    predictions = Predictions(out, log)
+    batch = predictor.batch_size
+    bar = tqdm(total=len(paths), desc="predict", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(paths), batch):
+        predict_batch(predictor, paths[start:start + batch], score_thresh, predictions, draw)
+        bar.update(len(paths[start:start + batch]))
+    bar.close()
+    return finish_predictions(predictions, len(paths), score_thresh, draw)
+
+
+@dataclass
+class Predictor:
+    """A checkpoint ready to run: the model, how an image becomes its input, and what its labels mean."""
+    model: torch.nn.Module
+    device: torch.device
+    transform: Callable  # the evaluation transform: (PIL image, target, None) -> (tensor [3, H, W], target)
+    autocast: Callable[[], ContextManager]
+    to_cat: dict[int, int]  # label 1..C -> original category id
+    names: list[str]  # class names, index label - 1
+    batch_size: int  # data.batch_size
+
+
+def load_predictor(cfg: Config, checkpoint: Path, tta: bool, log) -> Predictor:
+    """The checkpoint's model with the settings it was trained with (its resolved `auto` values)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     device = pick_device(cfg.train.device)
     model = inference_model(cfg, ckpt, checkpoint, device, tta, say=log, freeze=True)
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
-    transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
-    autocast = autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype)
-    lines = out / "predictions.jsonl"
-    results, skipped, done = [], [], 0
+    return Predictor(model=model, device=device,
+                     transform=build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False),
+                     autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype),
+                     to_cat=to_cat, names=names, batch_size=cfg.data.batch_size)
 
-    def skip(path: Path, reason: str) -> None:
-        skipped.append({"file_name": str(path), "reason": reason})
-        append_line(lines, json.dumps({"file_name": str(path), "skipped": reason}))
-        log(f"[predict] skipped {path}: {reason}")
 
-    batch = cfg.data.batch_size
-    bar = tqdm(total=len(paths), desc="predict", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(paths), batch):
-        loaded = []
-        for path in paths[start:start + batch]:
-            image = read_rgb(path)
-            if isinstance(image, str):
-                skip(path, image)
-            else:
-                loaded.append((path, image))
-        tensors = [transform(img, {"boxes": torch.zeros(0, 4)}, None)[0].to(device) for _, img in loaded]
-        outcomes = detect(model, tensors, [(img.height, img.width) for _, img in loaded], autocast) if loaded else []
-        for (path, image), det in zip(loaded, outcomes):
-            if isinstance(det, str):
-                skip(path, det)
-                continue
-            keep = det["scores"].float() >= score_thresh
-            boxes = det["boxes"][keep].float()
-            found = [{"file_name": str(path), "category_id": to_cat[int(label)],
-                      "category_name": names[int(label) - 1], "bbox": [round(v, 2) for v in xywh],
-                      "score": round(score, 5)}
-                     for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
-                                                   det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
-            masks = det["masks"][keep] if "masks" in det else None
-            if masks is not None:
-                for result, rle in zip(found, masks_to_rles(masks)):
-                    result["segmentation"] = rle
-            append_line(lines, json.dumps({"file_name": str(path), "detections": found}))
-            results += found
-            done += 1
-            if draw:
-                draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
-                                            for box, r in zip(boxes.tolist(), found)],
-                                out / "vis" / f"{done:05d}_{safe_name(path.stem)}.png",
-                                masks=None if masks is None else masks[:, 0].float().cpu() >= 0.5)
-        bar.update(len(paths[start:start + batch]))
-    bar.close()
+@dataclass
+class Predictions:
+    """What rcnn-predict has written so far: predictions.jsonl grows by one line per image, as it is done."""
+    out: Path
+    log: Callable[[str], None]
+    results: list[dict] = field(default_factory=list)  # every detection kept, in input order
+    skipped: list[dict] = field(default_factory=list)  # {file_name, reason} per image skipped
+    done: int = 0  # images predicted
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append({"file_name": str(path), "reason": reason})
+        append_line(self.out / "predictions.jsonl", json.dumps({"file_name": str(path), "skipped": reason}))
+        self.log(f"[predict] skipped {path}: {reason}")
+
+    def add(self, path: Path, found: list[dict]) -> None:
+        append_line(self.out / "predictions.jsonl", json.dumps({"file_name": str(path), "detections": found}))
+        self.results += found
+        self.done += 1
+
+
+def predict_batch(predictor: Predictor, paths: list[Path], score_thresh: float, predictions: Predictions,
+                  draw: bool) -> None:
+    """Read, run and record one batch of images; an image that cannot be read or run is skipped."""
+    loaded = []
+    for path in paths:
+        image = read_rgb(path)
+        if isinstance(image, str):
+            predictions.skip(path, image)
+        else:
+            loaded.append((path, image))
+    tensors = [predictor.transform(img, {"boxes": torch.zeros(0, 4)}, None)[0].to(predictor.device)
+               for _, img in loaded]
+    sizes = [(img.height, img.width) for _, img in loaded]
+    outcomes = detect(predictor.model, tensors, sizes, predictor.autocast) if loaded else []
+    for (path, image), det in zip(loaded, outcomes):
+        if isinstance(det, str):
+            predictions.skip(path, det)
+            continue
+        found, boxes, masks = detection_records(det, path, score_thresh, predictor.to_cat, predictor.names)
+        predictions.add(path, found)
+        if draw:
+            draw_detections(image, [], [(box, f"{r['category_name']} {r['score']:.2f}")
+                                        for box, r in zip(boxes.tolist(), found)],
+                            predictions.out / "vis" / f"{predictions.done:05d}_{safe_name(path.stem)}.png",
+                            masks=None if masks is None else masks[:, 0].float().cpu() >= 0.5)
+
+
+def detection_records(det: dict, path: Path, score_thresh: float, to_cat: dict[int, int],
+                      names: list[str]) -> tuple[list[dict], torch.Tensor, torch.Tensor | None]:
+    """One image's detections with score >= score_thresh as predictions.json records, with their
+    boxes (xyxy, original pixels, [K, 4]) and masks ([K, 1, H, W] or None) for drawing."""
+    keep = det["scores"].float() >= score_thresh
+    boxes = det["boxes"][keep].float()
+    found = [{"file_name": str(path), "category_id": to_cat[int(label)],
+              "category_name": names[int(label) - 1], "bbox": [round(v, 2) for v in xywh],
+              "score": round(score, 5)}
+             for xywh, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(),
+                                           det["labels"][keep].tolist(), det["scores"][keep].float().tolist())]
+    masks = det["masks"][keep] if "masks" in det else None
+    if masks is not None:
+        for result, rle in zip(found, masks_to_rles(masks)):
+            result["segmentation"] = rle
+    return found, boxes, masks
+
+
+def finish_predictions(predictions: Predictions, num_inputs: int, score_thresh: float, draw: bool) -> dict:
+    """summary.json always; predictions.json (atomically) unless no image could be predicted."""
+    out, results, skipped, done = predictions.out, predictions.results, predictions.skipped, predictions.done
     summary = {"images": done, "skipped": len(skipped), "detections": len(results), "score_thresh": score_thresh,
                "skipped_images": skipped}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if not done:
         first = skipped[0]
-        raise UserError(f"none of the {len(paths)} input images could be read or predicted; first problem: "
+        raise UserError(f"none of the {num_inputs} input images could be read or predicted; first problem: "
                         f"{first['file_name']}: {first['reason']} (all in '{out / 'summary.json'}').")
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))
-    log(f"[predict] {done} images, {len(results)} detections with score >= {score_thresh:g}"
-        + (f", {len(skipped)} unreadable images skipped (reasons in {out / 'summary.json'})" if skipped else "")
-        + f"; results: {out / 'predictions.json'}" + (f", drawings: {out / 'vis'}" if draw else ""))
+    skipped_note = f", {len(skipped)} unreadable images skipped (reasons in {out / 'summary.json'})" if skipped else ""
+    predictions.log(f"[predict] {done} images, {len(results)} detections with score >= {score_thresh:g}{skipped_note}"
+                    + f"; results: {out / 'predictions.json'}" + (f", drawings: {out / 'vis'}" if draw else ""))
     return summary

@@ -1,5 +1,6 @@
 """Building a training run: datasets and their `auto` settings, preflight, model, AMP,
-optimizer, resume and the probe set, gathered in one `Run` that the loop in trainer.py reads.
+optimizer, resume and the probe set, gathered in one `Run` that the loop in trainer.py reads:
+its data (`RunData`) and what training updates (`TrainingParts`) are grouped apart.
 
 The user's config is not changed: `Run.cfg` is the resolved copy (auto settings and
 `solver.max_epochs` filled in), saved as the run folder's config.yaml and in every checkpoint.
@@ -11,13 +12,16 @@ import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.config_loader import config_to_dict, save_config
+from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.data.loader import build_eval_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.data.repeat_factors import drawn_object_counts
@@ -37,6 +41,7 @@ from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import TRAIN_OUTPUTS, claim_folder, owned_by_us
 from rcnn_trainer.model.build import build_loss_weights, build_model
+from rcnn_trainer.model.detector import TwoStageDetector
 from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.health import HealthMonitor, build_health_monitor
 from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
@@ -56,6 +61,30 @@ class TrainState:
 
 
 @dataclass
+class RunData:
+    """What a run reads besides its training batches (the training loader is built by the loop)."""
+    train_set: CocoDetection
+    val_set: CocoDetection
+    val_loader: DataLoader  # this rank's share of the val images, for evaluation
+    probe_images: list[torch.Tensor]  # the monitor's fixed probe set, on the device ([3, H, W] each)
+    probe_targets: list[dict[str, torch.Tensor]]
+    val_loss_loader: Optional[DataLoader] = None  # the val loader, with masks when the model trains them (val_loss.py)
+
+
+@dataclass
+class TrainingParts:
+    """The model and everything that updates it; the checkpoint saves and resume restores these."""
+    model: TwoStageDetector
+    ddp_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel with more than one rank
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], ContextManager]  # a fresh autocast context per call (nullcontext without AMP)
+    loss_weights: LossWeights  # model.*.*_loss.weight and weight_ramp, read once
+    ema: Optional[WeightAverage] = None  # solver.ema: the averaged weights, evaluated and saved beside the raw ones
+
+
+@dataclass
 class Run:
     cfg: Config  # resolved
     info: DistInfo
@@ -64,22 +93,10 @@ class Run:
     say: Callable[[str], None]
     progress: bool
     metrics: MetricsLog
-    train_set: object
-    val_set: object
-    model: torch.nn.Module
-    ddp_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel with more than one rank
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    autocast: Callable
     health: HealthMonitor
-    loss_weights: LossWeights  # model.*.*_loss.weight and weight_ramp, read once
     state: TrainState
-    probe_images: list
-    probe_targets: list
-    val_loader: object
-    ema: Optional[WeightAverage] = None  # solver.ema: the averaged weights, evaluated and saved beside the raw ones
-    val_loss_loader: object = None  # the val loader, with masks when the model trains them (engine/val_loss.py)
+    data: RunData
+    parts: TrainingParts
 
     @property
     def ckpt_dir(self) -> Path:
@@ -88,35 +105,37 @@ class Run:
     def save_checkpoint(self, path: Path) -> None:
         """A collective: every rank calls it (their RNG states are gathered); rank 0 writes."""
         rng_states = all_gather_objects(ckpt_io.rng_state())
+        parts, train_set = self.parts, self.data.train_set
         if self.info.is_main:
             ckpt_io.write_checkpoint({
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "iteration": self.state.iteration, "train_state": self.state.__dict__.copy(),
                 "health": self.health.state_dict(), "rng": rng_states, "config": config_to_dict(self.cfg),
-                "class_names": self.train_set.class_names, "label_to_cat_id": self.train_set.label_to_cat_id,
-                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                "class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
+                **({"ema": parts.ema.state_dict()} if parts.ema is not None else {}),
             }, path)
 
     def evaluate_weights(self, with_val_loss: bool = True) -> dict:
-        result, _ = evaluate(self.model, self.val_set, self.val_loader, self.device, self.cfg.monitor.score_thresholds,
-                             progress=self.progress and self.info.is_main, autocast=self.autocast)
+        data, parts = self.data, self.parts
+        result, _ = evaluate(parts.model, data.val_set, data.val_loader, self.device, self.cfg.monitor.score_thresholds,
+                             progress=self.progress and self.info.is_main, autocast=parts.autocast)
         if not with_val_loss:
             return result
-        if self.val_loss_loader is None:
-            self.val_loss_loader = val_loss_loader(self.val_loader, self.cfg.model.mask.enabled)
-        weights = self.loss_weights.at(self.state.iteration)
-        return {**result, **validation_losses(self.model, self.val_loss_loader, self.device, weights, self.autocast)}
+        if data.val_loss_loader is None:
+            data.val_loss_loader = val_loss_loader(data.val_loader, self.cfg.model.mask.enabled)
+        weights = parts.loss_weights.at(self.state.iteration)
+        return {**result, **validation_losses(parts.model, data.val_loss_loader, self.device, weights, parts.autocast)}
 
     def evaluate(self) -> dict:
         """The weights a user gets (the average with solver.ema on; the raw weights' figures
         are logged beside it as raw/AP ...)."""
-        raw = {}
-        if self.ema is not None:
+        raw, ema = {}, self.parts.ema
+        if ema is not None:
             raw_result = self.evaluate_weights(with_val_loss=False)  # only its AP is logged (raw/...)
             raw = {f"raw/{k}": raw_result[k] for k in ("AP", "AP50", "AP75", "segm_AP") if k in raw_result}
-            self.ema.sync_from_main()
-            with self.ema.applied_to(self.model):
+            ema.sync_from_main()
+            with ema.applied_to(self.parts.model):
                 result = self.evaluate_weights()
         else:
             result = self.evaluate_weights()
@@ -175,30 +194,34 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
     cfg, train_set, val_set, findings = prepare_checked_data(user_cfg, say, info.world_size, metrics)
     if info.is_main:
         save_config(cfg, out / "config.yaml")
-    run = Run(cfg, info, device, out, say, progress, metrics, train_set, val_set,
-              val_loader=build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size))),
-              health=build_health_monitor(cfg, info.world_size), loss_weights=build_loss_weights(cfg.model),
-              state=TrainState(),
-              **build_training_parts(cfg, info, device, say), **probe_batch(cfg, train_set, val_set, device))
+    val_loader = build_eval_loader(cfg, val_set, indices=list(range(info.rank, len(val_set), info.world_size)))
+    health = build_health_monitor(cfg, info.world_size)
+    parts = TrainingParts(**build_training_parts(cfg, info, device, say), loss_weights=build_loss_weights(cfg.model))
+    probe_images, probe_targets = probe_batch(cfg, train_set, val_set, device)
+    data = RunData(train_set=train_set, val_set=val_set, val_loader=val_loader, probe_images=probe_images,
+                   probe_targets=probe_targets)
+    run = Run(cfg=cfg, info=info, device=device, out=out, say=say, progress=progress, metrics=metrics, health=health,
+              state=TrainState(), data=data, parts=parts)
+    model = parts.model
     if cfg.model.roi.cls_loss.logit_adjust:
         counts = drawn_object_counts([r.labels for r in train_set.records], cfg.model.num_classes,
                                      cfg.data.repeat_factor_threshold)
-        run.model.roi_heads.set_class_counts(counts)
-        offsets = run.model.roi_heads.class_logit_offsets[1:]
+        model.roi_heads.set_class_counts(counts)
+        offsets = model.roi_heads.class_logit_offsets[1:]
         say(f"[loss] logit adjustment (model.roi.cls_loss.logit_adjust={cfg.model.roi.cls_loss.logit_adjust:g}): "
             f"training logits offset 0 to {offsets.min().item():.2f} by class frequency ({max(counts):.0f} to "
             f"{min(counts):.0f} objects drawn per epoch)")
     if resume:
         resume_from_latest(run)
     if run.state.iteration == 0 and cfg.model.init_from:  # a new run (or a resume that found no checkpoint)
-        initialize_from(run.model, Path(cfg.model.init_from), say)
-    if cfg.solver.ema.enabled and run.ema is None:  # from the weights the run starts with
-        run.ema = WeightAverage(run.model, cfg.solver.ema.decay, cfg.solver.ema.warmup)
+        initialize_from(model, Path(cfg.model.init_from), say)
+    if cfg.solver.ema.enabled and parts.ema is None:  # from the weights the run starts with
+        parts.ema = WeightAverage(model, cfg.solver.ema.decay, cfg.solver.ema.warmup)
     if run.state.iteration == 0:  # a resumed run has these lines from its first start
         log_findings(metrics, findings)
     if info.world_size > 1:
-        run.ddp_model = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+        parts.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
 
 
@@ -224,7 +247,8 @@ def log_findings(metrics: MetricsLog, findings: list) -> None:
         metrics.write({"type": "preflight", "iter": 0, "severity": finding.severity, **finding.alarm.to_record()})
 
 
-def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_size: int, metrics: MetricsLog):
+def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_size: int,
+                         metrics: MetricsLog) -> tuple[Config, CocoDetection, CocoDetection, list]:
     """The resolved config, both splits and the preflight findings (errors are logged and stop here)."""
     cfg, train_set, val_set = prepare_datasets(user_cfg, say, world_size)
     for name, dataset in (("train", train_set), ("val", val_set)):
@@ -241,6 +265,7 @@ def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_siz
 
 
 def build_training_parts(cfg: Config, info: DistInfo, device: torch.device, say: Callable[[str], None]) -> dict:
+    """TrainingParts' fields but the loss weights (and the EMA, made once the weights are loaded), as a dict."""
     model = build_model(cfg.model).to(device)
     if cfg.model.backbone.norm == "syncbn" and info.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -258,7 +283,8 @@ def build_training_parts(cfg: Config, info: DistInfo, device: torch.device, say:
                 scaler=scaler, autocast=autocast_for(device, amp, dtype))
 
 
-def probe_batch(cfg: Config, train_set, val_set, device: torch.device) -> dict:
+def probe_batch(cfg: Config, train_set: CocoDetection, val_set: CocoDetection,
+                device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """The training images the monitor runs inference on: the same ones every judgment (the
     validation transforms: no flips), images with objects first, since the threshold counts
     compare detections with ground truth."""
@@ -267,7 +293,7 @@ def probe_batch(cfg: Config, train_set, val_set, device: torch.device) -> dict:
     with_objects = [i for i, r in enumerate(probe_set.records) if len(r.labels)]
     others = [i for i, r in enumerate(probe_set.records) if not len(r.labels)]
     items = [probe_set[i] for i in (with_objects + others)[:cfg.monitor.probe_images]]
-    return dict(probe_images=[image.to(device) for image, _ in items], probe_targets=[t for _, t in items])
+    return [image.to(device) for image, _ in items], [t for _, t in items]
 
 
 def resume_from_latest(run: Run) -> None:
@@ -279,16 +305,17 @@ def resume_from_latest(run: Run) -> None:
     ckpt, path = found
     for line in compare_resume_config(ckpt["config"], config_to_dict(run.cfg)):
         run.say(f"[resume] config differs from the checkpoint: {line}")
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    parts = run.parts
+    parts.model.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.scaler.load_state_dict(ckpt["scaler"])
     run.state = TrainState(**ckpt["train_state"])
     run.health.load_state_dict(ckpt["health"])
     if run.cfg.solver.ema.enabled:
-        run.ema = WeightAverage(run.model, run.cfg.solver.ema.decay, run.cfg.solver.ema.warmup)
+        parts.ema = WeightAverage(parts.model, run.cfg.solver.ema.decay, run.cfg.solver.ema.warmup)
         if "ema" in ckpt:
-            run.ema.load_state_dict(ckpt["ema"])
+            parts.ema.load_state_dict(ckpt["ema"])
         else:
             run.say(f"[resume] solver.ema is on but '{path}' holds no average: it starts from these weights.")
     rng_states, rank = ckpt["rng"], run.info.rank

@@ -62,7 +62,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
 def train_loop(run: Run) -> None:
     cfg, state = run.cfg, run.state
     max_iters = cfg.solver.max_iters
-    loader = build_train_loader(cfg, run.train_set, start_iter=state.iteration, rank=run.info.rank,
+    loader = build_train_loader(cfg, run.data.train_set, start_iter=state.iteration, rank=run.info.rank,
                                 world_size=run.info.world_size)
     if state.iteration == 0:
         for alarm in run.health.at_start():  # e.g. an SGD lr far above 0.02 per 16 images
@@ -71,7 +71,7 @@ def train_loop(run: Run) -> None:
                disable=not (run.progress and run.info.is_main))
     data_iter = iter(loader)
     first_iteration = state.iteration
-    run.model.train()
+    run.parts.model.train()
     while state.iteration < max_iters:
         t0 = time.perf_counter()
         batch = next_batch(data_iter, cfg, lambda: save_progress(run))
@@ -102,19 +102,20 @@ def train_loop(run: Run) -> None:
 
 def train_step(run: Run, images, targets, first: bool) -> dict:
     """One iteration from forward to lr step; returns its record (every number it logs)."""
-    it, optimizer, scaler = run.state.iteration, run.optimizer, run.scaler
+    parts = run.parts
+    it, optimizer, scaler = run.state.iteration, parts.optimizer, parts.scaler
     lr = optimizer.param_groups[0]["lr"]
-    with run.autocast():
-        losses, stats = run.ddp_model(images, targets)
+    with parts.autocast():
+        losses, stats = parts.ddp_model(images, targets)
     if first:
         # the monitor reads these keys: a missing one is a bug, caught here
         require_stats(stats, S.TRAIN_STATS + (S.MASK_STATS if "loss_roi_mask" in losses else ()))
-    weights = run.loss_weights.at(it)  # ramped where model.*.*_loss.weight_ramp says so
+    weights = parts.loss_weights.at(it)  # ramped where model.*.*_loss.weight_ramp says so
     total, weighted = weighted_total(losses, weights)  # the one place weights are applied
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
     max_norm = run.cfg.solver.clip_grad_norm
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = [p for p in parts.model.parameters() if p.requires_grad]
     grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
     # The step's one host sync: the loss terms averaged over ranks (so every rank sees a
     # non-finite term of any rank and all skip together), the stats and the gradient norm
@@ -146,12 +147,12 @@ def step_flags(decision: StepDecision, grad_norm: float, max_norm: Optional[floa
 
 def apply_step(run: Run, decision: StepDecision) -> None:
     """Optimizer, GradScaler and lr scheduler after the decision; counts skipped steps."""
-    state, scaler = run.state, run.scaler
+    state, parts, scaler = run.state, run.parts, run.parts.scaler
     if decision.calls_optimizer:
-        scaler.step(run.optimizer)  # skips the update itself on an fp16 overflow
+        scaler.step(parts.optimizer)  # skips the update itself on an fp16 overflow
         state.nonfinite_in_row = 0
-    if decision.outcome is StepOutcome.APPLY and run.ema is not None:
-        run.ema.update(run.model)
+    if decision.outcome is StepOutcome.APPLY and parts.ema is not None:
+        parts.ema.update(parts.model)
     scaler.update()  # also after a skipped step: unscale_ ran, and a non-finite loss lowers the scale
     if decision.outcome is StepOutcome.AMP_OVERFLOW:
         state.amp_overflows += 1
@@ -163,12 +164,12 @@ def apply_step(run: Run, decision: StepDecision) -> None:
         run.say(f"WARNING iteration {state.iteration + 1}: non-finite {', '.join(decision.bad_terms)}; step skipped "
                 f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
         run.metrics.write({"type": "nonfinite", "iter": state.iteration + 1, "terms": list(decision.bad_terms)})
-    run.optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         # the schedule follows iterations, skipped ones included; torch warns when the first
         # steps were skipped (fp16 overflow while the GradScaler finds its scale): expected here
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        run.scheduler.step()
+        parts.scheduler.step()
     state.iteration += 1
 
 
@@ -192,10 +193,10 @@ def log_step(run: Run, record: dict) -> None:
 
 def judge(run: Run) -> None:
     """One monitor judgment: window means, probe inference, every check, the dashboard."""
-    cfg, state, scaler = run.cfg, run.state, run.scaler
+    cfg, state, scaler = run.cfg, run.state, run.parts.scaler
     max_iters, period = cfg.solver.max_iters, cfg.monitor.period_for(cfg.solver.max_iters)
     mean = window_means(state.window)
-    seen = probe(run.model, run.probe_images, run.probe_targets, cfg.monitor.score_thresholds)
+    seen = probe(run.parts.model, run.data.probe_images, run.data.probe_targets, cfg.monitor.score_thresholds)
     run.metrics.write({"type": "monitor", "iter": state.iteration, **seen.counts.as_record(),
                        **{f"probe/{k}": v for k, v in seen.classes.as_record().items()},
                        **{f"mean/{k}": v for k, v in mean.items() if k != "iter"}})
@@ -228,7 +229,7 @@ def finish(run: Run, started: float) -> dict:
     alarm_summary = ", ".join(f"{name} x{n}" for name, n in sorted(run.health.summary().items()))
     run.say(f"[done] {max_iters} iterations in {wall / 60:.1f} min; AP {last_eval['AP']:.3f} "
             f"AP50 {last_eval['AP50']:.3f}; {state.nonfinite_total} non-finite steps skipped"
-            + (f", {state.amp_overflows} AMP overflow steps skipped by the GradScaler" if run.scaler.is_enabled() else "")
+            + (f", {state.amp_overflows} AMP overflow steps skipped by the GradScaler" if run.parts.scaler.is_enabled() else "")
             + f"; alarms: {alarm_summary or 'none'}. "
             f"Outputs in '{run.out}' (model_final.pth, model_best.pth, metrics.jsonl, config.yaml).")
     run.metrics.write({"type": "summary", "iter": max_iters, "wall_time_s": wall, "AP": last_eval["AP"],

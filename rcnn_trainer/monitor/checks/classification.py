@@ -44,49 +44,75 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
       distributions follow the box."""
     if len(history) < sustain:
         return None
-    lim = limits
-    min_ratio, fg_mass_split, min_progress = lim.min_ratio, lim.fg_mass_split, lim.min_progress
     recent = history[-sustain:]
+    if not short_of_detections(recent, limits.min_ratio):
+        return None
+    dets = describe_detections(recent)
+    mass = [h.classes.fg_mass for h in recent]
+    correct = [h.classes.correct for h in recent]
+    if learned_only_the_prior(recent, limits):
+        return class_confusion(recent, dets, flips, same_for_every_object=True, advice=advice)
+    if any(math.isnan(m) for m in mass) or mass[-1] < limits.fg_mass_split:
+        return background_wins(dets, mass, roi_positives, sustain, limits)
+    if min(mass) < limits.fg_mass_split:
+        # foreground only just found: the classes separate after it (healthy digits: 0.45 -> 0.60
+        # -> 0.54 at chance, then 0.79 and rising)
+        return None
+    if correct[-1] > correct[0] + limits.min_progress:
+        return None  # classes are separating: still learning
+    return class_confusion(recent, dets, flips, same_for_every_object=False, advice=advice)
+
+
+def short_of_detections(recent: list[ProbeResult], min_ratio: float) -> bool:
+    """GT objects at every check, and probe detections at the threshold nearest 0.5 below
+    `min_ratio` x GT per image at every one."""
     if min(h.counts.gt_per_image for h in recent) <= 0:
-        return None
+        return False
+    return not any(h.counts.nearest(0.5)[1] >= min_ratio * h.counts.gt_per_image for h in recent)
+
+
+def describe_detections(recent: list[ProbeResult]) -> str:
+    """The `seen` text's first part: detections near 0.5 and at the lowest threshold, vs GT."""
     near_half = [h.counts.nearest(0.5) for h in recent]
-    if any(dets >= min_ratio * h.counts.gt_per_image for h, (_, dets) in zip(recent, near_half)):
-        return None
     lowest = recent[-1].counts.thresholds[0]
-    dets = (f"probe detections/image with score >= {near_half[-1][0]:g}: "
+    return (f"probe detections/image with score >= {near_half[-1][0]:g}: "
             f"{', '.join(f'{d:.2f}' for _, d in near_half)} "
             f"(at >= {lowest:g}: {', '.join(f'{h.counts.at_lowest:.2f}' for h in recent)}) vs "
             f"{recent[-1].counts.gt_per_image:.2f} GT objects per image")
+
+
+def learned_only_the_prior(recent: list[ProbeResult], limits: LowConfidenceLimits) -> bool:
+    """Foreground found and not fading, every GT box given the same class distribution, the true
+    class's share not rising: the head learned the class prior and nothing from the image."""
     mass = [h.classes.fg_mass for h in recent]
     correct = [h.classes.correct for h in recent]
     # NaN, not an error, for judgments restored from a checkpoint written before `spread` existed
     spread = [h.classes.spread for h in recent]
     # foreground found and not fading: an untrained head also gives every box the same
     # (uniform) distribution, with foreground C/(C+1) falling as it learns background
-    if (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= lim.found_mass
-            and mass[-1] >= mass[0] and statistics.fmean(spread) < lim.flat_spread
-            and not correct[-1] > correct[0] + min_progress):
-        return class_confusion(recent, dets, flips, same_for_every_object=True, advice=advice)
-    if any(math.isnan(m) for m in mass) or mass[-1] < fg_mass_split:
-        if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + min_progress:
-            return None  # foreground scores are rising: still learning
-        if positives_growing(roi_positives or [], sustain, lim.min_growth):
-            return None
-        return Alarm(
-            name="low_confidence",
-            seen=f"{dets}; on the GT boxes themselves the head gives foreground probability "
-                 f"{', '.join(f'{m:.2f}' for m in mass)}",
-            why="background wins: even a perfectly placed box is scored as background, because background RoIs "
-                "and anchors outweigh the foreground ones in the classification losses (too few positives sampled, "
-                "or positives weighted too little)",
-            change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
-                    "model.roi.positive_fraction: raise toward 0.25-0.5",
-                    "model.rpn.positive_fraction: raise toward 0.5"])
-    if min(mass) < fg_mass_split:
-        return None  # foreground only just found: the classes separate after it (healthy digits: 0.45 -> 0.60 -> 0.54 at chance, then 0.79 and rising)
-    if correct[-1] > correct[0] + min_progress:
-        return None  # classes are separating: still learning
-    return class_confusion(recent, dets, flips, same_for_every_object=False, advice=advice)
+    return (not any(math.isnan(v) for v in mass + spread) and statistics.fmean(mass) >= limits.found_mass
+            and mass[-1] >= mass[0] and statistics.fmean(spread) < limits.flat_spread
+            and not correct[-1] > correct[0] + limits.min_progress)
+
+
+def background_wins(dets: str, mass: list[float], roi_positives: list[float] | None, sustain: int,
+                    limits: LowConfidenceLimits) -> Alarm | None:
+    """The `low_confidence` alarm, unless the foreground probability (`mass`, one per check) is
+    rising or the RoI head's positives per image still grow (the RPN is still learning)."""
+    if not any(math.isnan(m) for m in mass) and mass[-1] > mass[0] + limits.min_progress:
+        return None  # foreground scores are rising: still learning
+    if positives_growing(roi_positives or [], sustain, limits.min_growth):
+        return None
+    return Alarm(
+        name="low_confidence",
+        seen=f"{dets}; on the GT boxes themselves the head gives foreground probability "
+             f"{', '.join(f'{m:.2f}' for m in mass)}",
+        why="background wins: even a perfectly placed box is scored as background, because background RoIs "
+            "and anchors outweigh the foreground ones in the classification losses (too few positives sampled, "
+            "or positives weighted too little)",
+        change=["model.roi.cls_pos_weight: raise to 2-5", "model.rpn.cls_pos_weight: raise to 2-5",
+                "model.roi.positive_fraction: raise toward 0.25-0.5",
+                "model.rpn.positive_fraction: raise toward 0.5"])
 
 
 @dataclass(frozen=True)
