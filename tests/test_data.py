@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ann, image, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import train_main
 from rcnn_trainer.config_loader import validate_config
-from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.coco import CocoDetection, RecordPolicy
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import hflip_boxes, resize_scale, build_transforms
 from rcnn_trainer.engine.evaluate import to_coco_results
@@ -59,7 +59,7 @@ def test_missing_and_unreadable_images(tmp_path):
     with pytest.raises(UserError, match=r"image id 2 .*im2.png.*not a readable image.*bad_records.missing_image"):
         CocoDetection(path, tmp_path)
     (tmp_path / "im2.png").unlink()
-    ds = CocoDetection(path, tmp_path, missing_image="drop")
+    ds = CocoDetection(path, tmp_path, policy=RecordPolicy(missing_image="drop"))
     assert len(ds) == 1 and ds.report.counts["missing_image"] == 1
 
 
@@ -67,7 +67,7 @@ def test_unknown_category(tmp_path):
     path = write_coco(tmp_path, [image(1)], [ann(1, 1, 99, [1, 1, 5, 5]), ann(2, 1, 7, [1, 1, 5, 5])])
     with pytest.raises(UserError, match=r"annotations\[0\] \(id 1\): category_id 99 is not in 'categories'"):
         CocoDetection(path, tmp_path)
-    ds = CocoDetection(path, tmp_path, unknown_category="drop")
+    ds = CocoDetection(path, tmp_path, policy=RecordPolicy(unknown_category="drop"))
     assert ds.report.counts["unknown_category"] == 1 and len(ds.records[0].labels) == 1
 
 
@@ -81,9 +81,9 @@ def test_degenerate_and_outside_boxes(tmp_path):
     assert ds.report.counts["box_outside_image (nothing left after clipping)"] == 1
     assert ds.records[0].boxes.tolist() == [[30, 20, 40, 30], [2, 2, 7, 7]]
     with pytest.raises(UserError, match=r"annotations\[0\].*zero or negative size"):
-        CocoDetection(path, tmp_path, degenerate_box="error")
+        CocoDetection(path, tmp_path, policy=RecordPolicy(degenerate_box="error"))
     with pytest.raises(UserError, match=r"annotations\[2\].*outside the 40x30 image"):
-        CocoDetection(path, tmp_path, box_outside_image="error")
+        CocoDetection(path, tmp_path, policy=RecordPolicy(box_outside_image="error"))
 
 
 def test_bad_records_through_cli_exit_2(tmp_path, capsys):
@@ -224,7 +224,7 @@ def test_decompression_bomb_and_lying_header_are_refused_naming_the_record(tmp_p
     if check_images == "all":  # checked at indexing
         with pytest.raises(UserError, match=r"image id 2 .*im2.png.*too large to decode safely"):
             CocoDetection(path, tmp_path, check_images="all")
-        ds = CocoDetection(path, tmp_path, missing_image="drop", check_images="all")
+        ds = CocoDetection(path, tmp_path, policy=RecordPolicy(missing_image="drop"), check_images="all")
         assert len(ds) == 1 and ds.report.counts["missing_image"] == 2
         assert any("im3.png" in e for e in ds.report.examples["missing_image"])
     else:  # not read at indexing: refused when first loaded, with the same message
@@ -235,7 +235,7 @@ def test_decompression_bomb_and_lying_header_are_refused_naming_the_record(tmp_p
             ds[1]
         with pytest.raises(UserError, match=r"image id 3 .*im3.png.*4000x3000 but the annotation says 40x30"):
             ds[2]
-        dropping = CocoDetection(path, tmp_path, check_images=0, missing_image="drop")
+        dropping = CocoDetection(path, tmp_path, check_images=0, policy=RecordPolicy(missing_image="drop"))
         _, target = dropping[1]  # dropped at load: the next good image comes instead (3 is bad too), counted
         assert dropping.report.counts["missing_image"] == 2 and target["image_id"] == 1
 
@@ -251,7 +251,7 @@ def test_vectorized_index_equals_the_per_record_checks(tmp_path):
     fast = CocoDetection(path, tmp_path)
     slow_file = write_coco(tmp_path, images, anns + [{"id": 99, "image_id": 1, "category_id": 7, "bbox": [1, 1, 2, 2],
                                                       "note": {"nested": True}}], name="slow.json", make_files=False)
-    import rcnn_trainer.data.coco as coco_module
+    import rcnn_trainer.data.coco_index as coco_module
     original = coco_module._annotation_columns
     coco_module._annotation_columns = lambda anns: None  # force the per-record path
     try:
@@ -264,3 +264,12 @@ def test_vectorized_index_equals_the_per_record_checks(tmp_path):
         assert np.allclose(a.boxes, b.boxes[:len(b.boxes) - extra]) and (a.labels == b.labels[:len(b.labels) - extra]).all()
         assert a.num_crowd == b.num_crowd
     assert fast.report.counts == slow.report.counts
+
+
+def test_record_policy_defaults_follow_the_config():
+    import dataclasses
+
+    from rcnn_trainer.config import BadRecordPolicy
+    from rcnn_trainer.data.records import RecordPolicy
+
+    assert dataclasses.asdict(RecordPolicy()) == BadRecordPolicy().model_dump()

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import image, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import eval_main, predict_main
 from rcnn_trainer.config_loader import config_to_dict, validate_config
-from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.coco import CocoDetection, RecordPolicy
 from rcnn_trainer.data.loader import collate, resolve_splits
 from rcnn_trainer.data.pixels import read_rgb
 from rcnn_trainer.data.transforms import build_transforms, resize_masks
@@ -234,7 +234,7 @@ def unreadable_then_one_good(tmp_path, bad: int, good: bool = True) -> CocoDetec
     for im in images[:bad]:
         os.link(tmp_path / "junk.png", tmp_path / im["file_name"])
     path = write_coco(tmp_path, images, [], make_files=False)
-    return CocoDetection(path, tmp_path, missing_image="drop", check_images=0)
+    return CocoDetection(path, tmp_path, policy=RecordPolicy(missing_image="drop"), check_images=0)
 
 
 def test_training_reads_the_next_readable_image_in_a_loop_and_stops_when_there_is_none(tmp_path):

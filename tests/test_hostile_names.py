@@ -14,7 +14,7 @@ import yaml
 
 from conftest import tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import eval_main
-from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.coco import CocoDetection, RecordPolicy
 from rcnn_trainer.errors import UserError
 
 # 1 and "1" are two images, as JSON says; '../../escaped_0' and 'a/b' would be paths if drawn by id
@@ -136,7 +136,7 @@ def test_file_names_leaving_img_dir_are_bad_records(tmp_path):
     message = str(err.value)
     assert str(ann) in message and "images[1] (id 1)" in message and "'../outside.png'" in message
     assert "data.bad_records.unsafe_path: drop" in message
-    dropped = CocoDetection(ann, img_dir, unsafe_path="drop")
+    dropped = CocoDetection(ann, img_dir, policy=RecordPolicy(unsafe_path="drop"))
     assert [r.image_id for r in dropped.records] == [0, 3, 4]
     assert dropped.report.counts["unsafe_path"] == 2 and "images[2] (id 2)" in dropped.report.lines()[0]
 

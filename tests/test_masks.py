@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from conftest import ann, image, tiny_config, tiny_dict, write_coco
 from rcnn_trainer.cli import eval_main, predict_main, train_main
-from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.coco import CocoDetection, RecordPolicy
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
@@ -130,8 +130,8 @@ def test_masks_follow_resize_and_flip(tmp_path):
 def test_bad_masks_exit_2_naming_the_record_or_are_dropped_and_counted(tmp_path, segmentation, problem):
     good = [[4, 4, 24, 4, 24, 20, 4, 20]]
     with pytest.raises(UserError, match=r"annotations\[1\] \(id 2.*" + problem):
-        mask_dataset(tmp_path, [good, segmentation], bad_mask="error")
-    dataset = mask_dataset(tmp_path, [good, segmentation], bad_mask="drop")
+        mask_dataset(tmp_path, [good, segmentation], policy=RecordPolicy(bad_mask="error"))
+    dataset = mask_dataset(tmp_path, [good, segmentation], policy=RecordPolicy(bad_mask="drop"))
     assert len(dataset.records[0].labels) == 1 and dataset.report.counts["bad_mask"] == 1
     assert len(dataset[0][1]["masks"]) == 1
     assert 2 not in {a["id"] for a in dataset.evaluation_json["annotations"]}  # nor scored

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.coco import CocoDetection
+from rcnn_trainer.data.records import RecordPolicy
 from rcnn_trainer.data.repeat_factors import epoch_copies, repeat_factors
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import build_transforms
@@ -108,10 +109,11 @@ def build_dataset(cfg: Config, split: str, for_eval: bool = False) -> CocoDetect
         check_file_size(ann_file, int(cfg.data.max_annotation_mb * 2**20), "annotation file", "data.max_annotation_mb")
     dataset = CocoDetection(
         ann_file, img_dir,
-        missing_image=policy.missing_image, unknown_category=policy.unknown_category,
-        degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
-        non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask,
-        unsafe_path=policy.unsafe_path, check_images=cfg.data.check_images,
+        policy=RecordPolicy(
+            missing_image=policy.missing_image, unknown_category=policy.unknown_category,
+            degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
+            non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, unsafe_path=policy.unsafe_path),
+        check_images=cfg.data.check_images,
         masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and training,
         transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=training),
         seed=cfg.seed)
