@@ -96,7 +96,7 @@ def _run_train(argv) -> int:
     cfg = _load(args, output_dir=args.output_dir)
     if args.preflight:
         from rcnn_trainer.data.summary import format_summary, summarize_dataset
-        from rcnn_trainer.engine.data_settings import prepare_datasets
+        from rcnn_trainer.data.settings import prepare_datasets
         from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 
         cfg, train_set, val_set = prepare_datasets(cfg, print)
@@ -110,14 +110,14 @@ def _run_train(argv) -> int:
         print("[preflight] no errors.")
         return 0
     if args.lr_find:
-        from rcnn_trainer.engine.lr_finder import run_lr_find
+        from rcnn_trainer.train.lr_finder import run_lr_find
 
         low, high = args.lr_find_range
         if not 0 < low < high or args.lr_find_iters < 3:
             raise UserError("--lr-find-range needs 0 < MIN < MAX and --lr-find-iters at least 3.")
         run_lr_find(cfg, min_lr=low, max_lr=high, iters=args.lr_find_iters, progress=not args.no_progress)
         return 0
-    from rcnn_trainer.engine.trainer import train
+    from rcnn_trainer.train.trainer import train
 
     train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -128,7 +128,7 @@ def _run_eval(argv) -> int:
     if args.visualize < 0:
         raise UserError(f"--visualize takes a number of images >= 0, got {args.visualize}.")
     cfg = _load(args)
-    from rcnn_trainer.engine.run_eval import run_evaluation
+    from rcnn_trainer.infer.run_eval import run_evaluation
 
     out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / "eval"
     if not 0.0 <= args.analyze_score <= 1.0:
@@ -150,7 +150,7 @@ def _run_predict(argv) -> int:
     if not 0.0 <= args.score_thresh <= 1.0:
         raise UserError(f"--score-thresh takes a score in [0, 1], got {args.score_thresh}.")
     cfg = _load(args)
-    from rcnn_trainer.engine.predict import run_prediction
+    from rcnn_trainer.infer.predict import run_prediction
 
     run_prediction(cfg, Path(args.checkpoint), args.inputs, Path(args.output_dir), score_thresh=args.score_thresh,
                    draw=not args.no_draw, progress=not args.no_progress, tta=args.tta, overwrite=args.overwrite)
@@ -160,7 +160,7 @@ def _run_predict(argv) -> int:
 def _run_export(argv) -> int:
     args = _export_parser().parse_intermixed_args(argv)
     cfg = _load(args)
-    from rcnn_trainer.engine.export import export_model
+    from rcnn_trainer.infer.export import export_model
 
     result = export_model(cfg, Path(args.checkpoint), args.format, Path(args.output), overwrite=args.overwrite)
     return 0 if result.get("matches", True) else 1

@@ -51,6 +51,17 @@ def config_to_dict(cfg: Config) -> dict:
     return cfg.model_dump(mode="json")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"model": {"rpn": {"nms_thresh": 0.7}}} -> {"model.rpn.nms_thresh": 0.7}: configs compared key by key."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # --------------------------------------------------------------------------- YAML + _base_
 def _is_file(path: Path) -> bool:
     """Path.is_file, but False for a name no file can have (over NAME_MAX, a NUL), not an error."""

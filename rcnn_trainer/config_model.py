@@ -26,7 +26,7 @@ class BackboneConfig(Strict):
         "whose BatchNorm statistics it keeps); from scratch it is an identity, so those runs need bn or gn.")
     fpn_channels: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
         256, description="FPN output channels (256 in the literature); auto = sized for the number of classes "
-        "(rcnn_trainer/model/head_size.py: 64 below 10 classes, 128 from 10).")
+        "(rcnn_trainer/data/head_size.py: 64 below 10 classes, 128 from 10).")
 
     @field_validator("weights")
     @classmethod

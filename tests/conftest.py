@@ -46,7 +46,7 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 def after_forward(monkeypatch):
     """`after_forward(fn)` makes fn(step, losses) run between each forward and the weighted sum
     (step counts from 0 in this process): how tests inject a NaN, a crash or a normalization bug."""
-    import rcnn_trainer.engine.trainer as trainer_module
+    import rcnn_trainer.train.trainer as trainer_module
 
     def install(fn):
         real, steps = trainer_module.weighted_total, itertools.count()
@@ -64,7 +64,7 @@ class Crash(Exception):
 
 def crashed_then_resumed(folder: Path, install_after_forward, crash_at: int = 4, **settings) -> None:
     """Train in `folder`, crash after the forward of step `crash_at`, then --resume to the end."""
-    from rcnn_trainer.engine.trainer import train
+    from rcnn_trainer.train.trainer import train
 
     crashed = []
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rcnn_trainer.atomic_io import append_line, atomic_write_text
-from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.train.metrics_log import MetricsLog
 
 KILL_AT_FSYNC = """
 import os, sys

@@ -9,9 +9,9 @@ from conftest import ann, image, tiny_dict, write_coco, write_yaml
 from rcnn_trainer.cli import train_main
 from rcnn_trainer.config_loader import load_config, validate_config
 from rcnn_trainer.data.loader import TrainBatchSampler, build_dataset
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint, resolve_from_data
+from rcnn_trainer.data.settings import resolve_from_checkpoint, resolve_from_data
 from rcnn_trainer.errors import UserError
-from rcnn_trainer.model.anchors import best_anchor_ious, fit_anchor_sizes, resized_boxes
+from rcnn_trainer.data.anchor_fit import best_anchor_ious, fit_anchor_sizes, resized_boxes
 from rcnn_trainer.model.build import build_model
 
 

@@ -12,8 +12,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from conftest import tiny_config
-from rcnn_trainer.engine.distributed import DistInfo
-from rcnn_trainer.engine.run_setup import build_training_parts
+from rcnn_trainer.runtime.distributed import DistInfo
+from rcnn_trainer.train.run_setup import build_training_parts
 
 
 @pytest.fixture

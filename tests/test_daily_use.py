@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_dict, write_yaml
 from rcnn_trainer.cli import predict_main, train_main
-from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.train.run_lock import RunLock
 
 
 def test_predict_on_files_folders_and_globs(trained, tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_overrides_anywhere_among_options(tmp_path, capsys):
 
 HOLD_LOCK = """
 import sys, time
-from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.train.run_lock import RunLock
 from rcnn_trainer.run_folder import claim_folder
 claim_folder(sys.argv[1], "rcnn-train", ())  # as a run does before it locks
 lock = RunLock(sys.argv[1]).acquire()

@@ -16,7 +16,7 @@ from rcnn_trainer.config_loader import validate_config
 from rcnn_trainer.data.coco import CocoDetection, RecordPolicy
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
 from rcnn_trainer.data.transforms import hflip_boxes, resize_scale, build_transforms
-from rcnn_trainer.engine.evaluate import to_coco_results
+from rcnn_trainer.infer.evaluate import to_coco_results
 from rcnn_trainer.errors import UserError
 
 

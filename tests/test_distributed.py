@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import tiny_config, tiny_dict, write_yaml
-from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.runtime import checkpoint as ckpt_io
+from rcnn_trainer.train.metrics_log import MetricsLog
 from rcnn_trainer.losses.weighting import weighted_total
 from rcnn_trainer.model.build import build_loss_weights, build_model
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from conftest import crashed_then_resumed, tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main
-from rcnn_trainer.engine.ema import WeightAverage
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.train.ema import WeightAverage
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.trainer import train
 
 quiet = lambda _msg: None
 EMA = {"enabled": True, "decay": 0.9, "warmup": 2}

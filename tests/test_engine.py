@@ -14,9 +14,9 @@ import torch
 from conftest import crashed_then_resumed, tiny_config, tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main, train_main
 from rcnn_trainer.config_loader import load_config
-from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.runtime import checkpoint as ckpt_io
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.errors import TrainingStopped, UserError
 from rcnn_trainer.model.build import build_model
 
@@ -173,7 +173,7 @@ def test_bf16_autocast_with_channels_last_on_cpu_runs(tmp_path):
 
 def test_amp_auto_on_cpu_follows_the_hardware(tmp_path, monkeypatch):
     """auto: bf16 only on a CPU with AMX/AVX512-BF16; elsewhere fp32, saying why."""
-    from rcnn_trainer.engine import device as device_module
+    from rcnn_trainer.runtime import device as device_module
     for has_bf16, expected in ((False, "AMP: fp32. This CPU has neither AMX nor AVX512-BF16"),
                                (True, "AMP: torch.bfloat16 autocast on cpu")):
         monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: has_bf16)
@@ -226,7 +226,7 @@ def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path, monkeypatch
     """fp16 autocast + GradScaler on CPU, the CUDA AMP path: a scaler that starts far too high
     overflows for many steps in a row while it finds its scale. Those steps are skipped by the
     scaler and logged as amp_overflow; they never count as non-finite nor stop the run."""
-    import rcnn_trainer.engine.run_setup as trainer_module
+    import rcnn_trainer.train.run_setup as trainer_module
 
     monkeypatch.setattr(trainer_module, "grad_scaler_for",
                         lambda device, enabled, setting: torch.amp.GradScaler(device.type, init_scale=2.0 ** 28))
@@ -251,8 +251,8 @@ def test_optimizer_is_fused_unless_a_grad_scaler_runs(tmp_path):
     """The fused update (one kernel for all tensors) is what the trainer builds; with a
     GradScaler (fp16) it builds the per-tensor one (the fused CPU kernel corrupted its moments
     on skipped steps), and both give the same update on a normal step."""
-    from rcnn_trainer.engine.distributed import DistInfo
-    from rcnn_trainer.engine.run_setup import build_training_parts
+    from rcnn_trainer.runtime.distributed import DistInfo
+    from rcnn_trainer.train.run_setup import build_training_parts
 
     cpu, info = torch.device("cpu"), DistInfo()
     plain = build_training_parts(tiny_config(tmp_path), info, cpu, quiet)
@@ -270,8 +270,8 @@ def test_optimizer_is_fused_unless_a_grad_scaler_runs(tmp_path):
 
 
 def test_syncbn_converts_every_batchnorm_under_ddp_only(tmp_path):
-    from rcnn_trainer.engine.distributed import DistInfo
-    from rcnn_trainer.engine.run_setup import build_training_parts
+    from rcnn_trainer.runtime.distributed import DistInfo
+    from rcnn_trainer.train.run_setup import build_training_parts
 
     cfg = tiny_config(tmp_path, model={"backbone": {"norm": "syncbn"}})
     kinds = lambda model: {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}

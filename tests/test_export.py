@@ -15,7 +15,7 @@ from conftest import tiny_dict, write_yaml
 from rcnn_trainer.cli import export_main, predict_main, train_main
 from rcnn_trainer.data.loader import resolve_splits
 from rcnn_trainer.config_loader import load_config
-from rcnn_trainer.engine.export import run_exported
+from rcnn_trainer.infer.export import run_exported
 
 MASKS = {"mask": {"enabled": True, "num_convs": 1, "conv_channels": 8}}
 

@@ -127,7 +127,7 @@ class Stop(Exception):
 
 def wrapped_model(monkeypatch, fail):
     """rcnn-predict's model, calling fail(call number, images) before each forward."""
-    import rcnn_trainer.engine.predict as predict_module
+    import rcnn_trainer.infer.predict as predict_module
 
     real, calls = predict_module.inference_model, []
 

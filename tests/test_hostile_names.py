@@ -49,8 +49,8 @@ def untrained(tmp_path_factory):
     """(root, config path, checkpoint) on the hostile file: a checkpoint of the tiny model as built
     (no training; its near-uniform scores still give every image detections above 0.05)."""
     from rcnn_trainer.config_loader import config_to_dict, validate_config
-    from rcnn_trainer.engine.checkpoint import write_checkpoint
-    from rcnn_trainer.engine.data_settings import resolve_head_size
+    from rcnn_trainer.runtime.checkpoint import write_checkpoint
+    from rcnn_trainer.data.settings import resolve_head_size
     from rcnn_trainer.model.build import build_model
 
     root = tmp_path_factory.mktemp("hostile")
@@ -67,7 +67,7 @@ def test_string_and_mixed_ids_score_like_int_ids(tmp_path):
     """Detections exactly on each image's object, written with the file's ids: AP 1 only if every
     id reaches pycocotools as its own image (7 and "7" not merged, no int() of a string)."""
     from rcnn_trainer.analysis.report import analyze
-    from rcnn_trainer.engine.evaluate import coco_metrics
+    from rcnn_trainer.infer.evaluate import coco_metrics
 
     dataset = CocoDetection(hostile_coco(tmp_path), tmp_path)
     assert [r.image_id for r in dataset.records] == IDS

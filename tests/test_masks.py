@@ -186,7 +186,7 @@ def _model_masks(config, checkpoint, image_file):
     from PIL import Image
 
     from rcnn_trainer.config_loader import load_config
-    from rcnn_trainer.engine.checkpoint import load_checkpoint
+    from rcnn_trainer.runtime.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(config)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_config
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.errors import TrainingStopped
 from rcnn_trainer.model.roi_heads import BoxHeads
 
@@ -65,7 +65,7 @@ def test_vanishing_lr(tmp_path):
 def test_constant_regressor(tmp_path, monkeypatch):
     """A real constant box head (zero weights, frozen, a constant bias): its deltas do not depend
     on the RoI, so the regressor_collapse check must fire; nothing downstream is patched."""
-    import rcnn_trainer.engine.run_setup as trainer_module
+    import rcnn_trainer.train.run_setup as trainer_module
 
     real_build = trainer_module.build_model
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import crashed_then_resumed, tiny_config
 from rcnn_trainer.config_loader import validate_config
 from rcnn_trainer.data.loader import TrainBatchSampler, build_dataset, build_train_loader
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.trainer import train
 
 quiet = lambda _msg: None
 

@@ -15,12 +15,12 @@ from rcnn_trainer.cli import train_main
 from rcnn_trainer.config import WeightRamp
 from rcnn_trainer.config_loader import _check_key_path, config_to_dict, deep_merge, load_config
 from rcnn_trainer.data.loader import build_dataset, build_train_loader
-from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.lr_finder import lr_sweep, suggest_lr
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.optim import build_optimizer
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.data.settings import resolve_from_checkpoint
+from rcnn_trainer.train.lr_finder import lr_sweep, suggest_lr
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.optim import build_optimizer
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import ramped_weight
 from rcnn_trainer.losses.wise_iou import WiseIoULoss

@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import TINY, ann, tiny_dict, write_yaml
 from rcnn_trainer.cli import train_main
-from rcnn_trainer.engine import checkpoint as ckpt_io
+from rcnn_trainer.runtime import checkpoint as ckpt_io
 
 LIMIT_S = 120
 TINY_LR = TINY["solver"]["lr"]
@@ -370,8 +370,8 @@ def checked_data(tmp_path: Path, train_file: Path, val_file: Path | None, data_u
     """What rcnn-train does with the data before it builds a model: index both splits, resolve
     the auto settings, run the preflight, then load every training image once."""
     from rcnn_trainer.config_loader import validate_config
-    from rcnn_trainer.engine.metrics_log import MetricsLog
-    from rcnn_trainer.engine.run_setup import prepare_checked_data
+    from rcnn_trainer.train.metrics_log import MetricsLog
+    from rcnn_trainer.train.run_setup import prepare_checked_data
 
     cfg = validate_config(coco_dict(tmp_path, train_file, val_file, data=data_updates), "test")
     with time_limit():

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_dict, write_yaml
 from rcnn_trainer.cli import eval_main, predict_main, train_main
-from rcnn_trainer.engine import checkpoint as ckpt_io
+from rcnn_trainer.runtime import checkpoint as ckpt_io
 from rcnn_trainer.errors import UnsafeFile
 
 

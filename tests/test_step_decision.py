@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from rcnn_trainer.engine.resume import RESUME_FREE_KEYS, compare_resume_config, flatten
-from rcnn_trainer.engine.step_decision import StepOutcome, decide_step
+from rcnn_trainer.train.resume import RESUME_FREE_KEYS, compare_resume_config, flatten
+from rcnn_trainer.train.step_decision import StepOutcome, decide_step
 from rcnn_trainer.errors import UserError
 
 FINITE = {"loss_rpn_cls": 0.7, "loss_cls": 1.1}

@@ -14,7 +14,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from conftest import TORCHVISION_SIZES, tiny_config, tiny_dict, write_yaml
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 
@@ -40,9 +40,9 @@ def test_convert_torchvision_weights_gives_torchvisions_detections(tmp_path, cap
     import convert_torchvision_weights
     from rcnn_trainer.cli import eval_main
     from rcnn_trainer.config_loader import load_config
-    from rcnn_trainer.engine.checkpoint import load_checkpoint
-    from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-    from rcnn_trainer.engine.run_eval import inference_model
+    from rcnn_trainer.runtime.checkpoint import load_checkpoint
+    from rcnn_trainer.data.settings import resolve_from_checkpoint
+    from rcnn_trainer.infer.run_eval import inference_model
 
     torch.manual_seed(0)
     reference = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3),
@@ -138,7 +138,7 @@ def test_step_profile_charges_backward_ops_to_their_component(tmp_path, roi_alig
     sys.path.insert(0, str(TOOLS))
     import step_profile
     from rcnn_trainer.data.loader import build_dataset, build_train_loader
-    from rcnn_trainer.engine.data_settings import resolve_from_data
+    from rcnn_trainer.data.settings import resolve_from_data
     from rcnn_trainer.losses.weighting import weighted_total
     from rcnn_trainer.model.build import build_loss_weights
     from rcnn_trainer.model.build import build_model

@@ -18,7 +18,7 @@ import torchvision
 
 from rcnn_trainer.cli import export_main, train_main
 from rcnn_trainer.config_loader import load_config
-from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.train.run_lock import RunLock
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import MARKER, claim_folder, owned_by_us
 
@@ -202,7 +202,7 @@ def test_imagenet_weights_load_from_a_hash_checked_cache(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ 6. a killed run's children never hold its lock
 HOLD_WITH_CHILD = """
 import multiprocessing as mp, sys, time
-from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.train.run_lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 child = mp.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
 child.start()  # as a DataLoader worker: forked while the lock is held, it inherits the descriptor

@@ -11,8 +11,8 @@ from torchvision.ops import batched_nms
 
 from rcnn_trainer.cli import eval_main, predict_main
 from rcnn_trainer.config_loader import load_config
-from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.tta import TTAModel
+from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.infer.tta import TTAModel
 from rcnn_trainer.model.build import build_model
 
 

@@ -10,10 +10,10 @@ import torch
 
 from conftest import tiny_config
 from rcnn_trainer.config import SolverConfig
-from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.optim import build_scheduler, lr_multiplier
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.runtime import checkpoint as ckpt_io
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.optim import build_scheduler, lr_multiplier
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.losses.weighting import LOSS_NAMES
 from rcnn_trainer.model import stats as S
 from rcnn_trainer.model.build import build_model

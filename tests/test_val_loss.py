@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_config
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.trainer import train
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.trainer import train
 from rcnn_trainer.model.build import build_loss_weights
 from rcnn_trainer.monitor.checks import check_overfitting
 

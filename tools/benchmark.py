@@ -39,11 +39,11 @@ from torchvision.models.detection.transform import resize_boxes
 
 from rcnn_trainer.config_loader import load_config
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
-from rcnn_trainer.engine.data_settings import resolve_from_data
-from rcnn_trainer.engine.device import (amp_dtype, autocast_for, cpu_has_fast_bf16, grad_scaler_for, to_device,
+from rcnn_trainer.data.settings import resolve_from_data
+from rcnn_trainer.runtime.device import (amp_dtype, autocast_for, cpu_has_fast_bf16, grad_scaler_for, to_device,
                                         use_channels_last)
-from rcnn_trainer.engine.evaluate import evaluate
-from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
+from rcnn_trainer.infer.evaluate import evaluate
+from rcnn_trainer.train.optim import build_optimizer, build_scheduler
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.losses.weighting import weighted_total
 from rcnn_trainer.model.as_torchvision import torchvision_detector
@@ -210,8 +210,8 @@ def inference_comparison(cfg, checkpoint: Path, batches: list[int], repeats: int
     batch size: img/s (best of `repeats`, alternated), where the time goes, and the AP each
     reaches on the val split (the same detections, so the same AP, is the check that the two
     compute the same thing)."""
-    from rcnn_trainer.engine.checkpoint import load_checkpoint
-    from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
+    from rcnn_trainer.runtime.checkpoint import load_checkpoint
+    from rcnn_trainer.data.settings import resolve_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))

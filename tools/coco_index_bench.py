@@ -31,7 +31,7 @@ MEASURE = {
                                    "CocoDetection(ann, img_dir, check_images=256)"),
     # the modules the command imports lazily (torch, torchvision, the model) are imported first as
     # well: what is timed is the index plus every preflight check, as pycocotools' import is not timed
-    "rcnn-train --preflight": ("from rcnn_trainer.cli import train_main; import rcnn_trainer.engine.run_setup, "
+    "rcnn-train --preflight": ("from rcnn_trainer.cli import train_main; import rcnn_trainer.train.run_setup, "
                                "rcnn_trainer.data.summary, rcnn_trainer.monitor.preflight",
                                "train_main(['--config', ann.replace('instances.json', 'preflight.yaml'), '--preflight'])"),
 }

@@ -32,9 +32,9 @@ VARIANTS = ["eager", "backbone", "model"]
 def child(config: str, variant: str, task: str, iters: int, warmup: int, threads: int, overrides: list[str]) -> dict:
     from rcnn_trainer.config_loader import load_config
     from rcnn_trainer.data.loader import build_dataset, build_train_loader
-    from rcnn_trainer.engine.data_settings import resolve_from_data
-    from rcnn_trainer.engine.device import to_device
-    from rcnn_trainer.engine.optim import build_optimizer
+    from rcnn_trainer.data.settings import resolve_from_data
+    from rcnn_trainer.runtime.device import to_device
+    from rcnn_trainer.train.optim import build_optimizer
     from rcnn_trainer.losses.weighting import weighted_total
     from rcnn_trainer.model.build import build_loss_weights, build_model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rcnn_trainer.config_loader import config_to_dict, load_config
-from rcnn_trainer.engine.checkpoint import write_checkpoint
+from rcnn_trainer.runtime.checkpoint import write_checkpoint
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 

@@ -13,7 +13,7 @@ import time
 import torch
 import torchvision
 
-from rcnn_trainer.engine.device import cpu_has_fast_bf16
+from rcnn_trainer.runtime.device import cpu_has_fast_bf16
 
 
 def seconds_per_pass(model, images, bf16: bool, repeats: int = 3) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rcnn_trainer.engine.metrics_log import MetricsLog
+from rcnn_trainer.train.metrics_log import MetricsLog
 from rcnn_trainer.losses.weighting import LOSS_NAMES, short_name
 
 

@@ -74,7 +74,7 @@ def resolved_model_settings(recipe: str, overrides: list[str]) -> list[str]:
     overrides, so that torchvision gets the same anchors."""
     from rcnn_trainer.config_loader import load_config
     from rcnn_trainer.data.loader import build_dataset
-    from rcnn_trainer.engine.data_settings import resolve_from_data
+    from rcnn_trainer.data.settings import resolve_from_data
 
     cfg = load_config(recipe, overrides)
     cfg = resolve_from_data(cfg, build_dataset(cfg, "train"), lambda _: None)
@@ -112,9 +112,9 @@ def torchvision_child(recipe: str, overrides: list[str], threads: int, lr_scale:
     from rcnn_trainer.config import BackboneConfig, MaskConfig, ROIConfig, RPNConfig
     from rcnn_trainer.config_loader import load_config
     from rcnn_trainer.data.loader import build_dataset, build_eval_loader, build_train_loader
-    from rcnn_trainer.engine.data_settings import resolve_from_data
-    from rcnn_trainer.engine.device import to_device
-    from rcnn_trainer.engine.evaluate import evaluate
+    from rcnn_trainer.data.settings import resolve_from_data
+    from rcnn_trainer.runtime.device import to_device
+    from rcnn_trainer.infer.evaluate import evaluate
     from rcnn_trainer.model.build import build_model
 
     torch.set_num_threads(threads)

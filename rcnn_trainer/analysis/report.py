@@ -154,7 +154,7 @@ def _draw_issues(dataset, issues: list[dict], folder: Path) -> None:
     from PIL import Image
 
     from rcnn_trainer.data.pixels import to_rgb
-    from rcnn_trainer.engine.drawing import draw_detections
+    from rcnn_trainer.analysis.drawing import draw_detections
 
     records = {r.image_id: r for r in dataset.records}
     xyxy = lambda b: box_convert(torch.tensor([b], dtype=torch.float32), "xywh", "xyxy")[0].tolist()

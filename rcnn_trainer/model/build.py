@@ -21,7 +21,7 @@ from rcnn_trainer.model.rpn import RPN
 def build_model(cfg: ModelConfig) -> TwoStageDetector:
     if cfg.unresolved():
         raise ValueError(f"{', '.join('model.' + key for key in cfg.unresolved())} still 'auto': resolve them "
-                         f"from the data first (rcnn_trainer/engine/data_settings.py)")
+                         f"from the data first (rcnn_trainer/data/settings.py)")
     b = cfg.backbone
     backbone = build_backbone(b.name, weights=b.weights, trainable_layers=b.trainable_layers,
                               norm=b.norm, fpn_channels=b.fpn_channels, trained_later=cfg.init_from is not None)

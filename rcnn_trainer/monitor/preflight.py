@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from rcnn_trainer.data.coco import CocoDetection
-from rcnn_trainer.model.anchors import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
-from rcnn_trainer.model.head_size import MANY_CLASSES, WIDE_HEAD
+from rcnn_trainer.data.anchor_fit import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
+from rcnn_trainer.data.head_size import MANY_CLASSES, WIDE_HEAD
 from rcnn_trainer.config_monitor import PreflightLimits
 from rcnn_trainer.monitor.alarms import Alarm
 

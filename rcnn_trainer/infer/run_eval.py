@@ -17,18 +17,17 @@ from tqdm import tqdm
 
 from rcnn_trainer.atomic_io import atomic_write_text
 from rcnn_trainer.config import Config
-from rcnn_trainer.config_loader import config_to_dict
+from rcnn_trainer.config_loader import config_to_dict, flatten
 from rcnn_trainer.data.loader import build_dataset, build_eval_loader
 from rcnn_trainer.data.masks import rasterize
 from rcnn_trainer.data.pixels import to_rgb
-from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.data_settings import check_dataset_fits_model
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.device import amp_dtype, autocast_for, pick_device
-from rcnn_trainer.engine.drawing import draw_detections
-from rcnn_trainer.engine.evaluate import evaluate, format_metrics
-from rcnn_trainer.engine.resume import flatten
-from rcnn_trainer.engine.tta import TTAModel
+from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.data.settings import check_dataset_fits_model
+from rcnn_trainer.data.settings import resolve_from_checkpoint
+from rcnn_trainer.runtime.device import amp_dtype, autocast_for, pick_device
+from rcnn_trainer.analysis.drawing import draw_detections
+from rcnn_trainer.infer.evaluate import evaluate, format_metrics
+from rcnn_trainer.infer.tta import TTAModel
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.frozen_backbone import freeze_backbone

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from rcnn_trainer.engine.device import to_device
-from rcnn_trainer.engine.distributed import mean_over_ranks
+from rcnn_trainer.runtime.device import to_device
+from rcnn_trainer.runtime.distributed import mean_over_ranks
 from rcnn_trainer.losses.weighting import weighted_total
 
 SAMPLER_SEED = 0

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
+from rcnn_trainer.config_loader import flatten
 from rcnn_trainer.errors import UserError
 
 # Config keys a resume must not change (they change what the weights mean or what data they see).
 RESUME_FIXED_PREFIXES = ("model.", "data.")
 RESUME_FREE_KEYS = {"data.num_workers"}
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def compare_resume_config(saved: dict, current: dict) -> list[str]:

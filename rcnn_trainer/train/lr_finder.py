@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_dataset, build_train_loader
-from rcnn_trainer.engine.device import pick_device, to_device
-from rcnn_trainer.engine.optim import build_optimizer
+from rcnn_trainer.runtime.device import pick_device, to_device
+from rcnn_trainer.train.optim import build_optimizer
 from rcnn_trainer.losses.weighting import weighted_total
-from rcnn_trainer.engine.data_settings import resolve_from_data
+from rcnn_trainer.data.settings import resolve_from_data
 from rcnn_trainer.model.build import build_loss_weights, build_model
-from rcnn_trainer.engine.run_lock import RunLock
+from rcnn_trainer.train.run_lock import RunLock
 from rcnn_trainer.run_folder import claim_folder
 from rcnn_trainer.atomic_io import atomic_save_image, atomic_write_text
 

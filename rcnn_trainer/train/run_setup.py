@@ -25,17 +25,17 @@ from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.data.loader import build_eval_loader
 from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.data.repeat_factors import drawn_object_counts
-from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.data_settings import prepare_datasets
-from rcnn_trainer.engine.ema import WeightAverage
-from rcnn_trainer.engine.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
+from rcnn_trainer.runtime import checkpoint as ckpt_io
+from rcnn_trainer.data.settings import prepare_datasets
+from rcnn_trainer.train.ema import WeightAverage
+from rcnn_trainer.runtime.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
                                         pick_device, use_channels_last)
-from rcnn_trainer.engine.distributed import DistInfo, all_gather_objects, init_distributed
-from rcnn_trainer.engine.evaluate import evaluate, format_metrics
-from rcnn_trainer.engine.metrics_log import MetricsLog
-from rcnn_trainer.engine.optim import build_optimizer, build_scheduler
-from rcnn_trainer.engine.resume import compare_resume_config
-from rcnn_trainer.engine.val_loss import val_loss_loader, validation_losses
+from rcnn_trainer.runtime.distributed import DistInfo, all_gather_objects, init_distributed
+from rcnn_trainer.infer.evaluate import evaluate, format_metrics
+from rcnn_trainer.train.metrics_log import MetricsLog
+from rcnn_trainer.train.optim import build_optimizer, build_scheduler
+from rcnn_trainer.train.resume import compare_resume_config
+from rcnn_trainer.train.val_loss import val_loss_loader, validation_losses
 from rcnn_trainer.losses.weighting import LossWeights, short_name
 from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from rcnn_trainer.data.coco import CocoDetection
-from rcnn_trainer.engine.distributed import all_gather_objects, broadcast_from_main, is_main_process
+from rcnn_trainer.runtime.distributed import all_gather_objects, broadcast_from_main, is_main_process
 from rcnn_trainer.monitor.threshold_counts import threshold_counts
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]

@@ -30,12 +30,12 @@ from rcnn_trainer.atomic_io import append_line, atomic_write_text
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.pixels import read_rgb
 from rcnn_trainer.data.transforms import build_transforms
-from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.device import autocast_for, pick_device
-from rcnn_trainer.engine.drawing import draw_detections
-from rcnn_trainer.engine.evaluate import masks_to_rles
-from rcnn_trainer.engine.run_eval import inference_model
+from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.data.settings import resolve_from_checkpoint
+from rcnn_trainer.runtime.device import autocast_for, pick_device
+from rcnn_trainer.analysis.drawing import draw_detections
+from rcnn_trainer.infer.evaluate import masks_to_rles
+from rcnn_trainer.infer.run_eval import inference_model
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import claim_folder, safe_name
 

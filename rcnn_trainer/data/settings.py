@@ -10,8 +10,8 @@ from typing import Callable
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
-from rcnn_trainer.model.anchors import fit_anchor_sizes, fpn_strides
-from rcnn_trainer.model.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, head_for
+from rcnn_trainer.data.anchor_fit import fit_anchor_sizes, fpn_strides
+from rcnn_trainer.data.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, head_for
 
 TORCHVISION_ANCHOR_BASE = 32.0  # used when the training split has no boxes to fit to
 # the `auto` head settings -> their key in head_size's LIGHT_HEAD / WIDE_HEAD

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from rcnn_trainer.engine.distributed import DistInfo
+from rcnn_trainer.runtime.distributed import DistInfo
 
 
 def device_kind(setting: str) -> str:

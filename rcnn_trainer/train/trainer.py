@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_train_loader
-from rcnn_trainer.engine import checkpoint as ckpt_io
-from rcnn_trainer.engine.device import to_device
-from rcnn_trainer.engine.distributed import broadcast_from_main, mean_over_ranks
-from rcnn_trainer.engine.metrics_log import scalars_to_floats
-from rcnn_trainer.engine.run_lock import RunLock
-from rcnn_trainer.engine.run_setup import Run, build_run, claim_run_folder
-from rcnn_trainer.engine.step_decision import StepDecision, StepOutcome, decide_step
+from rcnn_trainer.runtime import checkpoint as ckpt_io
+from rcnn_trainer.runtime.device import to_device
+from rcnn_trainer.runtime.distributed import broadcast_from_main, mean_over_ranks
+from rcnn_trainer.train.metrics_log import scalars_to_floats
+from rcnn_trainer.train.run_lock import RunLock
+from rcnn_trainer.train.run_setup import Run, build_run, claim_run_folder
+from rcnn_trainer.train.step_decision import StepDecision, StepOutcome, decide_step
 from rcnn_trainer.errors import TrainingStopped
 from rcnn_trainer.losses.weighting import LOSS_NAMES, short_name, weighted_total
 from rcnn_trainer.model import stats as S

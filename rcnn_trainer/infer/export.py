@@ -24,10 +24,10 @@ from rcnn_trainer.atomic_io import atomic_write, atomic_write_text
 from rcnn_trainer.run_folder import refuse_existing_file
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.loader import build_dataset
-from rcnn_trainer.engine.checkpoint import load_checkpoint
-from rcnn_trainer.engine.data_settings import resolve_from_checkpoint
-from rcnn_trainer.engine.predict import class_mapping
-from rcnn_trainer.engine.run_eval import inference_model
+from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.data.settings import resolve_from_checkpoint
+from rcnn_trainer.infer.predict import class_mapping
+from rcnn_trainer.infer.run_eval import inference_model
 from rcnn_trainer.errors import UserError, WriteFailed
 from rcnn_trainer.model.as_torchvision import torchvision_detector
 

@@ -1,0 +1,1 @@
+"""Inference: COCO evaluation, prediction, test-time augmentation and export."""

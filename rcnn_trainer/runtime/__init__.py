@@ -1,0 +1,1 @@
+"""What training and inference share: devices and precision, distributed helpers, checkpoint files."""

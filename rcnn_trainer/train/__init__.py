@@ -1,0 +1,1 @@
+"""Training: the run folder, the loop, checkpoints and resume, the lock, optimizers and EMA."""
