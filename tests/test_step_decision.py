@@ -58,3 +58,11 @@ def test_resume_free_keys_may_change_and_fixed_prefixes_may_not():
 
 def test_flatten_joins_nested_keys_with_dots():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": None}) == {"a.b": 1, "a.c.d": [2], "e": None}
+
+
+def test_resume_accepts_keys_added_to_the_schema_after_the_checkpoint():
+    saved = {"data": {"batch_size": 2}, "model": {"num_classes": 3}}
+    current = {"data": {"batch_size": 2, "max_annotation_mb": 4096.0}, "model": {"num_classes": 3}}
+    assert compare_resume_config(saved, current) == ["data.max_annotation_mb: None -> 4096.0"]
+    with pytest.raises(UserError, match="data.batch_size"):
+        compare_resume_config(saved, {**current, "data": {"batch_size": 4, "max_annotation_mb": 4096.0}})
