@@ -26,8 +26,8 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
       Not while the RoI head's positives per image (`roi_positives`, one per judgment since
       the start) still grow by `min_growth` x from one `sustain` window to the next: the RPN
       is still learning to propose the objects, so the balance the head learns from is still
-      shifting (healthy digits: 11 -> 18 positives/image while foreground sat at 0.3 for 60
-      iterations, then rose to 0.9; starved sampling stays flat at 1.8);
+      shifting: a healthy head's foreground can sit low while they grow and rise after, while
+      starved sampling's positives stay flat;
     - foreground found, but the true class's share of it not rising by `min_progress`:
       `class_confusion` (capacity, lr and iterations, class balance; flip augmentation when
       `flips`, since mirrored digits and letters are other classes or none). Judged once the
@@ -37,11 +37,9 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
     - foreground being found (mean over the window >= `found_mass`, not falling) and the head giving every
       GT box the same class distribution (mean `spread` over the window below `flat_spread`)
       with the true class's share not rising: `class_confusion` at once, labels first. It has
-      learned the class prior and nothing from the image. Shuffled labels (synthetic shapes):
-      spread 0.039, 0.017, 0.032 (mean 0.029) while foreground rose 0.17 -> 0.46 at 60-90 of
-      300 iterations. Healthy runs, lowest window mean after warmup: shapes 0.104, letters
-      0.121, handwriting 0.084 (the shapes at 45-75, true class at chance: 0.070): their class
-      distributions follow the box."""
+      learned the class prior and nothing from the image, as labels that do not follow the
+      images make it do; a healthy head's class distributions follow the box even while the
+      true class is still at chance. The margin is the monitor's thinnest (docs/monitor.md)."""
     if len(history) < sustain:
         return None
     recent = history[-sustain:]
@@ -55,8 +53,8 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
     if any(math.isnan(m) for m in mass) or mass[-1] < limits.fg_mass_split:
         return background_wins(dets, mass, roi_positives, sustain, limits)
     if min(mass) < limits.fg_mass_split:
-        # foreground only just found: the classes separate after it (healthy digits: 0.45 -> 0.60
-        # -> 0.54 at chance, then 0.79 and rising)
+        # foreground only just found: the classes separate after it, so a window in which it is
+        # still arriving says nothing about them
         return None
     if correct[-1] > correct[0] + limits.min_progress:
         return None  # classes are separating: still learning

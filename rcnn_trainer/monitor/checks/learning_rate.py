@@ -14,7 +14,8 @@ from rcnn_trainer.monitor.alarms import Alarm
 def check_learning_rate(lr: float, base_lr: float, loss: float, initial_loss: float, *, progress: float,
                         past_warmup: bool, lowest_term_ratio: float | None = None,
                         limits: LearningRateLimits = LearningRateLimits()) -> Alarm | None:
-    """lr negligible (under 1% of the base, or below 1e-6) while the model has not learned.
+    """lr negligible (under `negligible_share` x the base, or below `negligible_lr`) while the
+    model has not learned.
     A planned decay at the end of a schedule is not an alarm; it is one when the loss is still
     above `never_learned` x its value at the first step and no loss term has fallen below
     `learned_term` x its first judgment's mean (`lowest_term_ratio`: a heavily weighted term can

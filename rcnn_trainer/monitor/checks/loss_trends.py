@@ -30,9 +30,8 @@ def check_flat_term(history: list[PeriodMeans], *, window: int, first: PeriodMea
     last values too) while the weighted total of the other terms falls by more than `falling`,
     and which has not already fallen below half of its highest judgment (`first`, the run's
     first judgment, or any in `history`): a term that learned and then levels off is
-    converging, not stuck (healthy digits: rpn_box rose to 0.031 at iteration 60, fell to 0.011
-    and stayed there through the end of the cosine schedule). Judge it on periods after
-    warmup: early on a box loss often waits for the classifier."""
+    converging, not stuck. Judge it on periods after warmup: early on a box loss often waits
+    for the classifier."""
     if len(history) < window:
         return None
     first = first if first is not None else history[0]

@@ -17,8 +17,7 @@ def check_overfitting(evals: list[dict], limits: OverfittingLimits = Overfitting
     the val loss rose at each of the last `sustain` evaluations, to `min_rise` above its lowest,
     while the training loss fell and val AP rose by no more than `ap_drop` over them; or when val
     AP stayed `ap_drop` below its best for the last `sustain` evaluations. Both need evaluations
-    during training (train.eval_period). Healthy digits (pathology suite, every 50 iterations):
-    val loss 0.70 -> 0.85 -> 1.19 at 50-150 while AP rose 0.001 -> 0.055."""
+    during training (train.eval_period)."""
     n = limits.sustain
     if len(evals) < n + 1:
         return None

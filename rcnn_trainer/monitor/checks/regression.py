@@ -21,12 +21,9 @@ def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int,
     `small` at every one of them (the regressor barely moves any box) or shrinking at every
     period, by at least 1 - `shrink` over the window, and not widening by `widen` x over it
     (to `constant` at least: a spread of 1e-8 that doubles is still none): the regressor is
-    heading to a constant.
-    Measured, 300-iteration runs after warmup (iterations 60-90): box loss weight 0 (no signal)
-    0.038, 0.031, 0.032 and 0.042, 0.033, 0.030 (weight decay pulls the outputs in); healthy
-    regressors hold or widen their spread before the correlation appears: synthetic shapes
-    0.070, 0.086, 0.099 (corr 0.14 at 90), the same at 200 iterations 0.053, 0.049, 0.058 (corr
-    0.30 ten iterations later), letters and handwriting 0.15-0.29."""
+    heading to a constant. Without a signal its outputs barely move any box, and weight decay
+    pulls them in; a regressor that is learning holds or widens its spread before the
+    correlation with the targets appears."""
     # judgments with nothing to compare (NaN: no positive whose targets vary) do not count
     pairs = [(h.delta_std_ratio, h.delta_corr) for h in history]
     pairs = [(r, c) for r, c in pairs if not (math.isnan(r) or math.isnan(c))]
@@ -58,11 +55,7 @@ def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
     no better than a mask that ignores the RoI (the full box, or the batch's mean mask; a blank
     one scores 0), within `margin`, for `sustain` periods, and the mask loss does not fall by
     `min_fall` over them: the mask head learned nothing (a head that learns lowers its loss,
-    even while it passes through blank masks; the IoU of an unlearned head is noise).
-    Measured (300 iterations, judgments at 60, 75, 90): mask weight 0 on the shapes: IoU 0.53,
-    0.52, 0.52 vs trivial 0.72, 0.69, 0.70, loss 0.6916 -> 0.6914; healthy shapes: IoU 0.68,
-    0.70, 0.77 vs 0.70, 0.70, 0.69; healthy glyphs passed through blank masks (IoU 0.00, 0.00,
-    0.03 vs 0.39) while the loss fell 0.639 -> 0.573, and beat the trivial masks from 120 on."""
+    even while it passes through blank masks; the IoU of an unlearned head is noise)."""
     rows = [(h.mask_iou, h.mask_trivial_iou, h.terms.get("loss_roi_mask", math.nan)) for h in history]
     rows = [r for r in rows if not any(math.isnan(v) for v in r)][-sustain:]
     if len(rows) < sustain or any(m > t + limits.margin or t >= limits.box_like for m, t, _ in rows):

@@ -43,7 +43,7 @@ def check_proposal_iou_not_rising(history: list[PeriodMeans],
     """Judged at every period from the `min_periods`-th on: the mean IoU of positive proposals
     over the last 3 periods never got above its first value and stays near the matching
     threshold (below `low`): the RPN is not improving. A level that settled higher is a
-    converged RPN, not a stuck one (the default run settles at ~0.6 within 100 iterations)."""
+    converged RPN, not a stuck one."""
     values = [h.proposal_iou for h in history]
     values = [v for v in values if not math.isnan(v)]
     if (len(values) < limits.min_periods or max(values[-3:]) > values[0] + limits.min_gain
