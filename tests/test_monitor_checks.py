@@ -140,6 +140,9 @@ def test_regressor_collapse():
     constant = [period(**{"roi/delta_std_ratio": 0.0, "roi/delta_corr": 0.0})] * 3
     alarm = checks.check_regressor_collapse(constant, sustain=3)
     assert alarm and "std of predicted / target box deltas 0.000" in alarm.seen and alarm.change[0].startswith("solver.lr")
+    # a box loss weighted 0 is the cause itself: its key comes first
+    unweighted = checks.check_regressor_collapse(constant, sustain=3, box_weight=0.0)
+    assert unweighted.change[0].startswith("model.roi.box_loss.weight: raise it from 0")
     # small but following its targets (early training): not a collapse
     early = [period(**{"roi/delta_std_ratio": 0.03, "roi/delta_corr": 0.4})] * 3
     assert checks.check_regressor_collapse(early, sustain=3) is None

@@ -136,7 +136,8 @@ class HealthMonitor:
             if st.warmup_end is None:  # the index of the first judgment after warmup
                 st.warmup_end = len(history) - 1
             after_warmup = history[st.warmup_end:]
-            found.append(checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse))
+            found.append(checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse,
+                                                         box_weight=s.loss_weights.get("loss_roi_box")))
             found.append(checks.check_mask_not_learning(after_warmup, sustain=m.sustain, limits=m.mask_learning))
             found.append(checks.check_flat_term(after_warmup, window=m.flat_window, first=history[0],
                                                 limits=m.flat_loss))

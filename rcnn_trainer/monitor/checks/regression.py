@@ -13,7 +13,7 @@ from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.period import PeriodMeans
 
 
-def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int,
+def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int, box_weight: float | None = None,
                              limits: RegressorCollapseLimits = RegressorCollapseLimits()) -> Alarm | None:
     """On the positive RoIs of training: the predicted deltas (of the true class) hardly vary
     (std below `max_std_ratio` x the target deltas' std) and do not follow the targets
@@ -44,9 +44,19 @@ def check_regressor_collapse(history: list[PeriodMeans], *, sustain: int,
              f"correlation with the targets {', '.join(f'{c:.2f}' for c in corr)} over the last {sustain} periods",
         why="the box regressor's output no longer depends on the box it is asked about: it predicts a constant "
             "(often after a too-high lr or a box-loss spike)",
-        change=["solver.lr: lower it (a too-high lr often ends here)", "solver.clip_grad_norm: set it (e.g. 10)",
-                "model.roi.box_loss.weight: raise it if it is 0 or tiny (no signal reaches the regressor); "
-                "lower it if it dominates"])
+        change=regressor_advice(box_weight))
+
+
+def regressor_advice(box_weight: float | None) -> list[str]:
+    """A box loss weighted 0 sends the regressor no signal at all: that weight is the cause, named
+    first; otherwise the usual cause is an lr high enough to knock the outputs flat."""
+    weight = ("model.roi.box_loss.weight: raise it if it is 0 or tiny (no signal reaches the regressor); "
+              "lower it if it dominates")
+    others = ["solver.lr: lower it (a too-high lr often ends here)", "solver.clip_grad_norm: set it (e.g. 10)"]
+    if box_weight == 0:
+        return ["model.roi.box_loss.weight: raise it from 0 (1.0 is Faster R-CNN's): no signal reaches the regressor",
+                *others]
+    return [*others, weight]
 
 
 def check_mask_not_learning(history: list[PeriodMeans], *, sustain: int,
