@@ -78,9 +78,10 @@ def crashed_then_resumed(folder: Path, install_after_forward, crash_at: int = 4,
     train(tiny_config(folder, **settings), resume=True, log=lambda _: None, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(config path, model_final.pth) of one tiny run, shared by a test module."""
+    """(config path, model_final.pth) of one tiny run, shared by the whole session (tests write
+    their own outputs elsewhere or into folders the run owns; none changes the run itself)."""
     from rcnn_trainer.cli import train_main
 
     tmp = tmp_path_factory.mktemp("trained")

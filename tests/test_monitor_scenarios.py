@@ -104,13 +104,13 @@ def test_clipping_every_step_is_reported(tmp_path):
 
 
 def test_healthy_default_config_raises_no_alarm(tmp_path):
-    """The shipped config.yaml, shortened to 200 iterations (the monitor then judges every 10,
-    15 times after warmup): no alarm, no preflight finding. The full 600-iteration run is the
-    `healthy` scenario of tools/pathology_suite.py (README)."""
+    """The shipped config.yaml, shortened to 140 iterations (the monitor then judges every 10,
+    9 times after its 50-iteration warmup): no alarm, no preflight finding. The full 600-iteration
+    run is the `healthy` scenario of tools/pathology_suite.py (README)."""
     from rcnn_trainer.config_loader import load_config
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "config.yaml", [f"output_dir={tmp_path / 'run'}", "solver.max_iters=200"])
+    cfg = load_config(repo / "config.yaml", [f"output_dir={tmp_path / 'run'}", "solver.max_iters=140"])
     messages = []
     train(cfg, log=messages.append, progress=False)
     lines = MetricsLog(tmp_path / "run" / "metrics.jsonl").read()
