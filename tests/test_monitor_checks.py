@@ -192,6 +192,9 @@ def test_gradient_checks():
     assert checks.check_gradients([1.1, 0.9], past, 0.0, 0) is None
     assert "spike 25" in checks.check_gradients([25.0], past, 0.0, 0).seen
     assert "90% of steps clipped" in checks.check_gradients([1.0], past, 0.9, 0).seen
+    # clipping alone: the clip is the knob, named first; with a spike the lr comes first
+    assert checks.check_gradients([1.0], past, 0.9, 0).change[0].startswith("solver.clip_grad_norm")
+    assert checks.check_gradients([25.0], past, 0.9, 0).change[0].startswith("solver.lr")
     assert "2 non-finite" in checks.check_gradients([1.0], past, 0.0, 2).seen
 
 

@@ -31,12 +31,15 @@ def check_gradients(window_norms: list[float], past_norms: list[float], clipped_
         seen.append(f"{nonfinite_steps} non-finite steps skipped this period")
     if not seen:
         return None
+    clip = "solver.clip_grad_norm: set it (e.g. 10), or raise it if nearly every step clips"
+    # clipping alone (no spike, nothing non-finite): the clip sets the step size, so it is the knob
+    only_clipping = len(seen) == 1 and clipped_share > limits.max_clipped
     return Alarm(
         name="gradients",
         seen="; ".join(seen),
         why="unstable gradients precede divergence; constant clipping means the effective lr is set by the clip",
-        change=["solver.lr: lower it", "solver.clip_grad_norm: set it (e.g. 10), or raise it if nearly every step clips",
-                "solver.warmup_iters: longer"])
+        change=([clip, "solver.lr: lower it"] if only_clipping else ["solver.lr: lower it", clip])
+        + ["solver.warmup_iters: longer"])
 
 
 def check_loss_scale(scales: list[float], limits: LossScaleLimits = LossScaleLimits()) -> Alarm | None:
