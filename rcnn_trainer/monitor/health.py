@@ -132,6 +132,7 @@ class HealthMonitor:
                                    sum(1 for r in records if r.get("nonfinite")), m.gradients),
             checks.check_loss_scale(st.scales, m.loss_scale),
         ]
+        probes: list[ProbeResult] = []  # the probe's judgments after warmup, built once for the checks below
         if past_warmup:
             if st.warmup_end is None:  # the index of the first judgment after warmup
                 st.warmup_end = len(history) - 1
@@ -153,7 +154,7 @@ class HealthMonitor:
                                                drop=m.collapse.drop, settle_ratio=m.collapse.settle_ratio))
         found = [a for a in found if a is not None]
         remaining = (max_iters - iteration) * st.checks / max(iteration, 1)  # judgments left
-        found = self._hold_while_improving(found, history, [ProbeResult.from_state(p) for p in st.probe], remaining)
+        found = self._hold_while_improving(found, history, probes, remaining)
         return self._causes_before_symptoms(found, iteration)
 
     def _hold_while_improving(self, found: list[Alarm], history: list[PeriodMeans], probes: list[ProbeResult],
