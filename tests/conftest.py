@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,14 @@ TINY = {
     "train": {"log_period": 1, "checkpoint_period": 2, "threads": 2},
     "monitor": {"period": 2, "probe_images": 2},
 }
+
+# Under pytest-xdist (the README's command runs two workers on two cores) each worker and the
+# processes it starts use one thread: two workers at two threads each ran slower than one run.
+ONE_THREAD_PER_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if ONE_THREAD_PER_WORKER:
+    TINY["train"]["threads"] = 1
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
