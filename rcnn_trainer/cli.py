@@ -1,4 +1,5 @@
-"""Command line: rcnn-train, rcnn-eval and rcnn-predict (also `python -m rcnn_trainer.cli train|eval|predict ...`).
+"""Command line: rcnn-train, rcnn-eval, rcnn-predict, rcnn-export and rcnn-convert (also
+`python -m rcnn_trainer.cli train|eval|predict|export|convert ...`).
 KEY=VALUE overrides may stand anywhere among the options.
 
 Exit codes: 0 success; 2 bad config, data or arguments (one paragraph, no traceback);
@@ -84,6 +85,22 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _convert_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="rcnn-convert", description="Write the COCO json of a VOC, YOLO or LabelMe split "
+                   "(docs/formats.md): from a config's data.<split>, or from --ann-file/--img-dir.")
+    p.add_argument("--to", required=True, choices=["coco"], help="The format to write (coco).")
+    p.add_argument("--output", "--out", required=True, help="The json file to write.")
+    p.add_argument("--config", help="Read data.<split> (and data.bad_records) of this config.")
+    p.add_argument("--split", choices=["train", "val"], default="train", help="The split to convert.")
+    p.add_argument("--ann-file", help="The labels, instead of --config: a VOC folder, .xml or id list, a YOLO yaml "
+                   "or labels folder, a LabelMe folder.")
+    p.add_argument("--img-dir", help="The images folder (with --ann-file; a YOLO yaml finds its own).")
+    p.add_argument("--format", default="auto", choices=["auto", "voc", "yolo", "labelme"], help="With --ann-file.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides (with --config).")
+    return p
+
+
 def _load(args, output_dir: str | None = None):
     from rcnn_trainer.config_loader import load_config
 
@@ -166,6 +183,30 @@ def _run_export(argv) -> int:
     return 0 if result.get("matches", True) else 1
 
 
+def _run_convert(argv) -> int:
+    args = _convert_parser().parse_intermixed_args(argv)
+    from rcnn_trainer.data.labels.convert import convert_to_coco
+
+    if (args.config is None) == (args.ann_file is None):
+        raise UserError("rcnn-convert takes either --config (and --split) or --ann-file (and --img-dir).")
+    if args.ann_file is not None:
+        img_dir = Path(args.img_dir) if args.img_dir else None
+        convert_to_coco(Path(args.ann_file), img_dir, args.format, args.split, Path(args.output),
+                        overwrite=args.overwrite)
+        return 0
+    cfg = _load(args)
+    source = getattr(cfg.data, args.split)
+    if source is None:
+        raise UserError(f"{args.config}: data.{args.split} is not set (the synthetic dataset is COCO already).")
+    bad = cfg.data.bad_records
+    from rcnn_trainer.data.records import RecordPolicy
+
+    policy = RecordPolicy(**{kind: getattr(bad, kind) for kind in RecordPolicy.__dataclass_fields__})
+    convert_to_coco(source.ann_file, source.img_dir, source.format, args.split, Path(args.output),
+                    overwrite=args.overwrite, policy=policy)
+    return 0
+
+
 def _without_worker_traceback(message: str) -> str:
     """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback
     ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep our message."""
@@ -205,11 +246,16 @@ def export_main(argv=None) -> int:
     return _guard(_run_export, sys.argv[1:] if argv is None else argv)
 
 
+def convert_main(argv=None) -> int:
+    return _guard(_run_convert, sys.argv[1:] if argv is None else argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "eval": eval_main, "predict": predict_main, "export": export_main}
+    commands = {"train": train_main, "eval": eval_main, "predict": predict_main, "export": export_main,
+                "convert": convert_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m rcnn_trainer.cli {train,eval,predict,export} ...", file=sys.stderr)
+        print("usage: python -m rcnn_trainer.cli {train,eval,predict,export,convert} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -5,6 +5,7 @@ Each section lives in the module named after it:
   model:           config_model.py   (ModelConfig: backbone, anchors, rpn, roi, mask and their losses)
   solver:, train:  config_solver.py  (SolverConfig with ema, TrainConfig)
   monitor:         config_monitor.py (MonitorConfig and each check's limits)
+  logging:         config_logging.py (LoggingConfig: TensorBoard / MLflow writers)
   tta:, the root   here
 Every section's classes are importable from here too (`from rcnn_trainer.config import SolverConfig`).
 
@@ -24,13 +25,14 @@ from rcnn_trainer.config_base import Strict
 from rcnn_trainer.config_data import BadRecordPolicy, CocoSplit, DataConfig, SyntheticData
 from rcnn_trainer.config_model import (AnchorConfig, BackboneConfig, BoxLossConfig, ClsLossConfig, MaskConfig,
                                        MaskLossConfig, ModelConfig, ROIConfig, RPNConfig, WeightRamp)
+from rcnn_trainer.config_logging import LoggingConfig, MLflowConfig
 from rcnn_trainer.config_monitor import CollapseConfig, MonitorConfig
 from rcnn_trainer.config_solver import EMAConfig, SolverConfig, TrainConfig
 
 __all__ = ["AnchorConfig", "BackboneConfig", "BadRecordPolicy", "BoxLossConfig", "ClsLossConfig", "CocoSplit",
            "CollapseConfig", "Config", "DataConfig", "EMAConfig", "MaskConfig", "MaskLossConfig", "ModelConfig",
            "MonitorConfig", "ROIConfig", "RPNConfig", "SolverConfig", "Strict", "SyntheticData", "TTAConfig",
-           "TrainConfig", "WeightRamp"]
+           "TrainConfig", "WeightRamp", "LoggingConfig", "MLflowConfig"]
 
 
 class TTAConfig(Strict):
@@ -52,6 +54,7 @@ class Config(Strict):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tta: TTAConfig = Field(default_factory=TTAConfig)
 
     def with_settings(self, updates: dict) -> "Config":

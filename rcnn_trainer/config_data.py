@@ -12,22 +12,37 @@ from rcnn_trainer.config_base import Strict, found_on_disk
 
 
 class CocoSplit(Strict):
-    ann_file: Path = Field(description="COCO-format annotation json (relative to the working directory).")
-    img_dir: Path = Field(description="Folder the `file_name` of each image is relative to.")
+    """One split's labels: a COCO json, or VOC / YOLO / LabelMe labels (docs/formats.md)."""
+
+    ann_file: Path = Field(description="The labels (relative to the working directory): a COCO json, a VOC "
+                           "Annotations folder, .xml or ImageSets/Main/<split>.txt id list, a YOLO dataset yaml or "
+                           "labels folder, or a LabelMe folder.")
+    img_dir: Optional[Path] = Field(None, description="Folder the images' file names are relative to (required, "
+                                    "except with a YOLO dataset yaml, where it defaults to the yaml's `path`).")
+    format: Literal["auto", "coco", "voc", "yolo", "labelme"] = Field(
+        "auto", description="Label format of ann_file. auto: by content (a .json -> coco, a .xml, a .txt id list or "
+        "a folder of .xml -> voc, a .yaml or a folder of .txt -> yolo, a folder of .json -> labelme).")
 
     @field_validator("ann_file")
     @classmethod
     def _ann_file_exists(cls, path: Path) -> Path:
-        if not found_on_disk(path):
+        if not (found_on_disk(path) or found_on_disk(path, folder=True)):
             raise ValueError(f"annotation file '{path}' does not exist (resolved: {path.resolve()})")
         return path
 
     @field_validator("img_dir")
     @classmethod
-    def _img_dir_exists(cls, path: Path) -> Path:
-        if not found_on_disk(path, folder=True):
+    def _img_dir_exists(cls, path: Optional[Path]) -> Optional[Path]:
+        if path is not None and not found_on_disk(path, folder=True):
             raise ValueError(f"image folder '{path}' does not exist (resolved: {path.resolve()})")
         return path
+
+    @model_validator(mode="after")
+    def _img_dir_needed(self) -> "CocoSplit":
+        if self.img_dir is None and self.ann_file.suffix.lower() not in (".yaml", ".yml"):
+            raise ValueError(f"img_dir is required with ann_file '{self.ann_file}' (only a YOLO dataset yaml "
+                             f"names its images itself)")
+        return self
 
 
 class SyntheticData(Strict):
@@ -65,9 +80,79 @@ class BadRecordPolicy(Strict):
         "Links inside img_dir are followed as usual.")
 
 
+class TilingConfig(Strict):
+    """Training on tiles of large images and sliced inference (data/tiling.py, infer/sliced.py)."""
+
+    size: int = Field(512, ge=32, description="Side of a square tile, in original image pixels. Images whose "
+                      "sides are both <= size are used whole. Pick it so that the objects keep >= ~16 px after "
+                      "the resize rule (min_size/max_size) applied to a tile; usually min_size = size.")
+    overlap: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of `size` two neighbouring tiles share "
+                           "(SAHI's default 0.2): an object up to overlap x size across lies whole in some tile.")
+    min_visible: float = Field(0.5, gt=0.0, le=1.0, description="Training: a box cut by a tile border is a "
+                               "ground-truth box there when at least this fraction of its area is inside the tile; "
+                               "less, and what is inside is an ignore region (anchors and RoIs overlapping it are "
+                               "neither positives nor negatives).")
+    empty_share: float = Field(0.3, ge=0.0, le=1.0, description="Training: each tile without objects is drawn "
+                               "in an epoch with this probability (seeded by seed and epoch): some negatives "
+                               "without spending most of the budget on background. 1.0 = every tile.")
+    whole_image: bool = Field(True, description="Also use each large image whole (resized by min_size/max_size): "
+                              "as one more training item per epoch, and as one more view merged at inference "
+                              "(the large objects that no tile holds whole).")
+    merge: Literal["greedy", "nms"] = Field("nms", description="Inference: how detections of overlapping "
+                                            "tiles merge: `greedy` joins same-class boxes whose intersection "
+                                            "covers >= merge_thresh of the smaller one into their union (SAHI's "
+                                            "greedy NMM: a box cut at a tile edge rejoins its other part); `nms` is "
+                                            "per-class NMS at model.roi.nms_thresh (measured: docs/tiling.md).")
+    merge_thresh: float = Field(0.5, gt=0.0, le=1.0, description="Inference, merge=greedy: intersection over "
+                                "the smaller box at which two same-class boxes are one object.")
+    max_image_megapixels: float = Field(250.0, gt=0.0, description="With tiling on, images up to this many "
+                                        "megapixels are decoded (PIL's own limit is ~89; a 10000 x 10000 image "
+                                        "is 100 and takes ~300 MB as RGB). Larger ones are refused as "
+                                        "decompression bombs.")
+
+
+class ColorJitterConfig(Strict):
+    """Photometric jitter (torchvision's ColorJitter factors); boxes and masks are untouched."""
+
+    brightness: float = Field(0.0, ge=0.0, description="Brightness factor drawn from [1 - b, 1 + b].")
+    contrast: float = Field(0.0, ge=0.0, description="Contrast factor drawn from [1 - c, 1 + c].")
+    saturation: float = Field(0.0, ge=0.0, description="Saturation factor drawn from [1 - s, 1 + s].")
+    hue: float = Field(0.0, ge=0.0, le=0.5, description="Hue shift drawn from [-h, h] (a fraction of the colour "
+                       "wheel; 0.5 = half way round).")
+
+
+class AugmentConfig(Strict):
+    """Training augmentations beyond data.hflip_prob and the min_size list (data/augment.py). All off by
+    default; each is drawn from (seed, epoch, index, copy) like the flip, so a resumed run is exact."""
+
+    vflip_prob: float = Field(0.0, ge=0.0, le=1.0, description="Vertical flip probability (aerial, microscopy: "
+                              "no up or down; not for digits or text).")
+    rot90_prob: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a rotation by 90, 180 or 270 "
+                              "degrees (drawn evenly); a non-square image swaps its sides.")
+    color_jitter: Optional[ColorJitterConfig] = Field(
+        None, description="null = off; e.g. {brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02}, "
+        "applied in a random order as torchvision's ColorJitter does.")
+    scale_jitter: Optional[tuple[float, float]] = Field(
+        None, description="null = off; [lo, hi]: each training image's resize scale (from min_size/max_size, "
+        "the list's size included) times a factor drawn from [lo, hi], max_size scaled alike (e.g. [0.75, 1.25]; "
+        "above 1 images pass max_size: memory grows with hi squared).")
+
+    @field_validator("scale_jitter")
+    @classmethod
+    def _ordered_range(cls, value):
+        if value is not None and not 0.0 < value[0] <= value[1] <= 4.0:
+            raise ValueError(f"data.augment.scale_jitter must be [lo, hi] with 0 < lo <= hi <= 4, got {list(value)}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.vflip_prob or self.rot90_prob or self.color_jitter is not None
+                    or self.scale_jitter is not None)
+
+
 class DataConfig(Strict):
-    train: Optional[CocoSplit] = Field(None, description="Training split (COCO format).")
-    val: Optional[CocoSplit] = Field(None, description="Validation split (COCO format).")
+    train: Optional[CocoSplit] = Field(None, description="Training split (COCO, VOC, YOLO or LabelMe labels).")
+    val: Optional[CocoSplit] = Field(None, description="Validation split (COCO, VOC, YOLO or LabelMe labels).")
     synthetic: Optional[SyntheticData] = Field(
         None, description="Use the built-in synthetic dataset instead of train/val.")
     batch_size: int = Field(2, ge=1, description="Images per batch per process.")
@@ -77,6 +162,7 @@ class DataConfig(Strict):
         "drawn per batch (detectron2's ResizeShortestEdge, choice); evaluation and inference at the largest.")
     max_size: int = Field(1333, ge=8, description="... unless the long side would exceed this.")
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (train).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="More training augmentations (vertical flip, 90-degree rotations, colour and scale jitter; docs/augment.md). Off by default.")
     aspect_ratio_grouping: bool = Field(
         True, description="Batch landscape and portrait images separately (less padding).")
     repeat_factor_threshold: Optional[float] = Field(
@@ -84,6 +170,10 @@ class DataConfig(Strict):
         "whose rarest class is in a fraction f < t of the training images is drawn sqrt(t/f) times "
         "per epoch. null = every image once. LVIS uses 0.001; tens of classes with a long tail: 0.1-0.3.")
     bad_records: BadRecordPolicy = Field(default_factory=BadRecordPolicy)
+    tiling: Optional[TilingConfig] = Field(
+        None, description="null: images are resized whole. Set (e.g. {size: 512, overlap: 0.2}) for images far "
+        "larger than max_size with small objects: training draws tiles, rcnn-eval / rcnn-predict slice, merge and "
+        "report original pixels (docs/tiling.md).")
     max_annotation_mb: float = Field(
         4096, gt=0, description="Largest annotation file read, in MiB (COCO train2017's is 448 MiB; parsing "
         "takes about 10x the file size in memory). A bigger file is refused naming it: raise this for one.")

@@ -12,17 +12,20 @@ from rcnn_trainer.config_base import Strict, found_on_disk
 
 
 class BackboneConfig(Strict):
-    name: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"] = Field(
-        "resnet50", description="torchvision backbone, always with a FeaturePyramidNetwork.")
+    name: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "resnext50_32x4d", "regnet_y_400mf",
+                  "regnet_y_800mf", "regnet_y_1_6gf", "convnext_tiny", "swin_t"] = Field(
+        "resnet50", description="torchvision backbone, always with a FeaturePyramidNetwork on its four stages "
+        "(strides 4-32; mobilenet: two); stages, norms and freezing per family in docs/backbones.md.")
     weights: Optional[str] = Field(
         None, description="null = random init; 'imagenet' = torchvision's ImageNet weights "
         "(downloaded by torchvision); or the path of a local state dict of the classifier.")
     trainable_layers: int = Field(
         3, ge=0, le=6, description="Backbone stages left trainable, counted from the top "
-        "(resnet: 0-5, mobilenet: 0-6). Ignored (all trainable) with weights: null, unless model.init_from "
-        "brings trained weights.")
+        "(resnet, resnext, regnet, convnext, swin: 0-5, the stem counted last; mobilenet: 0-6). Ignored "
+        "(all trainable) with weights: null, unless model.init_from brings trained weights.")
     norm: Literal["frozen_bn", "bn", "gn", "syncbn"] = Field(
-        "frozen_bn", description="Backbone normalization. frozen_bn suits pretrained weights (or model.init_from, "
+        "frozen_bn", description="Backbone BatchNorm (convnext and swin use LayerNorm, which this leaves alone). "
+        "frozen_bn suits pretrained weights (or model.init_from, "
         "whose BatchNorm statistics it keeps); from scratch it is an identity, so those runs need bn or gn.")
     fpn_channels: Union[Literal["auto"], Annotated[int, Field(ge=8)]] = Field(
         256, description="FPN output channels (256 in the literature); auto = sized for the number of classes "
@@ -138,6 +141,45 @@ class RPNConfig(Strict):
         return _check_iou_order(self, "rpn")
 
 
+MAX_CASCADE_STAGES = 6  # losses/weighting.py names the stage terms up to this many
+
+
+class CascadeConfig(Strict):
+    """Cascade R-CNN (Cai & Vasconcelos 2018): RoI stages that each refine the previous stage's
+    boxes and train at a stricter IoU; detectron2's and MMDetection's defaults."""
+
+    stages: int = Field(3, ge=2, le=MAX_CASCADE_STAGES, description="RoI stages (3 in the paper); every list "
+                        "below has one entry per stage.")
+    iou_thresholds: list[float] = Field(
+        default_factory=lambda: [0.5, 0.6, 0.7], description="Foreground IoU of each stage (non-decreasing: each "
+        "stage sees the previous stage's better boxes); replaces roi.fg_iou_thresh / bg_iou_thresh.")
+    stage_weights: list[float] = Field(
+        default_factory=lambda: [1.0, 0.5, 0.25], description="Each stage's loss weight, times roi.cls_loss.weight "
+        "and roi.box_loss.weight (MMDetection's 1 / 0.5 / 0.25).")
+    box_coder_weights: list[list[float]] = Field(
+        default_factory=lambda: [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
+        description="(wx, wy, ww, wh) of each stage's class-agnostic box coder: larger for later stages, whose "
+        "deltas are smaller (detectron2's 10 / 20 / 30); replaces roi.bbox_reg_weights.")
+
+    @model_validator(mode="after")
+    def _per_stage(self) -> "CascadeConfig":
+        for name in ("iou_thresholds", "stage_weights", "box_coder_weights"):
+            values = getattr(self, name)
+            if len(values) != self.stages:
+                raise ValueError(f"model.roi.cascade.{name} has {len(values)} entries but model.roi.cascade.stages "
+                                 f"is {self.stages}: give one per stage")
+        ious = self.iou_thresholds
+        if any(not 0.0 < t < 1.0 for t in ious) or any(b < a for a, b in zip(ious, ious[1:])):
+            raise ValueError(f"model.roi.cascade.iou_thresholds must be non-decreasing values in (0, 1), got {ious}: "
+                             f"each stage trains on the previous stage's refined boxes at a stricter IoU")
+        if any(w < 0 for w in self.stage_weights):
+            raise ValueError(f"model.roi.cascade.stage_weights must be >= 0, got {self.stage_weights}")
+        if any(len(w) != 4 or min(w) <= 0 for w in self.box_coder_weights):
+            raise ValueError(f"model.roi.cascade.box_coder_weights needs 4 positive numbers (wx, wy, ww, wh) per "
+                             f"stage, got {self.box_coder_weights}")
+        return self
+
+
 class ROIConfig(Strict):
     fg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU >= this: foreground.")
     bg_iou_thresh: float = Field(0.5, ge=0.0, le=1.0, description="RoI IoU < this: background.")
@@ -166,6 +208,9 @@ class ROIConfig(Strict):
     score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="Drop detections below this score.")
     nms_thresh: float = Field(0.5, ge=0.0, le=1.0, description="Per-class NMS IoU threshold.")
     detections_per_img: int = Field(100, ge=1, description="Detections kept per image.")
+    cascade: Optional[CascadeConfig] = Field(
+        None, description="null = one RoI stage; {} = Cascade R-CNN with detectron2's defaults (3 stages at IoU "
+        "0.5 / 0.6 / 0.7, class-agnostic boxes, scores averaged over the stages at inference; docs/cascade.md).")
 
     @field_validator("cls_loss", mode="wrap")
     @classmethod

@@ -61,6 +61,14 @@ class ProposalIouLimits(Limits):
     low: float = Field(0.55, gt=0.0, lt=1.0, description="... and all below this mean IoU of positive proposals.")
 
 
+class CascadeLimits(Limits):
+    min_gain: float = Field(-0.008, description="cascade_stage_not_improving: a stage's boxes beat the previous "
+                            "stage's by less than this IoU (the same positives; negative: worse by more than its size) "
+                            "for monitor.sustain judgments ...")
+    min_periods: int = Field(5, ge=1, description="... judged from this many judgments after warmup on (the later "
+                             "stages start from near-zero deltas).")
+
+
 class LowConfidenceLimits(Limits):
     min_ratio: float = Field(0.1, gt=0.0, description="low_confidence / class_confusion: probe detections at the "
                              "score threshold nearest 0.5 below this x GT per image for monitor.sustain judgments.")
@@ -74,6 +82,9 @@ class LowConfidenceLimits(Limits):
                               "probability is at least this (not falling) ...")
     flat_spread: float = Field(0.045, gt=0.0, description="... and every GT box gets nearly the same class "
                                "distribution (mean spread below this).")
+    confusion_wait: float = Field(0.35, ge=0.0, lt=1.0, description="class_confusion (foreground found, classes "
+                                  "confused) only once the foreground has been found for this share of the run's "
+                                  "judgments: the classes separate a while after it arrives.")
 
 
 class RegressorCollapseLimits(Limits):
@@ -103,6 +114,19 @@ class OverfittingLimits(Limits):
                             "training loss fell and val AP rose by at most ap_drop over them; or ...")
     ap_drop: float = Field(0.03, gt=0.0, lt=1.0, description="... val AP stayed this much (absolute) below its best "
                            "for `sustain` evaluations.")
+
+
+class GeneralizationLimits(Limits):
+    loss_ratio: float = Field(2.5, gt=1.0, description="generalization_gap (at every evaluation, the final one "
+                              "included): the val loss at least this x the training loss of the latest judgment ...")
+    min_loss_gap: float = Field(0.5, ge=0.0, description="... and at least this much above it (near the end of a "
+                                "long run both are small, and their ratio grows on small numbers); or ...")
+    probe_score: float = Field(0.5, gt=0.0, lt=1.0, description="... the probe's detections per image at the "
+                               "score threshold nearest this ...")
+    count_tolerance: float = Field(0.25, ge=0.0, description="... within this share of its ground truth per image "
+                                   "(the training images look solved) ...")
+    ap50_share: float = Field(0.4, gt=0.0, le=1.0, description="... while val AP50 is below this x the recall those "
+                              "counts promise (min(detections, GT) / GT).")
 
 
 class LearningRateLimits(Limits):
@@ -214,9 +238,11 @@ class MonitorConfig(Strict):
     starvation: StarvationLimits = Field(default_factory=StarvationLimits)
     proposal_iou: ProposalIouLimits = Field(default_factory=ProposalIouLimits)
     low_confidence: LowConfidenceLimits = Field(default_factory=LowConfidenceLimits)
+    cascade: CascadeLimits = Field(default_factory=CascadeLimits)
     regressor_collapse: RegressorCollapseLimits = Field(default_factory=RegressorCollapseLimits)
     mask_learning: MaskLearningLimits = Field(default_factory=MaskLearningLimits)
     overfitting: OverfittingLimits = Field(default_factory=OverfittingLimits)
+    generalization: GeneralizationLimits = Field(default_factory=GeneralizationLimits)
     learning_rate: LearningRateLimits = Field(default_factory=LearningRateLimits)
     lr_per_image: LrPerImageLimits = Field(default_factory=LrPerImageLimits)
     gradients: GradientLimits = Field(default_factory=GradientLimits)

@@ -20,6 +20,8 @@ MAX_CONFIG_NODES = 200_000  # values visited, aliases expanded; config.yaml has 
 MAX_BASE_DEPTH = 16  # _base_ chains
 MAX_BASE_FILES = 64  # distinct files in one config's _base_ graph
 MAX_JSON_DEPTH = 32  # COCO's deepest value (a polygon's coordinates) is 5 levels down
+MAX_LABEL_FILE_BYTES = 64 << 20  # one VOC / YOLO / LabelMe file (LabelMe may embed its image as base64)
+MAX_XML_DEPTH = 16  # a VOC file's deepest element (annotation/object/bndbox/xmin) is 4 levels down
 
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxstring, _brief.maxother, _brief.maxlist, _brief.maxdict = 3, 60, 60, 6, 6

@@ -24,7 +24,7 @@ MAX_MARKER_BYTES = 64 * 1024  # the marker is ours and tiny; anything bigger is 
 
 # what `rcnn-train` writes into its run folder (checked when the folder is not ours yet)
 TRAIN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "model_final.pth", "model_best.pth", "eval",
-                 "lr_find.json", "lr_find.png", ".lock", "probe")
+                 "lr_find.json", "lr_find.png", ".lock", "probe", "tensorboard", "mlruns", "mlflow_run.json")
 
 
 def owned_by_us(folder: Path) -> bool:

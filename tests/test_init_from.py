@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from conftest import TORCHVISION_SIZES, tiny_config, tiny_dict
 from rcnn_trainer.cli import train_main
+from rcnn_trainer.config_loader import validate_config
+from rcnn_trainer.data.checkpoint_settings import settings_from_checkpoint
+from rcnn_trainer.data.loader import build_dataset, resolve_splits
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.init_from import initialize_from
@@ -59,19 +63,70 @@ def test_a_file_that_matches_almost_nothing_is_exit_2(tmp_path, capsys):
         initialize_from(build_model(tiny_config(tmp_path).model), tmp_path / "list.pth", print)
 
 
-def test_training_from_a_checkpoint_of_other_classes(tmp_path):
-    """rcnn-train with model.init_from: a new run (iteration 0), the first-step check quiet about
-    the trained heads' low losses, and the log naming what was loaded."""
-    first = tiny_dict(tmp_path / "a", solver={"max_iters": 4})
+AUTO_HEAD = {"num_classes": "auto", "backbone": {"fpn_channels": "auto"}, "anchors": {"sizes": "auto"},
+             "roi": {"representation_size": "auto", "batch_size_per_image": "auto"}}
+
+
+def ten_class_data(cfg: dict, folder) -> dict:
+    """The synthetic images with their boxes spread over 10 categories (data.train / data.val)."""
+    splits, data = resolve_splits(validate_config(cfg, source="test")), {"synthetic": None}
+    for split, (ann_file, img_dir) in splits.items():
+        coco = json.loads(ann_file.read_text())
+        coco["categories"] = [{"id": i + 1, "name": f"c{i}"} for i in range(10)]
+        for ann in coco["annotations"]:
+            ann["category_id"] = ann["id"] % 10 + 1
+        (folder / f"ten_{split}.json").write_text(json.dumps(coco))
+        data[split] = {"ann_file": str(folder / f"ten_{split}.json"), "img_dir": str(img_dir)}
+    return data
+
+
+def test_training_from_a_checkpoint_of_other_classes(tmp_path, capsys):
+    """rcnn-train with model.init_from, 4 classes -> 10: the `auto` head takes the checkpoint's sizes (not the
+    wide head of 10 classes), so all but the class-dependent predictor loads and the first RPN loss is below
+    the one from scratch; a set value that contradicts the checkpoint is named; the first-step check stays
+    quiet about the trained heads' low losses."""
+    first = tiny_dict(tmp_path / "a", solver={"max_iters": 6}, model=AUTO_HEAD)
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(first))
     assert train_main(["--config", str(tmp_path / "a.yaml"), "--no-progress"]) == 0
-    second = tiny_dict(tmp_path / "b", solver={"max_iters": 4},
-                       model={"init_from": str(tmp_path / "a" / "run" / "model_final.pth")})
+    capsys.readouterr()
+    second = tiny_dict(tmp_path / "b", solver={"max_iters": 2}, data=ten_class_data(first, tmp_path),
+                       model={**AUTO_HEAD, "roi": {"representation_size": "auto", "batch_size_per_image": 16},
+                              "init_from": str(tmp_path / "a" / "run" / "model_final.pth")})
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(second))
     assert train_main(["--config", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
-    lines = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["iter"] for l in lines if l["type"] == "train"][0] == 1
-    assert not [l for l in lines if l["type"] == "alarm" and l["name"] == "initial_loss_scale"]
+    printed = capsys.readouterr().out
+    loaded = re.search(r"\[init_from\] loaded \d+ tensors \(([\d.]+)% of the parameters\)", printed)
+    assert loaded and float(loaded.group(1)) >= 90.0, printed
+    assert "model.roi.batch_size_per_image=16 contradicts the checkpoint's 64" in printed
+    assert "model.backbone.fpn_channels: 64" in printed and "narrow_head" not in printed
+    runs = [[json.loads(l) for l in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b")]
+    scratch, fine_tuned = ([l for l in lines if l["type"] == "train"][0] for lines in runs)
+    assert fine_tuned["iter"] == 1 and fine_tuned["loss_rpn_cls"] < scratch["loss_rpn_cls"] - 0.02
+    assert not [l for l in runs[1] if l["type"] == "alarm" and l["name"] == "initial_loss_scale"]
+
+
+def test_auto_settings_from_a_torchvision_state_dict_and_contradictions_named(tmp_path):
+    """No config in the file: FPN width, box head and RoIAlign size from the tensors' shapes, the anchors
+    torchvision's (with a warning: the tiny data's boxes fit smaller ones); a set aspect-ratio count that
+    gives the RPN head another shape is named with its cost."""
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+    torch.save(FasterRCNN(backbone, num_classes=91).state_dict(), tmp_path / "tv.pth")
+    said = []
+    cfg = tiny_config(tmp_path, model={**AUTO_HEAD, "init_from": str(tmp_path / "tv.pth")})
+    updates = settings_from_checkpoint(cfg, build_dataset(cfg, "train"), said.append)
+    assert updates == {"model.backbone.fpn_channels": 256, "model.roi.representation_size": 1024,
+                       "model.anchors.sizes": [[32.0], [64.0], [128.0], [256.0], [512.0]]}
+    assert any("WARNING the checkpoint's anchors give" in line for line in said), said
+    said.clear()
+    cfg = tiny_config(tmp_path, model={**AUTO_HEAD, "init_from": str(tmp_path / "tv.pth"),
+                                       "anchors": {"sizes": "auto", "aspect_ratios": [1.0]}, "roi": {"pool_size": 5}})
+    updates = settings_from_checkpoint(cfg, build_dataset(cfg, "train"), said.append)
+    assert "model.anchors.sizes" not in updates  # not torchvision's 3 per position: fitted to the data
+    warned = "\n".join(said)
+    assert "anchors per position)=1 contradicts the checkpoint's 3: rpn.head.cls_logits, rpn.head.bbox_pred" in warned
+    assert "model.roi.pool_size=5 contradicts the checkpoint's 7: roi_heads.box_head.fc6 (" in warned
 
 
 def test_trainable_layers_apply_when_init_from_brings_trained_weights(tmp_path):

@@ -11,7 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rcnn_trainer"
 # lowest first; a package may import only from its own layer or below
 LAYERS = [
     {"errors", "dist_state", "input_limits", "atomic_io", "safe_load", "run_folder"},
-    {"config_base", "config_monitor", "config_data", "config_model", "config_solver", "config", "config_loader"},
+    {"config_base", "config_monitor", "config_data", "config_model", "config_solver", "config", "config_loader",
+     "config_logging"},
+    {"writers"},  # metrics.jsonl records -> TensorBoard / MLflow: reads the config, nothing of the model
     {"data", "losses"},
     {"model", "runtime"},
     {"monitor", "analysis"},

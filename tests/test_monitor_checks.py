@@ -421,3 +421,24 @@ def test_initial_mask_loss_is_expected_at_ln2_and_a_wrong_normalization_fires():
                      "loss_roi_mask": math.log(2) * 28 * 28 * 32}  # summed, divided by 1
     alarm = checks.check_initial_loss_scale(sums_over_one, expected)
     assert alarm is not None and "loss_roi_mask" in alarm.seen and "model.mask.loss.weight" in " ".join(alarm.change)
+
+
+def test_class_confusion_waits_while_the_foreground_is_new_in_the_run():
+    """healthy@digits, config.yaml, 600 iterations (20 judgments; after warmup from 60): the probe's
+    foreground probability and true-class share per judgment. Its classes separated from 270 on
+    (AP 0.513); before the wait `class_confusion` fired at 180, 210 and 240."""
+    fg = [0.01, 0.18, 0.59, 0.66, 0.69, 0.82, 0.85, 0.87, 0.93, 0.97]
+    correct = [0.121, 0.122, 0.131, 0.126, 0.141, 0.135, 0.151, 0.197, 0.285, 0.383]
+    dets = [0.0, 0.0, 0.0, 0.0, 0.25, 0.0, 0.25, 0.12, 1.12, 2.0]
+    probes = [probe_check(60.0, d, fg_mass=m, correct=c) for d, m, c in zip(dets, fg, correct)]
+    fired = [60 + 30 * (n - 1) for n in range(3, len(probes) + 1)
+             if checks.check_low_confidence(probes[:n], sustain=3, run_judgments=20) is not None]
+    assert fired == []
+    # without the run's length the window alone decides, as before: the three alarms come back
+    fired = [60 + 30 * (n - 1) for n in range(3, len(probes) + 1)
+             if checks.check_low_confidence(probes[:n], sustain=3) is not None]
+    assert fired == [180, 210, 240]
+    # the same flat share long after the foreground arrived is still confusion
+    stuck = probes[:7] + [probe_check(60.0, 0.0, fg_mass=0.9, correct=0.14)] * 3
+    alarm = checks.check_low_confidence(stuck, sustain=3, run_judgments=20)
+    assert alarm is not None and alarm.name == "class_confusion"

@@ -52,3 +52,11 @@ def test_a_tiny_training_set_raises_overfitting(tmp_path):
     train(cfg, log=quiet, progress=False)
     alarms = [l for l in MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if l["type"] == "alarm"]
     assert "overfitting" in {a["name"] for a in alarms}
+    # the same run read one evaluation at a time: the final one (the only one with eval_period 0)
+    # finds the val loss several times the training loss and names the levers of small datasets
+    gaps = [a for a in alarms if a["name"] == "generalization_gap"]
+    assert 50 in [a["iter"] for a in gaps], [(a["iter"], a["seen"]) for a in gaps]
+    final = next(a for a in gaps if a["iter"] == 50)
+    assert "x the training loss" in final["seen"]
+    assert [c.split(":")[0] for c in final["change"][:4]] == [
+        "model.backbone.weights", "data.augment.*", "solver.max_iters", "data.tiling"]

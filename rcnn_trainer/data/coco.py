@@ -47,22 +47,26 @@ class CocoDetection(torch.utils.data.Dataset):
     `policy`: what each kind of bad record does (stop or drop; drops are counted in `report`).
     `check_images`: headers read at indexing, `all` or a seeded sample of this many. `masks`: every
     kept object's segmentation checked (bad_mask policy); `load_masks` (default: the same): targets
-    carry "masks" uint8 [N, H, W] (evaluation reads them from the file instead).
+    carry "masks" uint8 [N, H, W] (evaluation reads them from the file instead). `raw`: the COCO dict
+    already built from other labels (data/labels/: VOC, YOLO, LabelMe), read instead of `ann_file`,
+    which then only names the source; `report`: the reader's drop counts, continued here.
     """
 
     def __init__(self, ann_file: Path, img_dir: Path, *, policy: RecordPolicy | None = None,
                  check_images: int | str = "all", masks: bool = False, load_masks: bool | None = None,
-                 transforms: Callable | None = None, seed: int = 0):
+                 transforms: Callable | None = None, seed: int = 0, raw: dict | None = None,
+                 report: DropReport | None = None):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.transforms = transforms if transforms is not None else ToTensor()
         self.seed = seed
         self.policy = policy if policy is not None else RecordPolicy()  # the config's defaults
-        self.report = DropReport()
+        self.report = report if report is not None else DropReport()  # a label reader's counts continue here
         self._bad_mask_rows: set[int] = set()  # annotations dropped for their mask: left out of evaluation
         self.masks = masks if load_masks is None else load_masks
         with no_gc():  # millions of small containers: the cyclic GC's scans were half of the json time
-            self.raw = read_coco_json(self.ann_file)
+            # `raw`: a COCO dict already built (data/labels/ from VOC, YOLO, LabelMe); ann_file then names its source
+            self.raw = read_coco_json(self.ann_file) if raw is None else raw
             self._index_categories()
             self._checks = RecordChecks(self.ann_file, self.policy, self.report, self.cat_id_to_label)
             # file_boxes: set by the vectorized index, else (None) derived on demand
@@ -126,7 +130,8 @@ class CocoDetection(torch.utils.data.Dataset):
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(
                     isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 continue
-            ann = dict(ann, bbox=bbox, iscrowd=ann.get("iscrowd", 0) or 0)
+            # a VOC `difficult` object: trained on, ignored by evaluation as VOC's own does (docs/formats.md)
+            ann = dict(ann, bbox=bbox, iscrowd=ann.get("iscrowd", 0) or ann.get("difficult", 0) or 0)
             ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
             if ann.get("id") is None or hashable(ann["id"]) in seen or type(ann["id"]) is not int:
                 fixed += 1  # pycocotools needs unique plain ids

@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader
 
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.coco import CocoDetection
-from rcnn_trainer.data.records import RecordPolicy
+from rcnn_trainer.data.labels import load_split
+from rcnn_trainer.data.records import DropReport, RecordPolicy
 from rcnn_trainer.data.repeat_factors import epoch_copies, repeat_factors
 from rcnn_trainer.data.synthetic import ensure_synthetic_dataset
-from rcnn_trainer.data.transforms import build_transforms
+from rcnn_trainer.data.tiling import allow_large_images
+from rcnn_trainer.data.augment import build_transforms
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.input_limits import check_file_size
 
@@ -104,18 +106,24 @@ def build_dataset(cfg: Config, split: str, for_eval: bool = False) -> CocoDetect
     whichever split it is (rcnn-eval --split train)."""
     ann_file, img_dir = resolve_splits(cfg)[split]
     training = split == "train" and not for_eval
+    if cfg.data.tiling is not None:  # large images are what tiling is for: a higher, still hard, pixel limit
+        allow_large_images(cfg.data.tiling.max_image_megapixels)
     policy = cfg.data.bad_records
-    if Path(ann_file).is_file():
+    record_policy = RecordPolicy(
+        missing_image=policy.missing_image, unknown_category=policy.unknown_category,
+        degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
+        non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, unsafe_path=policy.unsafe_path)
+    report = DropReport()  # VOC / YOLO / LabelMe labels: read into a COCO dict (data/labels/), else None
+    raw, labels_img_dir = load_split(cfg, split, record_policy, report)
+    img_dir = labels_img_dir or img_dir
+    if raw is None and Path(ann_file).is_file():
         check_file_size(ann_file, int(cfg.data.max_annotation_mb * 2**20), "annotation file", "data.max_annotation_mb")
     dataset = CocoDetection(
-        ann_file, img_dir,
-        policy=RecordPolicy(
-            missing_image=policy.missing_image, unknown_category=policy.unknown_category,
-            degenerate_box=policy.degenerate_box, box_outside_image=policy.box_outside_image,
-            non_finite_box=policy.non_finite_box, bad_mask=policy.bad_mask, unsafe_path=policy.unsafe_path),
+        ann_file, img_dir, policy=record_policy, raw=raw, report=report,
         check_images=cfg.data.check_images,
         masks=cfg.model.mask.enabled, load_masks=cfg.model.mask.enabled and training,
-        transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=training),
+        transforms=build_transforms(cfg.data.test_min_size, cfg.data.max_size, cfg.data.hflip_prob, train=training,
+                                    augment=cfg.data.augment),
         seed=cfg.seed)
     dataset.skip_unreadable = not training  # evaluation scores the images it read, never a stand-in
     if not dataset.records:
@@ -127,11 +135,16 @@ def build_dataset(cfg: Config, split: str, for_eval: bool = False) -> CocoDetect
 def build_train_loader(cfg: Config, dataset: CocoDetection, start_iter: int = 0,
                        rank: int = 0, world_size: int = 1) -> DataLoader:
     threshold = cfg.data.repeat_factor_threshold
-    sampler = TrainBatchSampler(
-        [r.width / r.height for r in dataset.records], cfg.data.batch_size, cfg.seed,
-        cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size,
-        repeat_factors=None if threshold is None else repeat_factors([r.labels for r in dataset.records], threshold),
-        min_sizes=cfg.data.train_min_sizes)
+    if cfg.data.tiling is not None:  # tiles of the large images, grouped by image (data/tiled_dataset.py)
+        from rcnn_trainer.data.tiled_dataset import tiled_training
+
+        dataset, sampler = tiled_training(cfg, dataset, start_iter=start_iter, rank=rank, world_size=world_size)
+    else:
+        sampler = TrainBatchSampler(
+            [r.width / r.height for r in dataset.records], cfg.data.batch_size, cfg.seed,
+            cfg.data.aspect_ratio_grouping, start_iter=start_iter, rank=rank, world_size=world_size,
+            repeat_factors=None if threshold is None else repeat_factors([r.labels for r in dataset.records], threshold),
+            min_sizes=cfg.data.train_min_sizes)
     # An own generator: creating the loader must not draw from the global torch RNG, or a
     # resumed run would sample differently from an uninterrupted one.
     workers = cfg.data.num_workers

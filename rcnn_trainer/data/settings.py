@@ -11,6 +11,7 @@ from typing import Callable
 from rcnn_trainer.config import Config
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.data.anchor_fit import fit_anchor_sizes, fpn_strides
+from rcnn_trainer.data.checkpoint_settings import settings_from_checkpoint
 from rcnn_trainer.data.head_size import LIGHT_HEAD, MANY_CLASSES, WIDE_HEAD, head_for
 
 TORCHVISION_ANCHOR_BASE = 32.0  # used when the training split has no boxes to fit to
@@ -56,7 +57,11 @@ def resolve_max_epochs(cfg: Config, train_images: int, world_size: int, say: Cal
 
 
 def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> Config:
-    """A new config with the model's `auto` settings fitted to the training split."""
+    """A new config with the model's `auto` settings fitted to the training split (those that
+    shape the detector: from the `model.init_from` checkpoint first, checkpoint_settings.py)."""
+    if cfg.model.init_from:
+        from_checkpoint = settings_from_checkpoint(cfg, train_set, say)
+        cfg = cfg.with_settings(from_checkpoint) if from_checkpoint else cfg
     model = cfg.model
     updates: dict = {}
     num_classes = model.num_classes
@@ -75,9 +80,14 @@ def resolve_from_data(cfg: Config, train_set, say: Callable[[str], None]) -> Con
 
 def fitted_anchor_sizes(cfg: Config, train_set, say: Callable[[str], None]) -> list[list[float]]:
     model = cfg.model
+    records, tiling = train_set.records, cfg.data.tiling
+    if tiling is not None:  # the objects as the tiles show them
+        from rcnn_trainer.data.tiled_dataset import tile_records
+
+        records = tile_records(records, tiling.size, tiling.overlap, tiling.min_visible)
     try:
         sizes, reach = fit_anchor_sizes(
-            train_set.records, levels=model.num_levels, aspect_ratios=model.anchors.aspect_ratios,
+            records, levels=model.num_levels, aspect_ratios=model.anchors.aspect_ratios,
             strides=fpn_strides(model.backbone.name), min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
             fg_iou_thresh=model.rpn.fg_iou_thresh, seed=cfg.seed)
     except ValueError:

@@ -52,9 +52,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, progress: bool
             with autocast():
                 detections = model(images, original_sizes=[t["orig_size"] for t in targets])
             for target, det in zip(targets, detections):
-                kept = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items() if k != "masks"}
+                kept = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()
+                        if k not in ("masks", "rles")}
                 if "masks" in det:
                     kept["rles"] = masks_to_rles(det["masks"])
+                if "rles" in det:  # sliced inference encodes its masks itself (infer/sliced.py)
+                    kept["rles"] = det["rles"]
                 out.append((target["image_id"], kept))
     finally:
         model.train(was_training)

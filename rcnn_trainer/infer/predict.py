@@ -29,6 +29,7 @@ from tqdm import tqdm
 from rcnn_trainer.atomic_io import append_line, atomic_write_text
 from rcnn_trainer.config import Config
 from rcnn_trainer.data.pixels import read_rgb
+from rcnn_trainer.data.tiling import allow_large_images
 from rcnn_trainer.data.transforms import build_transforms
 from rcnn_trainer.runtime.checkpoint import load_checkpoint
 from rcnn_trainer.data.settings import resolve_from_checkpoint
@@ -36,6 +37,7 @@ from rcnn_trainer.runtime.device import autocast_for, pick_device
 from rcnn_trainer.analysis.drawing import draw_detections
 from rcnn_trainer.infer.evaluate import masks_to_rles
 from rcnn_trainer.infer.run_eval import inference_model
+from rcnn_trainer.infer.sliced import SlicedModel, ToUint8Tensor
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import claim_folder, safe_name
 
@@ -163,8 +165,11 @@ def load_predictor(cfg: Config, checkpoint: Path, tta: bool, log) -> Predictor:
     device = pick_device(cfg.train.device)
     model = inference_model(cfg, ckpt, checkpoint, device, tta, say=log, freeze=True)
     to_cat, names = class_mapping(ckpt, cfg.model.num_classes)
-    return Predictor(model=model, device=device,
-                     transform=build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False),
+    transform = build_transforms(cfg.data.test_min_size, cfg.data.max_size, 0.0, train=False)
+    if cfg.data.tiling is not None:  # sliced: full-resolution uint8 in, tiles + whole image, merged (infer/sliced.py)
+        allow_large_images(cfg.data.tiling.max_image_megapixels)
+        model, transform = SlicedModel.from_config(model, cfg), ToUint8Tensor()
+    return Predictor(model=model, device=device, transform=transform,
                      autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype),
                      to_cat=to_cat, names=names, batch_size=cfg.data.batch_size)
 
@@ -230,6 +235,9 @@ def detection_records(det: dict, path: Path, score_thresh: float, to_cat: dict[i
     masks = det["masks"][keep] if "masks" in det else None
     if masks is not None:
         for result, rle in zip(found, masks_to_rles(masks)):
+            result["segmentation"] = rle
+    if "rles" in det:  # sliced inference: already in original pixels (masks are not drawn)
+        for result, rle in zip(found, [r for r, k in zip(det["rles"], keep.tolist()) if k]):
             result["segmentation"] = rle
     return found, boxes, masks
 

@@ -22,17 +22,20 @@ from rcnn_trainer.data.loader import build_dataset, build_eval_loader
 from rcnn_trainer.data.masks import rasterize
 from rcnn_trainer.data.pixels import to_rgb
 from rcnn_trainer.runtime.checkpoint import load_checkpoint
+from rcnn_trainer.data.labels import class_order_warning
 from rcnn_trainer.data.settings import check_dataset_fits_model
 from rcnn_trainer.data.settings import resolve_from_checkpoint
 from rcnn_trainer.runtime.device import amp_dtype, autocast_for, pick_device
 from rcnn_trainer.analysis.drawing import draw_detections
 from rcnn_trainer.infer.evaluate import evaluate, format_metrics
+from rcnn_trainer.infer.sliced import sliced_eval
 from rcnn_trainer.infer.tta import TTAModel
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.model.build import build_model
 from rcnn_trainer.model.frozen_backbone import freeze_backbone
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
 from rcnn_trainer.run_folder import MARKER, claim_folder, owned_by_us, safe_name
+from rcnn_trainer.writers import send_eval_outputs
 
 # what rcnn-eval writes into its folder, with --analyze's files (analysis/report.py OUTPUTS)
 EVAL_OUTPUTS = ("coco_results.json", "metrics.json", "vis")
@@ -89,8 +92,11 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
     ckpt = load_checkpoint(checkpoint)
     cfg = resolve_from_checkpoint(cfg, ckpt.get("config", {}))
     check_dataset_fits_model(cfg, val_set)
+    if (warning := class_order_warning(ckpt.get("class_names"), val_set)) is not None:  # data/labels/
+        print(warning)
     model = inference_model(cfg, ckpt, checkpoint, device, tta, freeze=True)
     loader = build_eval_loader(cfg, val_set)
+    model, loader = sliced_eval(cfg, model, loader)  # data.tiling: tiles + whole image, merged (infer/sliced.py)
     metrics, results = evaluate(model, val_set, loader, device, cfg.monitor.score_thresholds,
                                 progress=progress, autocast=autocast_for(device, cfg.solver.amp, cfg.solver.amp_dtype))
     atomic_write_text(out / "coco_results.json", json.dumps(results))
@@ -107,6 +113,7 @@ def run_evaluation(cfg: Config, checkpoint: Path, out: Path, visualize: int = 0,
         from rcnn_trainer.analysis.report import analyze as analyze_results
 
         analyze_results(val_set, results, out, score=analyze_score, split=split, visualize=visualize)
+    send_eval_outputs(cfg, out, metrics, ckpt.get("iteration", 0), say=print)  # logging.writers (writers/)
     print(f"[eval] results: {out / 'coco_results.json'}, metrics: {out / 'metrics.json'}")
     return metrics
 

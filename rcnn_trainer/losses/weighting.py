@@ -23,6 +23,7 @@ class LossTerm:
     head: str        # "rpn", "roi" or "mask"
     kind: str        # "cls", "box" or "mask"
     config_key: str  # e.g. model.roi.box_loss
+    weight_key: str = ""  # the key alarms name for its weight when not `<config_key>.weight`
 
 
 LOSS_TERMS = {t.name: t for t in (LossTerm("loss_rpn_cls", "rpn_cls", "rpn", "cls", "model.rpn.cls_loss"),
@@ -30,6 +31,13 @@ LOSS_TERMS = {t.name: t for t in (LossTerm("loss_rpn_cls", "rpn_cls", "rpn", "cl
                                   LossTerm("loss_roi_cls", "roi_cls", "roi", "cls", "model.roi.cls_loss"),
                                   LossTerm("loss_roi_box", "roi_box", "roi", "box", "model.roi.box_loss"),
                                   LossTerm("loss_roi_mask", "roi_mask", "mask", "mask", "model.mask.loss"))}
+# Cascade R-CNN's later stages (model.roi.cascade; stage 1 keeps the names above): the head's
+# weight times the stage's, up to config_model.MAX_CASCADE_STAGES
+LOSS_TERMS.update({t.name: t for stage in range(2, 7) for t in (
+    LossTerm(f"loss_roi_cls_s{stage}", f"roi_cls_s{stage}", "roi", "cls", "model.roi.cls_loss",
+             "model.roi.cascade.stage_weights"),
+    LossTerm(f"loss_roi_box_s{stage}", f"roi_box_s{stage}", "roi", "box", "model.roi.box_loss",
+             "model.roi.cascade.stage_weights"))})
 LOSS_NAMES = tuple(LOSS_TERMS)
 
 

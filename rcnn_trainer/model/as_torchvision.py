@@ -13,6 +13,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.ops import MultiScaleRoIAlign
 
 from rcnn_trainer.config import Config
+from rcnn_trainer.model.cascade_export import ExportCascadeHeads
 
 
 def torchvision_detector(ours: nn.Module, cfg: Config) -> FasterRCNN:
@@ -24,7 +25,7 @@ def torchvision_detector(ours: nn.Module, cfg: Config) -> FasterRCNN:
         masks = {"mask_roi_pool": MultiScaleRoIAlign(heads.box_roi_pool.featmap_names, m.pool_size, m.sampling_ratio),
                  "mask_head": heads.mask_head, "mask_predictor": heads.mask_predictor}
     transform = ours.transform
-    return (MaskRCNN if masks else FasterRCNN)(
+    detector = (MaskRCNN if masks else FasterRCNN)(
         ours.backbone, num_classes=None, min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
         image_mean=transform.image_mean, image_std=transform.image_std,
         rpn_anchor_generator=ours.rpn.anchor_generator, rpn_head=ours.rpn.head,
@@ -38,4 +39,7 @@ def torchvision_detector(ours: nn.Module, cfg: Config) -> FasterRCNN:
         box_nms_thresh=o.nms_thresh, box_detections_per_img=o.detections_per_img,
         box_fg_iou_thresh=o.fg_iou_thresh, box_bg_iou_thresh=o.bg_iou_thresh,
         box_batch_size_per_image=o.batch_size_per_image, box_positive_fraction=o.positive_fraction,
-        bbox_reg_weights=tuple(o.bbox_reg_weights), **masks)
+        bbox_reg_weights=tuple(heads.box_coder.weights), **masks)
+    if hasattr(heads, "later_stages"):  # Cascade R-CNN (model/cascade.py): its stages after the first
+        detector.roi_heads = ExportCascadeHeads(detector.roi_heads, heads.later_stages)
+    return detector

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rcnn_trainer.errors import UserError
+from rcnn_trainer.model.cascade import adapt_one_stage_state
 from rcnn_trainer.safe_load import load_weights_only
 
 MIN_MATCHED_SHARE = 0.5  # of the model's parameters (elements): below it the file is not a detector like ours
@@ -61,6 +62,9 @@ def source_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 def initialize_from(model: nn.Module, path: Path, say: Callable[[str], None]) -> InitReport:
     state, what = source_state(path)
     say(f"[init_from] '{path}': its {what}")
+    state, notes = adapt_one_stage_state(model, state)  # a one-stage file into Cascade R-CNN's first stage
+    for note in notes:
+        say(f"[init_from] {note}")
     ours = model.state_dict()
     matched = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
     params = dict(model.named_parameters())

@@ -24,6 +24,7 @@ from rcnn_trainer.losses.iou import paired_iou
 from rcnn_trainer.losses.settings import BoxLoss, ClsLoss, HeadLosses
 from rcnn_trainer.losses.wise_iou import wise_iou_for
 from rcnn_trainer.model import stats as S
+from rcnn_trainer.model.ignore import ignore_overlapping
 from rcnn_trainer.model.stats import delta_agreement, mask_agreement, refined_box_iou
 
 
@@ -134,6 +135,8 @@ class BoxHeads(RoIHeads):
         proposals = self.add_gt_proposals(proposals, gt_boxes)  # the GT boxes themselves are RoIs too
         matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes,
                                                                 [t["labels"].to(torch.int64) for t in targets])
+        labels = [ignore_overlapping(l, p, t.get("ignore_boxes"), self.proposal_matcher.low_threshold)
+                  for l, p, t in zip(labels, proposals, targets)]  # cut objects of a tile (model/ignore.py)
         if self.sampler == "ohem":
             chosen = self._hardest(features, proposals, labels, matched_idxs, gt_boxes, image_shapes)
         else:

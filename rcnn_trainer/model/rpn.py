@@ -20,6 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from rcnn_trainer.model import stats as S
+from rcnn_trainer.model.ignore import ignore_overlapping
 from rcnn_trainer.model.stats import refined_box_iou
 
 from rcnn_trainer.losses.heads import loss_rpn_box, loss_rpn_cls
@@ -59,6 +60,9 @@ class RPN(RegionProposalNetwork):
         # torchvision's Matcher and sampler, image by image (1 fg, 0 bg, -1 ignored per anchor)
         targets = [{**t, "boxes": t["boxes"].to(anchors[0].dtype)} for t in targets]
         gt_labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+        # ignore regions (cut objects of a tile, model/ignore.py) are neither fg nor bg
+        gt_labels = [ignore_overlapping(l, a, t.get("ignore_boxes"), self.proposal_matcher.low_threshold)
+                     for l, a, t in zip(gt_labels, anchors, targets)]
         losses, stats = self._losses(objectness.flatten(), pred_deltas, gt_labels, matched_gt_boxes, anchors)
         return boxes, losses, stats
 

@@ -27,6 +27,21 @@ ROI_DELTA_CORR = "roi/delta_corr"            # correlation of predicted with tar
 ROI_MASK_FACTOR = "avg_factor/roi_mask"
 ROI_MASK_IOU = "roi/mask_iou"            # IoU of the predicted masks (logit > 0) of positives with their targets
 ROI_MASK_TRIVIAL_IOU = "roi/mask_trivial_iou"  # the best a mask that ignores the RoI scores: full or the batch's mean
+# Cascade R-CNN (per batch, only with model.roi.cascade), stage k = 1..K; stage 1's others are the RoI ones above
+def roi_stage_iou(stage: int) -> str:
+    """Mean IoU with their GT of stage 1's positive RPN proposals after `stage` refinements: the
+    same boxes followed through the stages, so a stage that does not refine shows no rise."""
+    return f"roi/stage_iou_s{stage}"
+
+
+def roi_stage_pos(stage: int) -> str:
+    return f"roi/pos_per_image_s{stage}"  # positives of stage k >= 2 at its own IoU threshold
+
+
+def roi_stage_factors(stage: int) -> tuple[str, str]:
+    return f"avg_factor/roi_cls_s{stage}", f"avg_factor/roi_box_s{stage}"
+
+
 # The batch
 GT_PER_IMAGE = "gt_per_image"
 IMAGES = "images"

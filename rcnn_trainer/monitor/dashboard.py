@@ -37,5 +37,8 @@ def format_dashboard(iteration: int, max_iters: int, window: PeriodMeans, seen: 
     if not math.isnan(window.mask_iou):
         lines.insert(4, f"  masks on positives: IoU {window.mask_iou:.2f} (a mask that ignores the RoI: "
                         f"{window.mask_trivial_iou:.2f})")
+    if window.stage_ious:  # Cascade R-CNN: the same positives after each stage (must rise stage over stage)
+        lines.insert(4, f"  cascade IoU of positives: proposals {window.proposal_iou:.2f} -> "
+                        + " -> ".join(f"s{k} {v:.2f}" for k, v in enumerate(window.stage_ious, start=1)))
     lines += [f"  improving, not yet there: {note}" for note in improving]
     return "\n".join(lines)

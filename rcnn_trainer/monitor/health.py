@@ -2,7 +2,8 @@
 
 - `first_step(record)`: after the first iteration (loss scale at init, lr per image).
 - `period(...)`: every `monitor.period` iterations (all the other checks but one).
-- `at_evaluation(...)`: after each evaluation (overfitting: val loss and AP against the training loss).
+- `at_evaluation(...)`: after each evaluation, the final one included (overfitting, generalization_gap:
+  val loss and AP against the training loss and the probe).
 Alarms are rate-limited: one already shown in the last `repeat_every` checks is summarised in
 one line instead of reprinted; every occurrence still goes to metrics.jsonl. The state is a
 plain dict saved in checkpoints, so a resumed run raises the same alarms.
@@ -45,6 +46,8 @@ class HealthSettings:
     flips: bool = False  # training images are mirrored (data.hflip_prob > 0)
     pretrained: bool = False  # model.init_from: trained heads start below their zero-logit losses
     clip_grad_norm: Optional[float] = None  # solver.clip_grad_norm (advice names it when off)
+    # what generalization_gap advises, in the order that fits this run (checks/generalization.py)
+    levers: list[str] = dataclasses.field(default_factory=checks.generalization_levers)
 
 
 def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
@@ -59,7 +62,11 @@ def build_health_monitor(cfg: Config, world_size: int = 1) -> "HealthMonitor":
                                      fpn_channels=cfg.model.backbone.fpn_channels, min_size=cfg.data.test_min_size,
                                      max_iters=cfg.solver.max_iters),
         flips=cfg.data.hflip_prob > 0, pretrained=cfg.model.init_from is not None,
-        clip_grad_norm=cfg.solver.clip_grad_norm))
+        clip_grad_norm=cfg.solver.clip_grad_norm,
+        levers=checks.generalization_levers(
+            pretrained=cfg.model.init_from is not None or cfg.model.backbone.weights is not None,
+            augmenting=cfg.data.hflip_prob > 0 or cfg.data.augment.enabled,
+            tiling=cfg.data.tiling is not None)))
 
 
 # what a model that does not learn (or whose updates overshoot) shows anyway: held back while a
@@ -133,13 +140,12 @@ class HealthMonitor:
             checks.check_loss_scale(st.scales, m.loss_scale),
         ]
         probes: list[ProbeResult] = []  # the probe's judgments after warmup, built once for the checks below
+        remaining = (max_iters - iteration) * st.checks / max(iteration, 1)  # judgments left
         if past_warmup:
             if st.warmup_end is None:  # the index of the first judgment after warmup
                 st.warmup_end = len(history) - 1
             after_warmup = history[st.warmup_end:]
-            found.append(checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse,
-                                                         box_weight=s.loss_weights.get("loss_roi_box")))
-            found.append(checks.check_mask_not_learning(after_warmup, sustain=m.sustain, limits=m.mask_learning))
+            found += self._head_output_checks(after_warmup)
             found.append(checks.check_flat_term(after_warmup, window=m.flat_window, first=history[0],
                                                 limits=m.flat_loss))
             # trends from the end of warmup: the first proposals' IoU is noise on a few matches
@@ -148,14 +154,22 @@ class HealthMonitor:
             probes = [ProbeResult.from_state(p) for p in st.probe]
             roi_positives = [h.roi_pos for h in history]
             found.append(checks.check_low_confidence(probes, sustain=m.sustain, roi_positives=roi_positives,
-                                                     flips=s.flips, advice=s.advice, limits=m.low_confidence))
+                                                     flips=s.flips, advice=s.advice, limits=m.low_confidence,
+                                                     run_judgments=st.checks + remaining))
             found.append(checks.check_collapse([p.counts.at_lowest for p in probes], probe.counts.gt_per_image,
                                                min_ratio=m.collapse.min_ratio, patience=m.collapse.patience,
                                                drop=m.collapse.drop, settle_ratio=m.collapse.settle_ratio))
         found = [a for a in found if a is not None]
-        remaining = (max_iters - iteration) * st.checks / max(iteration, 1)  # judgments left
         found = self._hold_while_improving(found, history, probes, remaining)
         return self._causes_before_symptoms(found, iteration)
+
+    def _head_output_checks(self, after_warmup: list[PeriodMeans]) -> list[Alarm | None]:
+        """What the RoI heads make of their positives: the box regressor, the masks, the cascade's stages."""
+        s, m = self.settings, self.settings.monitor
+        return [checks.check_regressor_collapse(after_warmup, sustain=m.sustain, limits=m.regressor_collapse,
+                                                box_weight=s.loss_weights.get("loss_roi_box")),
+                checks.check_mask_not_learning(after_warmup, sustain=m.sustain, limits=m.mask_learning),
+                checks.check_cascade_stages(after_warmup, sustain=m.sustain, limits=m.cascade)]
 
     def _hold_while_improving(self, found: list[Alarm], history: list[PeriodMeans], probes: list[ProbeResult],
                               remaining: float) -> list[Alarm]:
@@ -215,14 +229,22 @@ class HealthMonitor:
                                     change=st.cause_advice[cause])
                 for a in found]
 
-    def at_evaluation(self, iteration: int, val_loss: float, ap: float) -> list[Alarm]:
-        """After each evaluation in training: the val loss and AP against the training loss of
-        the latest judgment."""
+    def at_evaluation(self, iteration: int, val_loss: float, ap: float, ap50: float | None = None,
+                      val_terms: dict | None = None) -> list[Alarm]:
+        """After each evaluation in training, the final one included: the val loss and AP against
+        the training loss of the latest judgment (overfitting: their trend over evaluations;
+        generalization_gap: this one, with the probe's latest counts). `val_terms`: the val
+        loss terms, unweighted, by name (loss_rpn_cls, ...)."""
         history = self.state.history
         train_loss = history[-1].get("loss", math.nan) if history else math.nan
-        self.state.evals.append({"iter": iteration, "val_loss": val_loss, "train_loss": train_loss, "AP": ap})
-        found = checks.check_overfitting(self.state.evals, self.settings.monitor.overfitting)
-        return [found] if found is not None else []
+        self.state.evals.append({"iter": iteration, "val_loss": val_loss, "train_loss": train_loss, "AP": ap,
+                                 "AP50": ap50})
+        m = self.settings.monitor
+        probe = ProbeResult.from_state(self.state.probe[-1]) if self.state.probe else None
+        found = [checks.check_overfitting(self.state.evals, m.overfitting),
+                 checks.check_generalization_gap(self.state.evals[-1], probe, self.settings.levers, m.generalization,
+                                                 val_terms=val_terms, train_terms=history[-1] if history else None)]
+        return [a for a in found if a is not None]
 
     def should_print_in_full(self, alarm: Alarm) -> bool:
         """Count the alarm; False when the same alarm was shown in the last repeat_every checks."""

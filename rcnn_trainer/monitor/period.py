@@ -40,6 +40,8 @@ class PeriodMeans:
     delta_corr: float           # and their correlation
     mask_iou: float = math.nan          # with masks on: IoU of the predicted masks of positives with their targets
     mask_trivial_iou: float = math.nan  # and the best a mask that ignores the RoI scores (full or mean)
+    # with model.roi.cascade: the IoU of stage 1's positive proposals after each stage, stage 1 first
+    stage_ious: tuple[float, ...] = ()
 
     @classmethod
     def from_means(cls, means: dict) -> "PeriodMeans":
@@ -52,4 +54,14 @@ class PeriodMeans:
                    terms={n: means[n] for n in LOSS_NAMES if n in means},
                    weighted={n: means.get(f"{n}_weighted", 0.0) for n in LOSS_NAMES if n in means},
                    **{name: means[key] for key, name in STAT_FIELDS.items()},
-                   **{name: means[key] for key, name in MASK_FIELDS.items() if key in means})
+                   **{name: means[key] for key, name in MASK_FIELDS.items() if key in means},
+                   stage_ious=stage_series(means, S.roi_stage_iou))
+
+
+def stage_series(means: dict, key_of) -> tuple[float, ...]:
+    """A cascade statistic of stages 1, 2, ... as long as the means have it (none: one stage)."""
+    values, stage = [], 1
+    while key_of(stage) in means:
+        values.append(means[key_of(stage)])
+        stage += 1
+    return tuple(values)

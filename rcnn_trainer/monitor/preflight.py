@@ -18,8 +18,10 @@ import torch
 from rcnn_trainer.data.coco import CocoDetection
 from rcnn_trainer.data.anchor_fit import best_anchor_ious, box_sides, fpn_strides, octave_sizes, resized_boxes, sample_records
 from rcnn_trainer.data.head_size import MANY_CLASSES, WIDE_HEAD
+from rcnn_trainer.data.tiled_dataset import tiled_view
 from rcnn_trainer.config_monitor import PreflightLimits
 from rcnn_trainer.monitor.alarms import Alarm
+from rcnn_trainer.monitor.tiling_hint import tiling_hint
 
 SIZE_BUCKETS = [("small", 0, 32), ("medium", 32, 96), ("large", 96, float("inf"))]
 
@@ -231,17 +233,31 @@ def _check_augmented(report, dataset, samples) -> None:
             "augmentation_boxes", f"after the training transforms, {bad} of {checked} boxes on {samples} sampled images "
             f"are outside the image or degenerate, and {lost} boxes went missing",
             "the transforms move images and boxes differently: the model learns from wrong targets",
-            ["data.hflip_prob: 0 to isolate the transform", "data.min_size / data.max_size"]))
+            ["data.hflip_prob: 0 and data.augment (each step off) to isolate the transform",
+             "data.min_size / data.max_size"]))
 
 
 def preflight_from_config(cfg, dataset: CocoDetection, split: str) -> PreflightReport:
-    """run_preflight with the model's anchors and the data's resize (the only config reader here)."""
-    return run_preflight(dataset, split, anchor_sizes=cfg.model.anchors.sizes,
-                         aspect_ratios=cfg.model.anchors.aspect_ratios, strides=fpn_strides(cfg.model.backbone.name),
-                         min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
-                         fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed, limits=cfg.monitor.preflight,
-                         head={"representation_size": cfg.model.roi.representation_size,
-                               "fpn_channels": cfg.model.backbone.fpn_channels})
+    """run_preflight with the model's anchors and the data's resize (the only config reader here).
+    With data.tiling on, the boxes are judged as the tiles show them (tile_records); off, images far
+    larger than max_size whose objects shrink below the finest stride get a data.tiling suggestion."""
+    hint = None
+    if cfg.data.tiling is None:
+        hint = tiling_hint(dataset.records, cfg.data.test_min_size, cfg.data.max_size,
+                           fpn_strides(cfg.model.backbone.name)[0])
+    else:
+        tiling = cfg.data.tiling
+        dataset = tiled_view(dataset, tiling.size, tiling.overlap, tiling.min_visible)
+    report = run_preflight(dataset, split, anchor_sizes=cfg.model.anchors.sizes,
+                           aspect_ratios=cfg.model.anchors.aspect_ratios, strides=fpn_strides(cfg.model.backbone.name),
+                           min_size=cfg.data.test_min_size, max_size=cfg.data.max_size,
+                           fg_iou_thresh=cfg.model.rpn.fg_iou_thresh, seed=cfg.seed, limits=cfg.monitor.preflight,
+                           head=None if cfg.model.init_from else  # the checkpoint's: checkpoint_settings.py weighs it
+                           {"representation_size": cfg.model.roi.representation_size,
+                            "fpn_channels": cfg.model.backbone.fpn_channels})
+    if hint is not None:
+        report.add("warning", hint)
+    return report
 
 
 def raise_on_errors(report: PreflightReport) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -31,6 +32,8 @@ def scalars_to_floats(values: dict) -> dict[str, float]:
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        # gets every record written (the experiment trackers of logging.writers, rcnn_trainer/writers/)
+        self.listener: Optional[Callable[[dict], None]] = None
         # where this process's lines start: a resume that finds no checkpoint drops what came before
         self._start = self.path.stat().st_size if enabled and self.path.is_file() else 0
 
@@ -40,6 +43,8 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({k: _plain(v) for k, v in record.items()})
         append_line(self.path, line)
+        if self.listener is not None:
+            self.listener(record)
 
     def truncate_after(self, iteration: int, final: bool = False) -> None:
         """On resume: drop lines logged after the checkpoint, so the log matches an uninterrupted run.

@@ -27,16 +27,19 @@ from rcnn_trainer.data.summary import format_summary, summarize_dataset
 from rcnn_trainer.data.repeat_factors import drawn_object_counts
 from rcnn_trainer.runtime import checkpoint as ckpt_io
 from rcnn_trainer.data.settings import prepare_datasets
+from rcnn_trainer.data.tiled_dataset import tiled_val_loader
 from rcnn_trainer.train.ema import WeightAverage
 from rcnn_trainer.runtime.device import (amp_dtype, amp_summary, autocast_for, device_kind, grad_scaler_for,
                                         pick_device, use_channels_last)
 from rcnn_trainer.runtime.distributed import DistInfo, all_gather_objects, init_distributed
 from rcnn_trainer.infer.evaluate import evaluate, format_metrics
+from rcnn_trainer.infer.sliced import sliced_eval
 from rcnn_trainer.train.metrics_log import MetricsLog
 from rcnn_trainer.train.optim import build_optimizer, build_scheduler
 from rcnn_trainer.train.resume import compare_resume_config
 from rcnn_trainer.train.val_loss import val_loss_loader, validation_losses
 from rcnn_trainer.losses.weighting import LossWeights, short_name
+from rcnn_trainer.model.backbone_families import norm_note
 from rcnn_trainer.model.init_from import initialize_from
 from rcnn_trainer.errors import UserError
 from rcnn_trainer.run_folder import TRAIN_OUTPUTS, claim_folder, owned_by_us
@@ -46,6 +49,7 @@ from rcnn_trainer.monitor.alarms import Alarm
 from rcnn_trainer.monitor.health import HealthMonitor, build_health_monitor
 from rcnn_trainer.monitor.preflight import preflight_from_config, raise_on_errors
 from rcnn_trainer.monitor.threshold_counts import format_threshold_table
+from rcnn_trainer.writers import Writers, build_writers
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Run:
     state: TrainState
     data: RunData
     parts: TrainingParts
+    writers: Writers = field(default_factory=Writers)  # logging.writers (rank 0; none: every call a no-op)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -115,15 +120,18 @@ class Run:
                 "class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
                 **({"ema": parts.ema.state_dict()} if parts.ema is not None else {}),
             }, path)
+            self.writers.flush()  # what a resume from this checkpoint keeps is on the trackers' disk too
 
     def evaluate_weights(self, with_val_loss: bool = True) -> dict:
         data, parts = self.data, self.parts
-        result, _ = evaluate(parts.model, data.val_set, data.val_loader, self.device, self.cfg.monitor.score_thresholds,
+        model, loader = sliced_eval(self.cfg, parts.model, data.val_loader)  # data.tiling: sliced (infer/sliced.py)
+        result, _ = evaluate(model, data.val_set, loader, self.device, self.cfg.monitor.score_thresholds,
                              progress=self.progress and self.info.is_main, autocast=parts.autocast)
         if not with_val_loss:
             return result
         if data.val_loss_loader is None:
-            data.val_loss_loader = val_loss_loader(data.val_loader, self.cfg.model.mask.enabled)
+            loader = tiled_val_loader(self.cfg, data.val_loader)  # data.tiling: tiles, as training sees them
+            data.val_loss_loader = val_loss_loader(loader, self.cfg.model.mask.enabled)
         weights = parts.loss_weights.at(self.state.iteration)
         return {**result, **validation_losses(parts.model, data.val_loss_loader, self.device, weights, parts.autocast)}
 
@@ -159,7 +167,9 @@ class Run:
         if result["AP"] > self.state.best_ap:
             self.state.best_ap = result["AP"]
             self.save_checkpoint(self.out / "model_best.pth")
-        for alarm in self.health.at_evaluation(self.state.iteration, result["val/loss"], result["AP"]):
+        val_terms = {k[len("val/"):]: v for k, v in result.items() if k.startswith("val/loss_")}
+        for alarm in self.health.at_evaluation(self.state.iteration, result["val/loss"], result["AP"],
+                                               ap50=result.get("AP50"), val_terms=val_terms):
             self.report_alarm(alarm)
         return result
 
@@ -217,6 +227,9 @@ def build_run(user_cfg: Config, resume: bool, log: Callable[[str], None], progre
         initialize_from(model, Path(cfg.model.init_from), say)
     if cfg.solver.ema.enabled and parts.ema is None:  # from the weights the run starts with
         parts.ema = WeightAverage(model, cfg.solver.ema.decay, cfg.solver.ema.warmup)
+    if info.is_main:  # from here on every metrics.jsonl record also goes to logging.writers
+        run.writers = build_writers(cfg, out, say, resume_step=run.state.iteration)
+        metrics.listener = run.writers.record
     if run.state.iteration == 0:  # a resumed run has these lines from its first start
         log_findings(metrics, findings)
     if info.world_size > 1:
@@ -258,7 +271,9 @@ def prepare_checked_data(user_cfg: Config, say: Callable[[str], None], world_siz
     if report.errors:
         log_findings(metrics, report.findings)
         raise_on_errors(report)
-    if cfg.model.backbone.weights is None and cfg.model.init_from is None and cfg.model.backbone.norm == "frozen_bn":
+    if norm_note(cfg.model.backbone.name, cfg.model.backbone.norm):  # LayerNorm backbones: `norm` does not apply
+        say(norm_note(cfg.model.backbone.name, cfg.model.backbone.norm))
+    elif cfg.model.backbone.weights is None and cfg.model.init_from is None and cfg.model.backbone.norm == "frozen_bn":
         say("WARNING model.backbone.weights is null and model.backbone.norm is frozen_bn: frozen BatchNorm "
             "at random init is an identity. From scratch, set model.backbone.norm to bn or gn.")
     return cfg, train_set, val_set, report.findings
@@ -292,6 +307,11 @@ def probe_batch(cfg: Config, train_set: CocoDetection, val_set: CocoDetection,
     probe_set.transforms = val_set.transforms
     with_objects = [i for i, r in enumerate(probe_set.records) if len(r.labels)]
     others = [i for i, r in enumerate(probe_set.records) if not len(r.labels)]
+    if cfg.data.tiling is not None:  # the model sees tiles: so does the probe
+        from rcnn_trainer.data.tiled_dataset import tiles_with_objects
+
+        probe_set = tiles_with_objects(cfg, probe_set, cfg.monitor.probe_images)
+        with_objects, others = list(range(len(probe_set))), []
     items = [probe_set[i] for i in (with_objects + others)[:cfg.monitor.probe_images]]
     return [image.to(device) for image, _ in items], [t for _, t in items]
 

@@ -40,6 +40,7 @@ from rcnn_trainer.monitor.dashboard import format_dashboard
 from rcnn_trainer.monitor.period import PeriodMeans
 from rcnn_trainer.monitor.probe import probe
 from rcnn_trainer.monitor.window import window_means
+from rcnn_trainer.writers import run_pictures
 
 GRAD_NORM = "_grad_norm"  # a key of the per-step host copy, logged as grad_norm
 
@@ -55,8 +56,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = tqdm.w
     with RunLock(Path(cfg.output_dir)) if is_writer else contextlib.nullcontext():
         started = time.time()
         run = build_run(cfg, resume, log, progress)
-        train_loop(run)
-        return finish(run, started)
+        try:
+            train_loop(run)
+            return finish(run, started)
+        except BaseException as err:  # the trackers mark their run as ended too (a resume reopens it)
+            run.writers.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def train_loop(run: Run) -> None:
@@ -206,10 +211,14 @@ def judge(run: Run) -> None:
     improving = run.health.improving()
     if improving:
         run.metrics.write({"type": "improving", "iter": state.iteration, "notes": improving})
-    if (alarms or improving or (state.iteration // period) % cfg.monitor.dashboard_every == 0
-            or state.iteration == max_iters):
-        run.say(format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen,
-                                 run.health.last_evaluation(), improving))
+    shown = (alarms or improving or (state.iteration // period) % cfg.monitor.dashboard_every == 0
+             or state.iteration == max_iters)
+    if shown or run.writers.names:  # the trackers get every judgment's block
+        dashboard = format_dashboard(state.iteration, max_iters, PeriodMeans.from_means(mean), seen,
+                                     run.health.last_evaluation(), improving)
+        run.writers.text("monitor/dashboard", dashboard, state.iteration)
+        if shown:
+            run.say(dashboard)
     for alarm in alarms:
         run.report_alarm(alarm)
     # rank 0 decides for everyone: ranks see different local batches and must stop together
@@ -235,7 +244,20 @@ def finish(run: Run, started: float) -> dict:
     run.metrics.write({"type": "summary", "iter": max_iters, "wall_time_s": wall, "AP": last_eval["AP"],
                        "AP50": last_eval["AP50"], "nonfinite_steps": state.nonfinite_total,
                        "amp_overflow_steps": state.amp_overflows, "alarms": run.health.summary()})
+    send_outputs(run)
     return last_eval
+
+
+def send_outputs(run: Run) -> None:
+    """The run's pictures and (MLflow) final weights to the writers, then end their runs: waits at
+    most logging.close_timeout_s for a slow tracker."""
+    for tag, path in run_pictures(run.out):
+        run.writers.picture(tag, path, run.state.iteration)
+    if run.cfg.logging.mlflow.log_checkpoints:
+        for name in ("model_best.pth", "model_final.pth"):
+            if (run.out / name).is_file():
+                run.writers.artifact(run.out / name, "checkpoints")
+    run.writers.close("FINISHED")
 
 
 def save_progress(run: Run) -> None:

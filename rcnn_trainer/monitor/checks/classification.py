@@ -17,7 +17,8 @@ from rcnn_trainer.monitor.probe import ProbeResult
 
 def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positives: list[float] | None = None,
                          flips: bool = False, advice: CapacityAdvice | None = None,
-                         limits: LowConfidenceLimits = LowConfidenceLimits()) -> Alarm | None:
+                         limits: LowConfidenceLimits = LowConfidenceLimits(),
+                         run_judgments: float | None = None) -> Alarm | None:
     """Probe detections at the threshold nearest 0.5 below `min_ratio` x GT per image for
     `sustain` checks in a row, while the classifier makes no progress on the GT boxes over
     those checks (a model still learning is left alone), told apart by what it says there:
@@ -31,9 +32,11 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
     - foreground found, but the true class's share of it not rising by `min_progress`:
       `class_confusion` (capacity, lr and iterations, class balance; flip augmentation when
       `flips`, since mirrored digits and letters are other classes or none). Judged once the
-      foreground has been found at every one of the `sustain` checks: early in a slow healthy
-      run the true class sits at chance while foreground is still rising, exactly as with
-      shuffled labels; only the shuffled ones stay there;
+      foreground has been found at every one of the `sustain` checks and, when `history` holds
+      the run's judgments after warmup and `run_judgments` how many the run makes, at every one
+      of the last `confusion_wait` x run_judgments: the classes of a slow healthy run separate
+      a while after its foreground arrives, with the true class at chance meanwhile, exactly
+      as with shuffled labels; only the shuffled ones stay there;
     - foreground being found (mean over the window >= `found_mass`, not falling) and the head giving every
       GT box the same class distribution (mean `spread` over the window below `flat_spread`)
       with the true class's share not rising: `class_confusion` at once, labels first. It has
@@ -56,9 +59,21 @@ def check_low_confidence(history: list[ProbeResult], *, sustain: int, roi_positi
         # foreground only just found: the classes separate after it, so a window in which it is
         # still arriving says nothing about them
         return None
+    if run_judgments and judgments_found(history, limits.fg_mass_split) < limits.confusion_wait * run_judgments:
+        return None  # foreground arrived recently: the classes separate after it
     if correct[-1] > correct[0] + limits.min_progress:
         return None  # classes are separating: still learning
     return class_confusion(recent, dets, flips, same_for_every_object=False, advice=advice)
+
+
+def judgments_found(history: list[ProbeResult], fg_mass_split: float) -> int:
+    """How many of the latest judgments in a row found the foreground on the GT boxes."""
+    found = 0
+    for h in reversed(history):
+        if not h.classes.fg_mass >= fg_mass_split:  # NaN counts as not found
+            break
+        found += 1
+    return found
 
 
 def short_of_detections(recent: list[ProbeResult], min_ratio: float) -> bool:

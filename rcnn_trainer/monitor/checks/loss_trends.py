@@ -65,12 +65,17 @@ def output_shows_learning(name: str, latest: PeriodMeans, limits: FlatLossLimits
     """For terms whose value can level off high in a healthy run, what their head produces:
     the mask BCE (soft targets give it a high floor) once its masks beat RoI-blind ones; the
     RoI box term once the refined boxes beat their proposals by `limits.box_refines` IoU, or beat
-    them at all with predicted deltas that follow their targets (`limits.box_follows`)."""
+    them at all with predicted deltas that follow their targets (`limits.box_follows`); a later
+    cascade stage's box term once its boxes beat the previous stage's."""
     if LOSS_TERMS[name].kind == "mask":
         return latest.mask_iou > latest.mask_trivial_iou
     if name == "loss_roi_box":
         refines = latest.roi_pred_iou - latest.proposal_iou
         return refines >= limits.box_refines or (refines > 0 and latest.delta_corr >= limits.box_follows)
+    if name.startswith("loss_roi_box_s"):  # a later cascade stage: its boxes beat the stage before's
+        stage = int(name[len("loss_roi_box_s"):])  # (when they do not, cascade_stage_not_improving says so)
+        ious = latest.stage_ious
+        return len(ious) >= stage and ious[stage - 1] > ious[stage - 2]
     return False
 
 

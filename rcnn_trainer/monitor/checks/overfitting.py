@@ -50,8 +50,9 @@ def check_overfitting(evals: list[dict], limits: OverfittingLimits = Overfitting
             "memorizes the training set (too little data or augmentation for this many iterations)",
         change=["model_best.pth: the checkpoint of the best val AP so far (kept by every evaluation)",
                 "solver.max_iters: stop about where val AP peaked",
-                "data.hflip_prob (when the classes are mirror-safe) and data.min_size as a list (multi-scale): "
-                "more augmentation",
+                "data.augment.* (vflip_prob, rot90_prob, color_jitter, scale_jitter; docs/augment.md), data.hflip_prob "
+                "(when the classes are mirror-safe) and data.min_size as a list (multi-scale): more augmentation",
+                "model.backbone.weights / model.init_from: start from pretrained weights",
                 "solver.weight_decay: raise it (e.g. x10)",
                 "data.train: more (or more varied) training images"])
 
